@@ -1,0 +1,147 @@
+"""The agent: the whole wiring of one node on one screen.
+
+    store ──reflectors──► intent ──► endpoint manager / pod runner / operator
+                                        │
+                                        ▼
+                         node datapath (netlink + one nft table) ◄── API socket (CNI, status)
+
+Order matters: nothing touches the kernel before the reflectors' initial sync, endpoints are
+restored (and orphans pruned) before the API socket accepts a CNI request, and queued DELs
+from a time the agent was down are drained before new work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from membrane.agent.api import AgentApiServer
+from membrane.agent.datapath import NodeDatapath
+from membrane.agent.endpoints import EndpointManager, NodeContext
+from membrane.agent.intent import NAMESPACES, PODS, Intent
+from membrane.agent.node import NodeRegistration, ensure_cluster_config
+from membrane.agent.operator import Operator
+from membrane.agent.runner import PodRunner
+from membrane.cni.queue import drain_del_queue
+from membrane.core.config import AgentConfig
+from membrane.core.lifecycle import Lifecycle
+from membrane.identity.allocator import IdentityAllocator
+from membrane.ipam.pool import pod_capacity
+from membrane.store import open_store
+from membrane.store.reflector import Reflector
+
+log = logging.getLogger("membrane.agent")
+
+
+async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> None:
+    store = await open_store(config.store)
+    lifecycle = Lifecycle()
+    api: AgentApiServer | None = None
+    runner: PodRunner | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        cluster = await ensure_cluster_config(store, config.cluster)
+        registration = NodeRegistration(store, config, cluster)
+        node = await registration.register()
+        log.info("node %s: %s on %s, pod CIDR %s, pod MTU %d", node.name, node.uplink.address,
+                 node.uplink.device, node.pod_cidr, node.pod_mtu)
+
+        intent = Intent(cluster_name=cluster.clusterName)
+        changed = asyncio.Event()
+        for prefix in (PODS, NAMESPACES):
+            reflector = Reflector(store, prefix)
+            subscription = reflector.subscribe()
+            lifecycle.start(f"reflector {prefix}", reflector.run)
+            first = await anext(subscription)  # the initial list: intent is synced after it
+            intent.apply(prefix, first.events)
+            lifecycle.start(f"intent {prefix}", functools.partial(_follow, intent, prefix, subscription, changed))
+
+        context = NodeContext(node.name, node.uplink.address, node.pod_cidr, node.router_ip, node.pod_mtu)
+        datapath = NodeDatapath(context)
+        await datapath.start()
+        identities = IdentityAllocator(store)
+        endpoints = EndpointManager(store, context, datapath.wiring, identities, intent,
+                                    lambda: datapath.sync(endpoints.ready_records()))
+        await endpoints.restore()
+        await datapath.sync(endpoints.ready_records())
+
+        runner = PodRunner(store, node.name, str(node.uplink.address), intent, endpoints,
+                           config.stateDir, config.netnsPrefix)
+        runner.load()
+        await runner.reconcile()
+        pruned = await runner.prune_foreign_netns()
+        if pruned:
+            log.info("removed orphaned pod namespaces: %s", ", ".join(pruned))
+        operator = Operator(store, node.name, lambda: registration.lease, intent, identities)
+        started = time.time()
+
+        def status() -> dict[str, Any]:
+            records = endpoints.records()
+            return {
+                "node": node.name, "nodeIP": str(node.uplink.address), "store": store.url,
+                "podCIDR": str(node.pod_cidr), "routerIP": str(node.router_ip), "mtu": node.pod_mtu,
+                "routing": cluster.routingMode, "device": node.uplink.device,
+                "ipam": {"allocated": len(records), "capacity": pod_capacity(node.pod_cidr)},
+                "endpoints": {"total": len(records), "ready": sum(r.state == "ready" for r in records)},
+                "operator": operator.is_leader, "pid": os.getpid(), "uptime": time.time() - started,
+                "lastHeartbeat": registration.last_heartbeat,
+                "datapath": datapath.status(),
+                "controllers": {name: {"healthy": h.healthy, "restarts": h.restarts, "lastError": h.last_error}
+                                for name, h in lifecycle.health.items()},
+            }
+
+        api = AgentApiServer(config.api_socket, endpoints, status)
+        await api.start()
+        # Drain after listening: a DEL queued while the agent was starting is then either in the
+        # queue now or reaches the socket (the plugin retries the socket once after queueing).
+        report = await drain_del_queue(config.cni_queue_dir, endpoints)
+        if report.deleted or report.failed or report.invalid:
+            log.info("drained queued CNI DELs: %s", report)
+
+        async def reconcile_pods() -> None:
+            assert runner is not None
+            while True:
+                await runner.reconcile()
+                if await endpoints.refresh_identities():
+                    await datapath.sync(endpoints.ready_records())
+                operator.wake.set()
+                delay = runner.next_wakeup()
+                waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(runner.wake.wait())]
+                await asyncio.wait(waits, timeout=max(delay, 0.05) if delay is not None else 5.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waits:
+                    waiter.cancel()
+                changed.clear()
+                runner.wake.clear()
+
+        lifecycle.start("heartbeat", registration.run_heartbeats)
+        lifecycle.start("pod-runner", reconcile_pods)
+        lifecycle.start("operator", operator.run)
+        log.info("agent ready: API on %s", config.api_socket)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("agent stopping (pods, endpoints and datapath stay as they are)")
+    finally:
+        if api is not None:
+            await api.close()
+        await lifecycle.stop()
+        if runner is not None:
+            await runner.close()
+        with contextlib.suppress(Exception):
+            await store.close()
+
+
+async def _follow(intent: Intent, prefix: str, subscription: Any, changed: asyncio.Event) -> None:
+    async for batch in subscription:
+        intent.apply(prefix, batch.events)
+        changed.set()

@@ -1,0 +1,160 @@
+"""This node in the cluster: its address, its pod CIDR, its CiliumNode object and its heartbeat.
+
+The heartbeat is a key bound to a store lease: when the agent stops keeping the lease alive the
+key disappears after the TTL, which is how every other agent (and ``node list``) tells the node
+is NotReady.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from membrane.core.config import AgentConfig, ClusterConfig
+from membrane.core.errors import InvalidInput, MembraneError
+from membrane.ipam.controller import claim_node_cidr
+from membrane.ipam.pool import router_ip
+from membrane.store import keys
+from membrane.store.base import Compare, LeaseNotFound, Put, Store
+
+log = logging.getLogger(__name__)
+
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+OWN_DEVICE_PREFIXES = ("lxc", "membrane_", "vxlan")
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    device: str
+    address: ipaddress.IPv4Address
+    mtu: int
+
+
+def detect_uplink(config: AgentConfig) -> Uplink:
+    """The device and address facing the underlay: configured, else the default route's, else the first global one."""
+    with IPRoute() as ipr:
+        links = {link["index"]: link for link in ipr.get_links()}
+        addrs = [(a["index"], a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=2)]
+
+        def name(index: int) -> str:
+            return str(links[index].get_attr("IFLA_IFNAME"))
+
+        candidates = [(i, ipaddress.IPv4Address(a)) for i, a in addrs if not ipaddress.IPv4Address(a).is_loopback]
+        candidates = [(i, a) for i, a in candidates if not name(i).startswith(OWN_DEVICE_PREFIXES)]
+        if config.nodeIP:
+            wanted = ipaddress.IPv4Address(config.nodeIP)
+            candidates = [(i, a) for i, a in candidates if a == wanted]
+        elif config.device:
+            candidates = [(i, a) for i, a in candidates if name(i) == config.device]
+        else:
+            defaults = [r.get_attr("RTA_OIF") for r in ipr.get_default_routes(family=2)]
+            preferred = [(i, a) for i, a in candidates if i in defaults]
+            candidates = preferred or candidates
+        if not candidates:
+            wanted_what = config.nodeIP or config.device or "a global IPv4 address"
+            raise InvalidInput([f"agent: no usable uplink: {wanted_what} not found on this node"])
+        index, address = candidates[0]
+        return Uplink(name(index), address, int(links[index].get_attr("IFLA_MTU")))
+
+
+async def ensure_cluster_config(store: Store, proposed: ClusterConfig) -> ClusterConfig:
+    """The first agent writes the cluster settings; everyone (the first included) reads them back."""
+    await store.txn([Compare(keys.CLUSTER_CONFIG, 0)], [Put(keys.CLUSTER_CONFIG, proposed.model_dump_json().encode())])
+    kv = await store.get(keys.CLUSTER_CONFIG)
+    if kv is None:
+        raise MembraneError("cluster configuration vanished from the store")
+    stored = ClusterConfig.model_validate_json(kv.value)
+    if stored != proposed:
+        log.info("using the cluster configuration already in the store")
+    return stored
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    name: str
+    uplink: Uplink
+    pod_cidr: ipaddress.IPv4Network
+    router_ip: ipaddress.IPv4Address
+    pod_mtu: int
+
+
+class NodeRegistration:
+    def __init__(self, store: Store, config: AgentConfig, cluster: ClusterConfig) -> None:
+        self._store = store
+        self._config = config
+        self._cluster = cluster
+        self._lease = 0
+        self.info: NodeInfo | None = None
+        self.last_heartbeat = 0.0
+
+    async def register(self) -> NodeInfo:
+        uplink = await asyncio.to_thread(detect_uplink, self._config)
+        cidr = await claim_node_cidr(self._store, self._config.nodeName, self._cluster)
+        overhead = VXLAN_OVERHEAD if self._cluster.routingMode == "vxlan" else 0
+        mtu = self._config.mtu or uplink.mtu - overhead
+        self.info = NodeInfo(self._config.nodeName, uplink, cidr, router_ip(cidr), mtu)
+        await self._write_node_object()
+        await self.heartbeat()
+        return self.info
+
+    async def _write_node_object(self) -> None:
+        assert self.info is not None
+        key = keys.object_key("ciliumnodes", None, self.info.name)
+        for _ in range(8):
+            kv = await self._store.get(key)
+            obj = json.loads(kv.value) if kv else {
+                "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                "metadata": {"name": self.info.name, "uid": str(uuid.uuid4()),
+                             "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "generation": 1},
+            }
+            obj["spec"] = {
+                "addresses": [{"type": "InternalIP", "ip": str(self.info.uplink.address)}],
+                "ipam": {"podCIDRs": [str(self.info.pod_cidr)]},
+            }
+            obj["status"] = {"routing": self._cluster.routingMode, "mtu": self.info.pod_mtu,
+                             "device": self.info.uplink.device, "agentPID": os.getpid(),
+                             "agentStarted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            result = await self._store.txn([Compare(key, kv.mod_revision if kv else 0)],
+                                           [Put(key, json.dumps(obj).encode())])
+            if result.succeeded:
+                return
+        raise MembraneError(f"could not write node object {key}")
+
+    async def heartbeat(self) -> None:
+        """Keep the lease alive and stamp the heartbeat key; re-create both if the lease was lost."""
+        assert self.info is not None
+        now = time.time()
+        payload = json.dumps({"time": now, "nodeIP": str(self.info.uplink.address)}).encode()
+        if self._lease:
+            try:
+                await self._store.keepalive(self._lease)
+            except LeaseNotFound:
+                log.warning("heartbeat lease expired; registering again")
+                self._lease = 0
+        if not self._lease:
+            self._lease = await self._store.grant_lease(self._config.heartbeatTTL)
+        await self._store.put(keys.heartbeat_key(self.info.name), payload, lease=self._lease)
+        self.last_heartbeat = now
+
+    @property
+    def lease(self) -> int:
+        return self._lease
+
+    async def run_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeatTTL / 3)
+            await self.heartbeat()
+
+    async def deregister_heartbeat(self) -> None:
+        if self._lease:
+            await self._store.revoke_lease(self._lease)
+            self._lease = 0

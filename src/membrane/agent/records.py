@@ -1,0 +1,59 @@
+"""Endpoint records: what the store knows about each attached container.
+
+The record is written (state ``creating``) BEFORE the kernel is touched and removed only AFTER
+the kernel is clean, so after a crash the store always names everything the kernel may hold —
+that is what makes pruning safe and leaks impossible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from membrane.store import keys
+
+EndpointState = Literal["creating", "ready", "not-ready", "disconnecting"]
+EndpointOrigin = Literal["runner", "cni"]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRecord:
+    container_id: str
+    endpoint_id: int
+    node: str
+    namespace: str
+    pod: str
+    ifname: str
+    netns: str
+    ipv4: ipaddress.IPv4Address
+    identity: int
+    labels: tuple[str, ...]
+    origin: EndpointOrigin
+    state: EndpointState = "creating"
+    host_ifname: str = ""
+    host_ifindex: int = 0
+    mac: str = ""
+    created: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return keys.endpoint_key(self.node, self.container_id)
+
+    def to_json(self) -> bytes:
+        data = dataclasses.asdict(self)
+        data["ipv4"] = str(self.ipv4)
+        data["labels"] = list(self.labels)
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> EndpointRecord:
+        data: dict[str, Any] = json.loads(raw)
+        data["ipv4"] = ipaddress.IPv4Address(data["ipv4"])
+        data["labels"] = tuple(data.get("labels", ()))
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> EndpointRecord:
+        return dataclasses.replace(self, **changes)

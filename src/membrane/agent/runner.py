@@ -1,0 +1,412 @@
+"""The built-in pod runner: pods as processes in their own network namespaces.
+
+For every Pod bound to this node it keeps a *sandbox* — a network namespace attached through the
+same endpoint path a CNI runtime uses — and runs each container's command inside it with
+``nsenter --net``. Processes are started in their own session so that an agent restart leaves
+them running; the runner re-adopts them from its state files (pid + kernel start time, so a
+recycled pid is never mistaken for the pod).
+
+    desired pods (intent) ──► sandbox (netns) ──► endpoint (ADD) ──► processes ──► pod status
+    gone pods / stale uid ──► kill process group ──► endpoint DEL ──► netns removed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import netns as pyroute2_netns
+
+from membrane.agent.contract import CniRequest
+from membrane.agent.endpoints import EndpointManager
+from membrane.agent.intent import Intent
+from membrane.core.errors import MembraneError
+from membrane.store import keys
+from membrane.store.base import Store
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = Path("/run/netns")
+DEFAULT_GRACE_SECONDS = 2.0  # shorter than Kubernetes' 30 s: lab processes exit at once
+MAX_RESTART_BACKOFF = 30.0
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a recycled pid apart.
+
+    None when the process is gone or a zombie: an adopted process that exited is reaped by
+    whoever inherited it, not by us, and may linger as a zombie meanwhile.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+@dataclass
+class ContainerState:
+    name: str
+    pid: int = 0
+    pid_start: int = 0
+    started_at: float = 0.0
+    restarts: int = 0
+    exit_code: int | None = None
+    finished_at: float = 0.0
+    next_start: float = 0.0  # restart backoff
+
+
+@dataclass
+class Sandbox:
+    uid: str
+    namespace: str
+    name: str
+    netns: str  # name under /run/netns
+    containers: dict[str, ContainerState] = field(default_factory=dict)
+
+    @property
+    def netns_path(self) -> str:
+        return str(NETNS_DIR / self.netns)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Sandbox:
+        data = json.loads(text)
+        data["containers"] = {k: ContainerState(**v) for k, v in data.get("containers", {}).items()}
+        return cls(**data)
+
+
+class PodRunner:
+    def __init__(
+        self,
+        store: Store,
+        node_name: str,
+        node_ip: str,
+        intent: Intent,
+        endpoints: EndpointManager,
+        state_dir: Path,
+        netns_prefix: str,
+    ) -> None:
+        self._store = store
+        self._node = node_name
+        self._node_ip = node_ip
+        self._intent = intent
+        self._endpoints = endpoints
+        self._dir = state_dir / "pods"
+        self._prefix = netns_prefix
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._watched: dict[int, int] = {}  # pid -> pidfd
+        self._written_status: dict[str, dict[str, Any]] = {}
+        self.wake = asyncio.Event()
+
+    # -- state files -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in self._dir.glob("*.json"):
+            try:
+                sandbox = Sandbox.from_json(path.read_text())
+            except (ValueError, TypeError, KeyError):
+                log.warning("ignoring unreadable sandbox state %s", path)
+                continue
+            self._sandboxes[sandbox.uid] = sandbox
+            for container in sandbox.containers.values():
+                if container.pid and process_start_time(container.pid) == container.pid_start:
+                    self._watch(container.pid)
+                elif container.pid:
+                    container.pid = 0  # exited while the agent was away; the exit code is unknown
+                    container.exit_code = container.exit_code if container.exit_code is not None else -1
+                    container.finished_at = container.finished_at or time.time()
+
+    def _save(self, sandbox: Sandbox) -> None:
+        path = self._dir / f"{sandbox.uid}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(sandbox.to_json())
+        os.replace(tmp, path)
+
+    def _netns_name(self, namespace: str, name: str, uid: str) -> str:
+        digest = hashlib.sha256(f"{namespace}/{name}/{uid}".encode()).hexdigest()[:8]
+        return f"{self._prefix}{namespace}-{name}-{digest}"[:200]
+
+    # -- process supervision -----------------------------------------------------------------
+
+    def _watch(self, pid: int) -> None:
+        """Wake the runner when ``pid`` exits (pidfd works for processes that are not our children)."""
+        if pid in self._watched:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            self.wake.set()
+            return
+        self._watched[pid] = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_exit, pid)
+
+    def _on_exit(self, pid: int) -> None:
+        fd = self._watched.pop(pid, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+        self.wake.set()
+
+    def _reap(self, container: ContainerState) -> bool:
+        """True once the container's process has exited (recording its exit code when known)."""
+        if not container.pid:
+            return True
+        child = self._children.get(container.pid)
+        if child is not None:
+            code = child.poll()
+            if code is None:
+                return False
+            del self._children[container.pid]
+            container.exit_code = code if code >= 0 else 128 - code
+        elif process_start_time(container.pid) == container.pid_start:
+            return False
+        else:
+            container.exit_code = container.exit_code if container.exit_code is not None else -1
+        container.pid = 0
+        container.finished_at = time.time()
+        return True
+
+    def _spawn(self, sandbox: Sandbox, container_spec: dict[str, Any], state: ContainerState) -> None:
+        argv = list(container_spec.get("command") or []) + [str(a) for a in container_spec.get("args") or []]
+        pod_dir = self._dir / sandbox.uid
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOSTNAME": sandbox.name, "POD_NAME": sandbox.name, "POD_NAMESPACE": sandbox.namespace}
+        for item in container_spec.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = str(item["value"])
+        log_path = pod_dir / f"{state.name}.log"
+        with open(log_path, "ab") as out:
+            child = subprocess.Popen(
+                ["nsenter", f"--net={sandbox.netns_path}", "--", *argv],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, cwd=str(pod_dir), start_new_session=True,
+            )
+        self._children[child.pid] = child
+        state.pid = child.pid
+        state.pid_start = process_start_time(child.pid) or 0
+        state.started_at = time.time()
+        state.exit_code = None
+        self._watch(child.pid)
+        log.info("pod %s/%s container %s started as pid %d", sandbox.namespace, sandbox.name, state.name, child.pid)
+
+    async def _kill(self, sandbox: Sandbox, grace: float) -> None:
+        pids = [c.pid for c in sandbox.containers.values() if c.pid]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(not self._reap(c) for c in sandbox.containers.values()):
+            await asyncio.sleep(0.05)
+        for container in sandbox.containers.values():
+            if container.pid and not self._reap(container):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(container.pid, signal.SIGKILL)
+                for _ in range(100):
+                    if self._reap(container):
+                        break
+                    await asyncio.sleep(0.02)
+
+    # -- reconcile ---------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        desired = {
+            (pod.get("metadata") or {}).get("uid", ""): pod
+            for pod in self._intent.pods_on_node(self._node).values()
+            if not (pod.get("metadata") or {}).get("deletionTimestamp")
+        }
+        for uid, sandbox in list(self._sandboxes.items()):
+            if uid not in desired:
+                await self._teardown(sandbox)
+        for uid, pod in desired.items():
+            if uid:
+                try:
+                    await self._ensure(uid, pod)
+                except MembraneError as exc:
+                    log.warning("pod %s/%s: %s", pod["metadata"].get("namespace"), pod["metadata"]["name"], exc)
+
+    async def _ensure(self, uid: str, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        namespace, name = meta.get("namespace", "default"), meta["name"]
+        sandbox = self._sandboxes.get(uid)
+        if sandbox is None:
+            sandbox = Sandbox(uid, namespace, name, self._netns_name(namespace, name, uid))
+            self._sandboxes[uid] = sandbox
+            self._save(sandbox)
+        if not os.path.exists(sandbox.netns_path):
+            await asyncio.to_thread(pyroute2_netns.create, sandbox.netns)
+        record = self._endpoints.get(uid)
+        if record is None or record.state != "ready":
+            request = CniRequest("ADD", uid, sandbox.netns_path, "eth0",
+                                 {"K8S_POD_NAMESPACE": namespace, "K8S_POD_NAME": name})
+            await self._endpoints.add(request, origin="runner")
+        policy = (pod.get("spec") or {}).get("restartPolicy") or "Always"
+        now = time.time()
+        for spec in (pod.get("spec") or {}).get("containers") or []:
+            if not (spec.get("command") or spec.get("args")):
+                continue  # no command: the pod is its network sandbox alone (like a pause container)
+            state = sandbox.containers.setdefault(spec["name"], ContainerState(spec["name"]))
+            if not self._reap(state):
+                continue
+            first_run = state.started_at == 0
+            exited_ok = state.exit_code == 0
+            should_run = first_run or policy == "Always" or (policy == "OnFailure" and not exited_ok)
+            if not should_run:
+                continue
+            if not first_run:
+                if state.next_start == 0:
+                    ran_for = state.finished_at - state.started_at
+                    backoff = 1.0 if ran_for > 60 else min(2.0 ** min(state.restarts, 5), MAX_RESTART_BACKOFF)
+                    state.next_start = state.finished_at + backoff
+                if now < state.next_start:
+                    continue
+                state.restarts += 1
+                state.next_start = 0
+            self._spawn(sandbox, spec, state)
+        self._save(sandbox)
+        await self._write_status(uid, pod, sandbox)
+
+    def next_wakeup(self) -> float | None:
+        pending = [c.next_start for s in self._sandboxes.values() for c in s.containers.values() if c.next_start]
+        return min(pending) - time.time() if pending else None
+
+    async def _teardown(self, sandbox: Sandbox) -> None:
+        log.info("tearing down pod %s/%s", sandbox.namespace, sandbox.name)
+        await self._kill(sandbox, DEFAULT_GRACE_SECONDS)
+        await self._endpoints.cni_del(CniRequest("DEL", sandbox.uid, sandbox.netns_path, "eth0"))
+        if os.path.exists(sandbox.netns_path):
+            await asyncio.to_thread(pyroute2_netns.remove, sandbox.netns)
+        with contextlib.suppress(FileNotFoundError):
+            (self._dir / f"{sandbox.uid}.json").unlink()
+        with contextlib.suppress(OSError):
+            for path in (self._dir / sandbox.uid).glob("*"):
+                path.unlink()
+            (self._dir / sandbox.uid).rmdir()
+        self._sandboxes.pop(sandbox.uid, None)
+        self._written_status.pop(sandbox.uid, None)
+
+    async def prune_foreign_netns(self) -> list[str]:
+        """Remove namespaces carrying this runner's prefix that no sandbox owns (left by a crash)."""
+        owned = {s.netns for s in self._sandboxes.values()}
+        removed: list[str] = []
+        if not NETNS_DIR.is_dir() or not self._prefix:
+            return removed
+        node_netns = os.stat("/proc/self/ns/net").st_ino
+        for entry in NETNS_DIR.iterdir():
+            if not entry.name.startswith(self._prefix) or entry.name in owned:
+                continue
+            try:
+                if entry.stat().st_ino == node_netns:
+                    continue  # never our own namespace (a lab node shares the prefix)
+            except OSError:
+                continue
+            if not self._looks_like_pod_netns(entry.name):
+                continue
+            await asyncio.to_thread(pyroute2_netns.remove, entry.name)
+            removed.append(entry.name)
+        return removed
+
+    def _looks_like_pod_netns(self, name: str) -> bool:
+        tail = name.removeprefix(self._prefix)
+        digest = tail.rsplit("-", 1)[-1]
+        return len(digest) == 8 and all(c in "0123456789abcdef" for c in digest) and tail.count("-") >= 2
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _status(self, pod: dict[str, Any], sandbox: Sandbox) -> dict[str, Any]:
+        record = self._endpoints.get(sandbox.uid)
+        statuses = []
+        running = waiting = failed = 0
+        specs = (pod.get("spec") or {}).get("containers") or []
+        for spec in specs:
+            state = sandbox.containers.get(spec["name"])
+            entry: dict[str, Any] = {"name": spec["name"], "image": spec.get("image", ""),
+                                     "containerID": f"membrane://{sandbox.uid}/{spec['name']}",
+                                     "restartCount": state.restarts if state else 0}
+            if state is None or not (spec.get("command") or spec.get("args")):
+                # No process: the container is the sandbox itself, up since the endpoint was made.
+                entry["state"] = {"running": {"startedAt": _iso(record.created if record else 0)}}
+                entry["ready"] = True
+                running += 1
+            elif state.pid:
+                entry["state"] = {"running": {"startedAt": _iso(state.started_at)}}
+                entry["ready"] = True
+                running += 1
+            else:
+                code = state.exit_code if state.exit_code is not None else -1
+                entry["state"] = {"terminated": {"exitCode": code, "finishedAt": _iso(state.finished_at),
+                                                 "reason": "Completed" if code == 0 else "Error"}}
+                entry["ready"] = False
+                failed += code != 0
+                waiting += state.next_start != 0
+            statuses.append(entry)
+        if record is None or record.state != "ready":
+            phase = "Pending"
+        elif running or waiting:
+            phase = "Running"
+        else:
+            phase = "Failed" if failed else "Succeeded"
+        ready = phase == "Running" and all(s["ready"] for s in statuses)
+        status: dict[str, Any] = {
+            "phase": phase,
+            "hostIP": self._node_ip,
+            "hostIPs": [{"ip": self._node_ip}],
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": statuses,
+            "sandbox": {"netns": sandbox.netns_path, "node": self._node},
+        }
+        if record is not None and record.state == "ready":
+            status["podIP"] = str(record.ipv4)
+            status["podIPs"] = [{"ip": str(record.ipv4)}]
+            status["startTime"] = _iso(record.created)
+        return status
+
+    async def _write_status(self, uid: str, pod: dict[str, Any], sandbox: Sandbox) -> None:
+        status = self._status(pod, sandbox)
+        if self._written_status.get(uid) == status:
+            return
+        meta = pod["metadata"]
+        key = keys.object_key("pods", meta.get("namespace", "default"), meta["name"])
+        for _ in range(5):
+            kv = await self._store.get(key)
+            if kv is None:
+                return
+            obj = json.loads(kv.value)
+            if (obj.get("metadata") or {}).get("uid") != uid:
+                return
+            obj["status"] = status
+            try:
+                await self._store.put(key, json.dumps(obj).encode(), expect_mod_revision=kv.mod_revision)
+            except MembraneError:
+                continue
+            self._written_status[uid] = status
+            return
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._watched.values():
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._watched.clear()

@@ -1,0 +1,299 @@
+"""Inspection commands (mirroring cilium-dbg): status, node list, endpoint list, identity list, ip list.
+
+Cluster-wide facts come from the store, so these work from any host that reaches it; ``status``
+also asks the node's agent over its API socket for what only the agent knows.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from membrane.agent.records import EndpointRecord
+from membrane.cli.context import CliContext, pass_cli, run_async
+from membrane.core.config import DEFAULT_RUN_DIR
+from membrane.core.errors import InvalidInput
+from membrane.identity.allocator import decode_identity
+from membrane.identity.ipcache import EndpointAddress, NodeAddresses, build_ipcache
+from membrane.identity.labels import Label
+from membrane.identity.reserved import MAX_CLUSTER_IDENTITY, MIN_CLUSTER_IDENTITY, RESERVED, RESERVED_BY_ID
+from membrane.ipam.pool import router_ip
+from membrane.store import keys
+from membrane.store.base import Store
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to the widest cell; a cell with newlines continues on the following lines."""
+    expanded: list[list[str]] = []
+    for row in rows:
+        cells = [str(c).split("\n") for c in row]
+        height = max((len(c) for c in cells), default=1)
+        for i in range(height):
+            expanded.append([c[i] if i < len(c) else "" for c in cells])
+    widths = [max([len(h)] + [len(r[i]) for r in expanded]) for i, h in enumerate(headers)]
+    lines = ["   ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in expanded]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    node_ip: str
+    pod_cidrs: list[str]
+    routing: str
+    ready: bool
+    last_heartbeat: float | None
+    mtu: int
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    nodes: list[NodeView]
+    endpoints: list[EndpointRecord]
+    identities: dict[int, frozenset[Label]]
+    revision: int
+
+
+async def load_cluster_view(store: Store) -> ClusterView:
+    node_kvs, revision = await store.list(keys.objects_prefix("ciliumnodes"))
+    beat_kvs, _ = await store.list(keys.HEARTBEATS)
+    beats = {kv.key.removeprefix(keys.HEARTBEATS): json.loads(kv.value) for kv in beat_kvs}
+    nodes = []
+    for kv in node_kvs:
+        obj = json.loads(kv.value)
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        addresses = [a.get("ip", "") for a in spec.get("addresses") or [] if a.get("type") == "InternalIP"]
+        name = obj["metadata"]["name"]
+        beat = beats.get(name)
+        nodes.append(NodeView(
+            name=name, node_ip=addresses[0] if addresses else "",
+            pod_cidrs=list((spec.get("ipam") or {}).get("podCIDRs") or []),
+            routing=status.get("routing", ""), ready=beat is not None,
+            last_heartbeat=beat.get("time") if beat else None, mtu=int(status.get("mtu", 0)),
+        ))
+    endpoints = []
+    for kv in (await store.list(keys.ENDPOINTS))[0]:
+        try:
+            endpoints.append(EndpointRecord.from_json(kv.value))
+        except (ValueError, TypeError, KeyError):
+            continue
+    identities = dict(decode_identity(kv) for kv in (await store.list(keys.IDENTITY_BY_ID))[0])
+    return ClusterView(sorted(nodes, key=lambda n: n.name), endpoints, identities, revision)
+
+
+def _age(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    seconds = max(int(now - ts), 0)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def format_node_list(view: ClusterView, now: float) -> str:
+    rows = [[n.name, n.node_ip, ",".join(n.pod_cidrs), n.routing, "Ready" if n.ready else "NotReady",
+             _age(n.last_heartbeat, now)] for n in view.nodes]
+    return render_table(["NAME", "IPv4 ADDRESS", "POD CIDR", "ROUTING", "HEALTH", "LAST HEARTBEAT"], rows)
+
+
+def _label_lines(labels: list[str] | tuple[str, ...]) -> str:
+    return "\n".join(labels) if labels else "no labels"
+
+
+def format_endpoint_list(view: ClusterView, node: str | None) -> str:
+    rows = []
+    endpoints = sorted(view.endpoints, key=lambda e: (e.node, e.endpoint_id))
+    for ep in endpoints:
+        if node and ep.node != node:
+            continue
+        rows.append([str(ep.endpoint_id), "Disabled", "Disabled", str(ep.identity), _label_lines(ep.labels),
+                     "", str(ep.ipv4), ep.state, ep.node, f"{ep.namespace}/{ep.pod}"])
+    headers = ["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY", "LABELS (source:key[=value])",
+               "IPv6", "IPv4", "STATUS", "NODE", "POD"]
+    text = render_table(headers, rows)
+    # cilium-dbg prints the enforcement header on two lines; keep the data columns aligned.
+    return text
+
+
+def format_identity_list(view: ClusterView) -> str:
+    rows = [[str(r.id), f"reserved:{r.name}"] for r in RESERVED]
+    for identity in sorted(view.identities):
+        rows.append([str(identity), _label_lines(sorted(str(lbl) for lbl in view.identities[identity]))])
+    return render_table(["ID", "LABELS"], rows)
+
+
+def _identity_text(identity: int, identities: dict[int, frozenset[Label]], numeric: bool) -> str:
+    if numeric:
+        return str(identity)
+    reserved = RESERVED_BY_ID.get(identity)
+    if reserved is not None:
+        return f"reserved:{reserved.name}"
+    labels = identities.get(identity)
+    return _label_lines(sorted(str(lbl) for lbl in labels)) if labels else str(identity)
+
+
+def format_ip_list(view: ClusterView, node: str | None, numeric: bool) -> str:
+    nodes = []
+    for n in view.nodes:
+        if not n.node_ip:
+            continue
+        cidr = ipaddress.IPv4Network(n.pod_cidrs[0]) if n.pod_cidrs else None
+        nodes.append(NodeAddresses(n.name, ipaddress.IPv4Address(n.node_ip), router_ip(cidr) if cidr else None))
+    node_ips = {n.name: n.node_ip for n in view.nodes}
+    endpoints = [EndpointAddress(ep.ipv4, ep.identity, node_ips.get(ep.node, "")) for ep in view.endpoints
+                 if ep.state in ("ready", "creating")]
+    entries = build_ipcache(endpoints, nodes, node)
+    rows = [[str(e.prefix), _identity_text(e.identity, view.identities, numeric), e.source] for e in entries]
+    return render_table(["IP", "IDENTITY", "SOURCE"], rows)
+
+
+def agent_socket_for(cli: CliContext, node: str | None) -> Path:
+    """The API socket of ``node``'s agent: the lab's record knows it, else the host's default."""
+    lab = cli.lab_record()
+    if lab is not None:
+        for lab_node in lab.nodes:
+            if node is None or lab_node.name == node:
+                return lab_node.socket
+        raise InvalidInput([f"lab {lab.name} has no node {node}"])
+    if node:
+        raise InvalidInput([f"node {node}: its agent's API socket is only reachable on that host"])
+    return DEFAULT_RUN_DIR / "agent.sock"
+
+
+def format_status(view: ClusterView, store_url: str, agent: dict[str, Any] | None, agent_error: str,
+                  verbose: bool) -> str:
+    ready = sum(n.ready for n in view.nodes)
+    lines = [("KVStore", f"Ok   {store_url} (revision {view.revision})"),
+             ("Kubernetes", "Disabled")]
+    if agent is None:
+        lines.append(("Membrane", f"Unavailable   {agent_error}"))
+    else:
+        controllers = agent.get("controllers", {})
+        healthy = sum(1 for c in controllers.values() if c.get("healthy"))
+        ipam = agent.get("ipam", {})
+        lines += [
+            ("Membrane", f"Ok   node {agent['node']} ({agent['nodeIP']} on {agent.get('device', '?')}), "
+                         f"agent pid {agent.get('pid')}"),
+            ("IPAM", f"IPv4: {ipam.get('allocated', 0)}/{ipam.get('capacity', 0)} allocated from {agent['podCIDR']}"),
+            ("Routing", f"Network: {'Tunnel [vxlan]' if agent.get('routing') == 'vxlan' else 'Native'}   "
+                        f"Host: Legacy   MTU: {agent.get('mtu')}"),
+            ("Endpoints", f"{agent.get('endpoints', {}).get('ready', 0)}/"
+                          f"{agent.get('endpoints', {}).get('total', 0)} ready"),
+            ("Datapath", str((agent.get("datapath") or {}).get("summary", "unknown"))),
+            ("Operator role", "held by this node" if agent.get("operator") else "held by another node"),
+            ("Controller Status", f"{healthy}/{len(controllers)} healthy"),
+        ]
+    lines += [("Global Identity Range", f"min {MIN_CLUSTER_IDENTITY}, max {MAX_CLUSTER_IDENTITY}"),
+              ("Cluster health", f"{ready}/{len(view.nodes)} nodes ready")]
+    if verbose and agent is not None:
+        for name, ctrl in sorted(agent.get("controllers", {}).items()):
+            state = "healthy" if ctrl.get("healthy") else f"failing: {ctrl.get('lastError')}"
+            lines.append((f"  {name}", f"{state} (restarts {ctrl.get('restarts', 0)})"))
+    width = max(len(k) for k, _ in lines) + 2
+    return "\n".join(f"{(k + ':').ljust(width)}{v}" for k, v in lines)
+
+
+@click.command("status")
+@click.option("--verbose", is_flag=True)
+@click.option("--node", help="Which node's agent to ask (lab or local host).")
+@pass_cli
+@run_async
+async def status(cli: CliContext, verbose: bool, node: str | None) -> None:
+    """Health of the store, this node's agent and the cluster."""
+    from membrane.cni.client import AgentClient, AgentClientError
+
+    store = await cli.open_store()
+    try:
+        view = await load_cluster_view(store)
+    finally:
+        await store.close()
+    agent: dict[str, Any] | None = None
+    error = ""
+    try:
+        agent = AgentClient(str(agent_socket_for(cli, node)), timeout=5).status()
+    except (AgentClientError, InvalidInput) as exc:
+        error = str(exc)
+    click.echo(format_status(view, store.url, agent, error, verbose))
+
+
+@click.group("node")
+def node_group() -> None:
+    """Cluster nodes."""
+
+
+@node_group.command("list")
+@pass_cli
+@run_async
+async def node_list(cli: CliContext) -> None:
+    """Nodes with address, pod CIDR, routing mode and health."""
+    store = await cli.open_store()
+    try:
+        click.echo(format_node_list(await load_cluster_view(store), time.time()))
+    finally:
+        await store.close()
+
+
+@click.group("endpoint")
+def endpoint_group() -> None:
+    """Endpoints (pods attached to the network)."""
+
+
+@endpoint_group.command("list")
+@click.option("--node", help="Only this node's endpoints.")
+@pass_cli
+@run_async
+async def endpoint_list(cli: CliContext, node: str | None) -> None:
+    """Endpoints with identity, labels, address and state."""
+    store = await cli.open_store()
+    try:
+        click.echo(format_endpoint_list(await load_cluster_view(store), node))
+    finally:
+        await store.close()
+
+
+@click.group("identity")
+def identity_group() -> None:
+    """Security identities."""
+
+
+@identity_group.command("list")
+@pass_cli
+@run_async
+async def identity_list(cli: CliContext) -> None:
+    """Reserved and allocated identities with their labels."""
+    store = await cli.open_store()
+    try:
+        click.echo(format_identity_list(await load_cluster_view(store)))
+    finally:
+        await store.close()
+
+
+@click.group("ip")
+def ip_group() -> None:
+    """The ipcache: address -> identity."""
+
+
+@ip_group.command("list")
+@click.option("-n", "numeric", is_flag=True, help="Print identities as numbers.")
+@click.option("--node", help="The view of this node (host vs remote-node).")
+@pass_cli
+@run_async
+async def ip_list(cli: CliContext, numeric: bool, node: str | None) -> None:
+    """Every known prefix with its identity and where it came from."""
+    store = await cli.open_store()
+    try:
+        click.echo(format_ip_list(await load_cluster_view(store), node, numeric))
+    finally:
+        await store.close()
+
+
+COMMANDS = [status, node_group, endpoint_group, identity_group, ip_group]

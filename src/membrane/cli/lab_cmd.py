@@ -1,0 +1,204 @@
+"""``membrane lab up|status|down|exec``: build, inspect, remove and enter a lab.
+
+Which lab ``status``, ``down`` and ``exec`` mean: ``--name``, else ``membrane --lab NAME`` (or
+``MEMBRANE_LAB``), else the only lab there is. The renderers (:func:`render_progress`,
+:func:`render_summary`, :func:`render_status`) are pure so their text is tested as is.
+
+The lab's steps are sequential and blocking (``ip``, process start-up, health polls); the commands
+are coroutines only to share the CLI's error handling, and nothing else runs on their loop.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+import click
+
+from membrane.cli.context import CliContext, pass_cli, run_async
+from membrane.lab import Lab, LabStatus, Progress
+from membrane.lab.host import real_host
+from membrane.lab.plan import DEFAULT_LAB_NAME, MAX_NODES, Routing, StoreKind
+from membrane.lab.registry import find_lab
+from membrane.lab.state import LabDirs, LabRecord, read_all_records
+
+BAR_WIDTH = 24
+
+
+def render_progress(progress: Progress, width: int = BAR_WIDTH) -> str:
+    filled = width * progress.step // progress.total
+    return f"[{'#' * filled}{'-' * (width - filled)}] {progress.step}/{progress.total} {progress.label}"
+
+
+class ProgressPrinter:
+    """On a terminal, one line redrawn in place; otherwise one plain line per step (for logs)."""
+
+    def __init__(self, stream: TextIO, tty: bool) -> None:
+        self._stream = stream
+        self._tty = tty
+        self._open_line = False
+
+    def __call__(self, progress: Progress) -> None:
+        if self._tty:
+            self._stream.write("\r\x1b[2K" + render_progress(progress))
+            self._open_line = True
+        else:
+            self._stream.write(f"[{progress.step}/{progress.total}] {progress.label}\n")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._open_line:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._open_line = False
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node{'s' if count != 1 else ''}"
+
+
+def render_summary(record: LabRecord) -> str:
+    rows = []
+    for node in record.nodes:
+        agent = f"agent pid {node.agent.pid}" if node.agent else "no agent"
+        rows.append([node.name, f"netns {node.netns}", node.ip, agent])
+    if record.client is not None:
+        rows.append([record.client.name, f"netns {record.client.netns}", record.client.ip, "outside the cluster"])
+    prefixlen = record.subnet.split("/")[1]
+    rows.append(["underlay", f"netns {record.underlay_netns}", f"{record.gateway}/{prefixlen}", "bridge br0, gateway"])
+    flag = f"--lab {record.name}"
+    return "\n".join(
+        [
+            f"lab {record.name} is up: {_nodes(len(record.nodes))}, {record.routing} routing, "
+            f"{record.store_kind} store",
+            "",
+            *("  " + line for line in _table(rows)),
+            "",
+            f"  store        {record.store_url}",
+            f"  agent logs   {record.state_dir}/agent-node*.log",
+            "",
+            "Use it:",
+            f"  membrane {flag} status",
+            f"  membrane {flag} pod run web -n default -- busybox httpd -f -p 80",
+            f"  membrane lab exec --name {record.name} node1 -- ip addr",
+            f"  membrane lab down --name {record.name}",
+        ]
+    )
+
+
+def render_status(status: LabStatus) -> str:
+    record = status.record
+    head = (
+        f"lab {record.name}: {record.phase}, {_nodes(len(record.nodes))}, {record.routing} routing, "
+        f"underlay {record.subnet} (netns {record.underlay_netns}), store {record.store_url}"
+    )
+    rows = [["MEMBER", "NETNS", "IP", "AGENT PID", "AGENT"]]
+    for m in status.members:
+        netns = m.netns if m.netns_present else f"{m.netns} (missing)"
+        rows.append([m.name, netns, m.ip, str(m.agent_pid) if m.agent_pid is not None else "-", m.agent])
+    return "\n".join([head, *_table(rows)])
+
+
+def _lab_name(cli: CliContext, name: str | None) -> str | None:
+    return name or cli.lab_flag or os.environ.get("MEMBRANE_LAB") or None
+
+
+@click.group("lab")
+def lab() -> None:
+    """A cluster of network namespaces on this machine, each node running the real agent."""
+
+
+@lab.command("up")
+@click.option("--nodes", type=click.IntRange(1, MAX_NODES), default=1, show_default=True, help="Number of nodes.")
+@click.option("--routing", type=click.Choice(["vxlan", "native"]), default="vxlan", show_default=True)
+@click.option("--store", "store_kind", type=click.Choice(["sqlite", "etcd"]), default="sqlite", show_default=True)
+@click.option("--tor", is_flag=True, help="Add an FRR top-of-rack router on the underlay.")
+@click.option("--client", is_flag=True, help="Add a client namespace on the underlay, outside the cluster.")
+@click.option("--name", metavar="LAB", help=f"Lab name (default: {DEFAULT_LAB_NAME}).")
+@pass_cli
+@run_async
+async def up(
+    cli: CliContext,
+    nodes: int,
+    routing: Routing,
+    store_kind: StoreKind,
+    tor: bool,
+    client: bool,
+    name: str | None,
+) -> None:
+    """Build a lab and start an agent on every node."""
+    printer = ProgressPrinter(sys.stderr, sys.stderr.isatty())
+    try:
+        built = Lab.up(
+            name or cli.lab_flag or DEFAULT_LAB_NAME,
+            nodes,
+            routing=routing,
+            store=store_kind,
+            tor=tor,
+            client=client,
+            progress=printer,
+        )
+    finally:
+        printer.finish()
+    click.echo(render_summary(built.record))
+
+
+@lab.command("status")
+@click.option("--name", metavar="LAB", help="Only this lab (default: every lab).")
+@pass_cli
+@run_async
+async def status(cli: CliContext, name: str | None) -> None:
+    """Nodes, namespaces, addresses and agents of the labs."""
+    name = _lab_name(cli, name)
+    dirs = LabDirs.from_env()
+    if name is not None:
+        record = find_lab(name, dirs=dirs, flag="--name")
+        records = [record] if record else []
+    else:
+        records, problems = read_all_records(dirs)
+        for problem in problems:
+            click.echo(f"Warning: {problem}", err=True)
+    if not records:
+        click.echo("no lab is running (membrane lab up builds one)")
+        return
+    host = real_host()
+    texts = [render_status(Lab(r, dirs=dirs, host=host).status()) for r in records]
+    click.echo("\n\n".join(texts))
+
+
+@lab.command("down")
+@click.option("--name", metavar="LAB", help="The lab to remove (default: the only lab).")
+@pass_cli
+@run_async
+async def down(cli: CliContext, name: str | None) -> None:
+    """Remove every namespace, process and file of a lab."""
+    report = Lab.remove(_lab_name(cli, name))
+    if not report.found:
+        what = f"no lab named {report.name}" if report.name else "no lab is running"
+        click.echo(f"{what}: nothing to remove")
+        return
+    click.echo(
+        f"lab {report.name} removed: {len(report.namespaces)} network namespaces, {report.processes} processes stopped"
+    )
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--name", metavar="LAB", help="The lab (default: the only lab).")
+@click.argument("member", metavar="node1|…|nodeN|client|underlay")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
+@pass_cli
+@run_async
+async def exec_(cli: CliContext, name: str | None, member: str, argv: tuple[str, ...]) -> None:
+    """Run a command inside a namespace of the lab; exits with the command's status."""
+    result = Lab.open(_lab_name(cli, name)).exec(member, argv)
+    # A command killed by signal N exits 128+N, as a shell reports it.
+    sys.exit(result.returncode if result.returncode >= 0 else 128 - result.returncode)
+
+
+COMMANDS = [lab]

@@ -1,0 +1,1 @@
+"""The CNI plugin and CNI types. Imports nothing beyond the standard library."""

@@ -1,0 +1,98 @@
+"""Agent and cluster configuration.
+
+``AgentConfig`` is per node (flags and ``--config FILE``); ``ClusterConfig`` is cluster-wide and
+lives in the store, written once by the first agent so that every node agrees on the pools.
+Field names follow Cilium's Helm values where one exists (``clusterPoolIPv4PodCIDRList``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from membrane.core.errors import InvalidInput
+
+DEFAULT_STATE_DIR = Path("/var/lib/membrane")
+DEFAULT_RUN_DIR = Path("/run/membrane")
+
+
+class ClusterConfig(BaseModel):
+    """Settings every node must share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clusterName: str = "default"
+    clusterPoolIPv4PodCIDRList: tuple[str, ...] = ("10.244.0.0/16",)
+    clusterPoolIPv4MaskSize: int = Field(default=24, ge=8, le=30)
+    routingMode: Literal["vxlan", "native"] = "vxlan"
+    tunnelPort: int = 8472
+    vxlanVNI: int = 2
+    # Destinations that pod traffic reaches without masquerade (the pod pools are always included).
+    nonMasqueradeCIDRs: tuple[str, ...] = ()
+    enableIPv4Masquerade: bool = True
+
+    @field_validator("clusterPoolIPv4PodCIDRList", "nonMasqueradeCIDRs")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            ipaddress.IPv4Network(cidr, strict=True)
+        return value
+
+    def pod_pools(self) -> list[ipaddress.IPv4Network]:
+        return [ipaddress.IPv4Network(c) for c in self.clusterPoolIPv4PodCIDRList]
+
+
+class AgentConfig(BaseModel):
+    """Settings of one node's agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nodeName: str = Field(default_factory=socket.gethostname)
+    store: str = f"sqlite://{DEFAULT_STATE_DIR}/store.db"
+    stateDir: Path = DEFAULT_STATE_DIR
+    runDir: Path = DEFAULT_RUN_DIR
+    # Names of the network namespaces the built-in pod runner creates start with this.
+    netnsPrefix: str = "membrane-"
+    # Pod interface MTU; 0 derives it from the node's uplink (minus tunnel overhead).
+    mtu: int = Field(default=0, ge=0, le=65535)
+    # The node's own address on the underlay; empty picks the address of the default route's device.
+    nodeIP: str = ""
+    # Device facing the underlay; empty picks the default route's device.
+    device: str = ""
+    heartbeatTTL: float = Field(default=10.0, gt=0)
+    # Settings the first agent of a cluster writes to the store.
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def api_socket(self) -> Path:
+        return self.runDir / "agent.sock"
+
+    @property
+    def cni_queue_dir(self) -> Path:
+        return self.runDir / "cni-del-queue"
+
+
+def load_agent_config(path: Path | None, **overrides: object) -> AgentConfig:
+    """Read ``--config FILE`` (YAML) and apply command-line overrides; InvalidInput names the field."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidInput([f"{path}: {exc}"]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InvalidInput([f"{path}: expected a mapping of settings"])
+        data.update(loaded or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        source = str(path) if path else "agent config"
+        raise InvalidInput(
+            [f"{source}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        ) from None

@@ -1,0 +1,256 @@
+"""nftables objects as data: one table with its chains, sets, maps and their elements.
+
+Primitives: :class:`BaseChain` (type, hook, priority, policy), :class:`Rule`, :class:`Chain`,
+:class:`Set`, :class:`Map`, :class:`Ruleset`, element keys (:data:`Key`, built with :func:`key`) and
+:class:`TableContents` (chains and elements only: what can be compared with a kernel read-back).
+
+Element tokens are canonical nft text so that desired state and kernel read-back compare exactly:
+integers in decimal, addresses dotted, prefixes ``a.b.c.d/n``, ranges ``lo-hi``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import Literal
+
+Key = tuple[str, ...]
+KeyPart = int | str | IPv4Address | IPv4Network | tuple[int, int]
+
+ChainType = Literal["filter", "nat", "route"]
+Hook = Literal["prerouting", "input", "forward", "output", "postrouting"]
+
+# Standard priorities of the inet family (nft(8) "PRIORITY"): rendered by name when exact.
+PRIORITY_NAMES = {-300: "raw", -150: "mangle", -100: "dstnat", 0: "filter", 50: "security", 100: "srcnat"}
+PRIORITY_RAW = -300
+PRIORITY_MANGLE = -150
+PRIORITY_DSTNAT = -100
+PRIORITY_FILTER = 0
+PRIORITY_SRCNAT = 100
+
+# Datatypes a set or map key may use here (the ones the reader knows how to canonicalise).
+KEY_TYPES = frozenset({"iface_index", "ipv4_addr", "mark", "inet_proto", "inet_service", "ifname"})
+VALUE_TYPES = frozenset({"verdict", "mark", "ipv4_addr", "inet_service", "iface_index"})
+SET_FLAGS = frozenset({"interval", "constant", "timeout", "dynamic"})
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# Words nft 1.0.6 rejects as set/chain names (measured: "policy", "fwd"); keep the list short and real.
+_RESERVED_NAMES = frozenset({"policy", "fwd", "table", "chain", "set", "map", "element", "rule", "counter"})
+_SET_REF = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)")
+_CHAIN_REF = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME.match(name) or name in _RESERVED_NAMES:
+        raise ValueError(f"{what} name {name!r} is not usable in nft")
+
+
+def token(part: KeyPart) -> str:
+    """One element component as canonical nft text."""
+    if isinstance(part, bool):
+        raise TypeError("booleans are not nft values")
+    if isinstance(part, int):
+        return str(part)
+    if isinstance(part, IPv4Network):
+        return str(part.network_address) if part.prefixlen == 32 else str(part)
+    if isinstance(part, IPv4Address):
+        return str(part)
+    if isinstance(part, tuple):
+        low, high = part
+        return str(low) if low == high else f"{low}-{high}"
+    return part
+
+
+def key(*parts: KeyPart) -> Key:
+    """An element key: ``key(5, IPv4Address("10.0.0.1"))`` → ``("5", "10.0.0.1")``."""
+    return tuple(token(p) for p in parts)
+
+
+def _natural(tok: str) -> tuple[int, int, str]:
+    """Sort integers and addresses numerically so rendered text is stable and readable."""
+    head = tok.split("-", 1)[0].split("/", 1)[0]
+    if head.isdigit():
+        return (0, int(head), tok)
+    try:
+        return (1, int(IPv4Address(head)), tok)
+    except ValueError:
+        return (2, 0, tok)
+
+
+def sort_keys(keys: Iterable[Key]) -> list[Key]:
+    return sorted(keys, key=lambda k: tuple(_natural(t) for t in k))
+
+
+@dataclass(frozen=True)
+class BaseChain:
+    """Where a chain hooks into the stack. Base chains only dispatch; features live in regular chains."""
+
+    type: ChainType
+    hook: Hook
+    priority: int
+    policy: Literal["accept", "drop"] = "accept"
+
+    def render_priority(self) -> str:
+        if self.priority in PRIORITY_NAMES:
+            return PRIORITY_NAMES[self.priority]
+        return str(self.priority)
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        if "\n" in self.text or '"' in self.comment or "\n" in self.comment:
+            raise ValueError(f"rule {self.text!r}: no newlines, no quotes in comments")
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    rules: tuple[Rule, ...] = ()
+    base: BaseChain | None = None
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "chain")
+
+
+def _check_key_types(name: str, types: tuple[str, ...]) -> None:
+    if not types:
+        raise ValueError(f"set {name}: a key type is required")
+    unknown = [t for t in types if t not in KEY_TYPES]
+    if unknown:
+        raise ValueError(f"set {name}: unsupported key types {unknown}")
+
+
+def _check_flags(name: str, flags: tuple[str, ...]) -> None:
+    unknown = [f for f in flags if f not in SET_FLAGS]
+    if unknown:
+        raise ValueError(f"set {name}: unsupported flags {unknown}")
+
+
+@dataclass(frozen=True)
+class Set:
+    """A named set. ``type`` lists the concatenated datatypes (``("iface_index", "ipv4_addr")``)."""
+
+    name: str
+    type: tuple[str, ...]
+    flags: tuple[str, ...] = ()
+    elements: frozenset[Key] = frozenset()
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "set")
+        _check_key_types(self.name, self.type)
+        _check_flags(self.name, self.flags)
+        object.__setattr__(self, "elements", frozenset(self.elements))
+        for element in self.elements:
+            if len(element) != len(self.type):
+                raise ValueError(f"set {self.name}: element {element} does not match type {self.type}")
+
+    def declaration(self) -> Set:
+        return replace(self, elements=frozenset())
+
+
+@dataclass(frozen=True)
+class Map:
+    """A named map (``value_type`` "verdict" makes it a verdict map). Elements are (key, value) pairs
+    with unique keys, kept sorted so equal maps compare equal; build them with ``tuple(d.items())``."""
+
+    name: str
+    type: tuple[str, ...]
+    value_type: str
+    flags: tuple[str, ...] = ()
+    elements: tuple[tuple[Key, str], ...] = ()
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "map")
+        _check_key_types(self.name, self.type)
+        _check_flags(self.name, self.flags)
+        if self.value_type not in VALUE_TYPES:
+            raise ValueError(f"map {self.name}: unsupported value type {self.value_type!r}")
+        mapping: dict[Key, str] = {}
+        for element_key, value in self.elements:
+            if element_key in mapping:
+                raise ValueError(f"map {self.name}: duplicate key {element_key}")
+            if len(element_key) != len(self.type):
+                raise ValueError(f"map {self.name}: element {element_key} does not match type {self.type}")
+            mapping[element_key] = value
+        ordered = tuple((k, mapping[k]) for k in sort_keys(mapping))
+        object.__setattr__(self, "elements", ordered)
+
+    def mapping(self) -> dict[Key, str]:
+        return dict(self.elements)
+
+    def declaration(self) -> Map:
+        return replace(self, elements=())
+
+
+@dataclass(frozen=True)
+class TableContents:
+    """Chains and elements of one table: what the reconciler and tests compare with the kernel."""
+
+    chains: frozenset[str] = frozenset()
+    sets: Mapping[str, frozenset[Key]] = field(default_factory=dict)
+    maps: Mapping[str, Mapping[Key, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """The whole table. ``structure()`` (no elements) decides between a full and an element sync."""
+
+    family: str
+    table: str
+    chains: tuple[Chain, ...] = ()
+    sets: tuple[Set, ...] = ()
+    maps: tuple[Map, ...] = ()
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name(self.table, "table")
+        chain_names = [c.name for c in self.chains]
+        if len(set(chain_names)) != len(chain_names):
+            raise ValueError(f"table {self.table}: duplicate chain names")
+        # Sets and maps share one namespace in nft.
+        data_names = [s.name for s in self.sets] + [m.name for m in self.maps]
+        if len(set(data_names)) != len(data_names):
+            raise ValueError(f"table {self.table}: duplicate set/map names")
+        for chain in self.chains:
+            for rule in chain.rules:
+                for ref in _SET_REF.findall(rule.text):
+                    if ref not in data_names:
+                        raise ValueError(f"chain {chain.name}: rule refers to undeclared set/map @{ref}")
+                for ref in _CHAIN_REF.findall(rule.text):
+                    if ref not in chain_names:
+                        raise ValueError(f"chain {chain.name}: rule jumps to undeclared chain {ref}")
+
+    def structure(self) -> Ruleset:
+        return replace(
+            self,
+            sets=tuple(s.declaration() for s in self.sets),
+            maps=tuple(m.declaration() for m in self.maps),
+        )
+
+    def get_set(self, name: str) -> Set:
+        for s in self.sets:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def get_map(self, name: str) -> Map:
+        for m in self.maps:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def contents(self) -> TableContents:
+        return TableContents(
+            chains=frozenset(c.name for c in self.chains),
+            sets={s.name: s.elements for s in self.sets},
+            maps={m.name: m.mapping() for m in self.maps},
+        )

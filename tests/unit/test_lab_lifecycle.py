@@ -1,0 +1,236 @@
+"""lab up / status / down against the in-memory machine: order, failures, what is left behind."""
+
+from __future__ import annotations
+
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from membrane.core.errors import AgentUnavailable, AlreadyExists, DatapathError, InvalidInput, NotFound
+from membrane.lab import lab as lab_module
+from membrane.lab.fake import FakeMachine
+from membrane.lab.lab import Lab, Progress, initial_record
+from membrane.lab.plan import LabPlan
+from membrane.lab.state import LabDirs, read_record, write_record
+
+AGENT = ("/opt/agent", "agent")
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> LabDirs:
+    return LabDirs(state_base=tmp_path / "state", run_base=tmp_path / "run")
+
+
+@pytest.fixture
+def machine() -> FakeMachine:
+    return FakeMachine()
+
+
+def up(dirs: LabDirs, machine: FakeMachine, name: str = "t", nodes: int = 2, **kwargs: object) -> Lab:
+    return Lab.up(name, nodes, agent_command=AGENT, dirs=dirs, host=machine.host(), **kwargs)  # type: ignore[arg-type]
+
+
+def nothing_left(dirs: LabDirs, machine: FakeMachine, name: str = "t") -> None:
+    assert machine.namespaces == set()
+    assert machine.processes == {}
+    assert not dirs.state_dir(name).exists()
+    assert not dirs.run_dir(name).exists()
+
+
+def test_up_builds_every_namespace_and_starts_one_agent_per_node(dirs: LabDirs, machine: FakeMachine) -> None:
+    seen: list[Progress] = []
+    lab = up(dirs, machine, client=True, progress=seen.append)
+
+    assert machine.namespaces == {"t-underlay", "t-node1", "t-node2", "t-client"}
+    record = read_record(dirs.record_path("t"))
+    assert record.phase == "ready"
+    assert record.store_url == f"sqlite://{dirs.state_base}/t/store.db"
+    assert [n.ip for n in record.nodes] == ["172.31.0.11", "172.31.0.12"]
+    agents = sorted(machine.processes.values(), key=lambda p: p.ref.pid)
+    assert [p.netns for p in agents] == ["t-node1", "t-node2"]
+    assert list(agents[0].argv) == [
+        "nsenter",
+        "--net=/run/netns/t-node1",
+        *AGENT,
+        "--node",
+        "node1",
+        "--store",
+        record.store_url,
+        "--state-dir",
+        str(dirs.state_base / "t" / "node1"),
+        "--run-dir",
+        str(dirs.run_base / "t" / "node1"),
+        "--netns-prefix",
+        "t-node1-",
+    ]
+    assert agents[1].argv[-1] == "t-node2-"
+    assert [n.agent.pid if n.agent else None for n in record.nodes] == [p.ref.pid for p in agents]
+    assert [p.step for p in seen] == list(range(1, seen[0].total + 1))
+    assert seen[-1].label == "node2 agent healthy" or seen[-1].label == "node1 agent healthy"
+    assert lab.node_netns(2) == "t-node2"
+    assert lab.netns("client") == "t-client"
+    assert lab.netns("underlay") == "t-underlay"
+
+
+def test_two_labs_get_different_underlay_subnets(dirs: LabDirs, machine: FakeMachine) -> None:
+    first = up(dirs, machine, "a", 1)
+    second = up(dirs, machine, "b", 1)
+    assert first.record.subnet == "172.31.0.0/24"
+    assert second.record.subnet == "172.31.1.0/24"
+    first.down()
+    third = up(dirs, machine, "c", 1)
+    assert third.record.subnet == "172.31.0.0/24"  # freed by the removed lab
+
+
+def test_a_name_in_use_is_refused(dirs: LabDirs, machine: FakeMachine) -> None:
+    up(dirs, machine, "t", 1)
+    with pytest.raises(AlreadyExists, match="lab t exists already"):
+        up(dirs, machine, "t", 1)
+
+
+def test_namespaces_that_look_like_the_lab_but_are_not_recorded_are_left_alone(
+    dirs: LabDirs, machine: FakeMachine
+) -> None:
+    machine.namespaces.add("t-node1")
+    with pytest.raises(AlreadyExists, match="network namespaces named t-… exist"):
+        up(dirs, machine, "t", 1)
+    assert machine.namespaces == {"t-node1"}
+    assert not dirs.state_dir("t").exists()
+
+
+def test_an_agent_that_exits_fails_up_with_its_log_and_leaves_nothing(
+    dirs: LabDirs, machine: FakeMachine
+) -> None:
+    machine.agent_exit_message = "agent: cannot open store"
+    with pytest.raises(AgentUnavailable) as caught:
+        up(dirs, machine)
+    assert "the agent of node1 exited while starting" in str(caught.value)
+    assert "  agent: cannot open store" in str(caught.value)
+    nothing_left(dirs, machine)
+
+
+def test_agents_that_never_answer_time_out_and_leave_nothing(dirs: LabDirs, machine: FakeMachine) -> None:
+    machine.agents_answer = False
+    with pytest.raises(AgentUnavailable, match=r"did not answer on .*agent\.sock within 0\.2 s"):
+        up(dirs, machine, health_timeout=0.2)
+    nothing_left(dirs, machine)
+
+
+def test_a_failing_build_step_starts_no_agent_and_leaves_nothing(dirs: LabDirs, machine: FakeMachine) -> None:
+    machine.fail_on = "addr add 172.31.0.12/24"
+    with pytest.raises(DatapathError, match="injected failure"):
+        up(dirs, machine)
+    assert not any(p.argv[0] == "nsenter" for p in machine.processes.values())
+    nothing_left(dirs, machine)
+
+
+def test_down_stops_agents_and_pods_and_removes_only_the_labs_namespaces(
+    dirs: LabDirs, machine: FakeMachine
+) -> None:
+    lab = up(dirs, machine)
+    agents = [n.agent for n in lab.record.nodes]
+    # What the agents would have made: a pod namespace with a process in it.
+    machine.namespaces.add("t-pod-web")
+    pod = machine.add_process(["httpd"], "t-pod-web")
+    node_process = machine.add_process(["sleep"], "t-node2")
+    # Another lab, and something unrelated, whose names share the beginning.
+    other = up(dirs, machine, "tt", 1)
+    machine.namespaces.add("t")
+    unrelated = machine.add_process(["sshd"], None)
+
+    report = lab.down()
+
+    assert report.found
+    assert set(report.namespaces) == {"t-underlay", "t-node1", "t-node2", "t-pod-web"}
+    assert report.processes == 4
+    assert machine.namespaces == {"t", "tt-underlay", "tt-node1"}
+    for ref in (*agents, pod, node_process):
+        assert ref is not None and not machine.is_alive(ref)
+    assert machine.is_alive(unrelated)
+    assert other.record.nodes[0].agent is not None and machine.is_alive(other.record.nodes[0].agent)
+    assert not dirs.state_dir("t").exists() and not dirs.run_dir("t").exists()
+    assert dirs.state_dir("tt").exists() and dirs.run_dir("tt").exists()
+
+
+def test_an_agent_that_ignores_sigterm_is_killed(
+    dirs: LabDirs, machine: FakeMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lab_module, "AGENT_GRACE", 0.1)
+    machine.agents_ignore_sigterm = True
+    lab = up(dirs, machine, nodes=1)
+    agent = lab.record.nodes[0].agent
+    assert agent is not None
+    lab.down()
+    assert not machine.is_alive(agent)
+    nothing_left(dirs, machine)
+
+
+def test_down_is_idempotent_and_finds_the_only_lab(dirs: LabDirs, machine: FakeMachine) -> None:
+    up(dirs, machine)
+    report = Lab.remove(dirs=dirs, host=machine.host())
+    assert report.name == "t" and report.found
+    nothing_left(dirs, machine)
+    assert not Lab.remove("t", dirs=dirs, host=machine.host()).found
+    assert not Lab.remove(dirs=dirs, host=machine.host()).found
+
+
+def test_down_cleans_up_after_a_crash_half_way_through_up(dirs: LabDirs, machine: FakeMachine) -> None:
+    # What a killed 'lab up' leaves: a record still 'building', the underlay and node1 built.
+    plan = LabPlan("t", 2, subnet_index=0)
+    record = initial_record(plan, dirs, "sqlite", datetime.now(UTC))
+    write_record(dirs, record)
+    for step in plan.build_steps()[:2]:
+        for batch in step.batches:
+            machine.apply(batch)
+    agent = machine.spawn(["nsenter", "--net=/run/netns/t-node1", *AGENT], record.nodes[0].log)
+    write_record(dirs, record.with_agent("node1", agent))
+
+    report = Lab.remove("t", dirs=dirs, host=machine.host())
+
+    assert report.found and report.processes == 1
+    nothing_left(dirs, machine)
+
+
+def test_status_tells_healthy_stopped_and_missing_apart(dirs: LabDirs, machine: FakeMachine) -> None:
+    lab = up(dirs, machine, client=True)
+    agent2 = lab.record.nodes[1].agent
+    assert agent2 is not None
+    machine.signal(agent2, signal.SIGKILL)
+    machine.namespaces.discard("t-client")
+
+    rows = {m.name: m for m in Lab.open("t", dirs=dirs, host=machine.host()).status().members}
+
+    assert rows["node1"].agent == "healthy" and rows["node1"].netns_present
+    assert rows["node2"].agent == "stopped" and rows["node2"].agent_pid == agent2.pid
+    assert rows["client"].agent == "-" and not rows["client"].netns_present
+
+
+def test_the_context_manager_removes_the_lab(dirs: LabDirs, machine: FakeMachine) -> None:
+    with up(dirs, machine) as lab:
+        assert lab.store_url.startswith("sqlite://")
+    nothing_left(dirs, machine)
+
+
+def test_an_unknown_member_names_the_known_ones(dirs: LabDirs, machine: FakeMachine) -> None:
+    lab = up(dirs, machine)
+    with pytest.raises(NotFound, match=r"lab t has no 'node3' \(it has: node1, node2, underlay\)"):
+        lab.netns("node3")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"store": "etcd"}, "--store etcd is not available in the lab yet: use --store sqlite"),
+        ({"tor": True}, "--tor is not available in the lab yet"),
+    ],
+)
+def test_parts_not_built_yet_are_refused_before_anything_is_made(
+    dirs: LabDirs, machine: FakeMachine, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        up(dirs, machine, **kwargs)
+    assert caught.value.problems == [message]
+    assert machine.batches == []
+    assert not dirs.state_base.exists() or not any(dirs.state_base.iterdir())
