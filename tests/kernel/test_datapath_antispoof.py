@@ -94,7 +94,7 @@ async def test_pod_can_send_only_from_its_own_address(netns_factory: NetnsFactor
 
 
 async def test_a_veth_unknown_to_the_ruleset_cannot_send(netns_factory: NetnsFactory) -> None:
-    node, pod1, pod2, ep1, ep2 = await _setup(netns_factory)
+    node, pod1, _, ep1, ep2 = await _setup(netns_factory)
     await _protect(node, ep2)  # pod1 attached, but not (yet) in the ruleset: fail closed
     assert pod1.run("busybox", "ping", "-c", "1", "-W", "1", POD2, check=False).returncode != 0
     await _protect(node, ep1, ep2)

@@ -151,9 +151,7 @@ async def test_attach_creates_owned_route_and_is_idempotent(node: Node) -> None:
 
     host_links = [name for name in node.links() if name.startswith("lxc")]
     assert host_links == [first.host_ifname]
-    route = [
-        (r["dev"], r["protocol"], r["scope"]) for r in node.routes() if r["dst"] == "10.244.1.20"
-    ]
+    route = [(r["dev"], r["protocol"], r["scope"]) for r in node.routes() if r["dst"] == "10.244.1.20"]
     assert route == [(first.host_ifname, str(RTPROT_MEMBRANE), "link")]
     arp_filter = node.ns.run("cat", f"/proc/sys/net/ipv4/conf/{first.host_ifname}/arp_filter").stdout
     assert arp_filter.strip() == "1"
@@ -205,7 +203,7 @@ async def test_failed_attach_leaves_nothing_behind(node: Node, monkeypatch: pyte
     assert "other0" in pod.run("ip", "-o", "link").stdout
 
     # A namespace that does not exist (the container died meanwhile).
-    with pytest.raises(DatapathError, match="does not exist|No such file"):
+    with pytest.raises(DatapathError, match=r"does not exist|No such file"):
         gone = replace(node.spec(pod, "10.244.1.51", container_id="gone"), netns=pod.path + "-gone")
         await node.netlink.attach_endpoint(gone)
 
@@ -244,3 +242,13 @@ async def test_prune_removes_orphans_and_nothing_it_does_not_own(node: Node) -> 
     dsts = {r["dst"] for r in node.routes()}
     assert {"10.244.1.60", "10.244.9.0/24"} <= dsts and "10.244.1.61" not in dsts
     assert ping(kept_pod, str(ROUTER))
+
+
+async def test_a_namespace_given_as_proc_pid_path_works(node: Node) -> None:
+    pod = node.pod_netns()
+    holder = pod.spawn("busybox", "sleep", "300")  # the container's process; killed on teardown
+    spec = replace(node.spec(pod, "10.244.1.70"), netns=f"/proc/{holder.pid}/ns/net")
+    attached = await node.netlink.attach_endpoint(spec)
+    assert attached.container_ifname == "eth0"
+    assert ping(pod, str(ROUTER))
+    await node.netlink.check_endpoint(spec)

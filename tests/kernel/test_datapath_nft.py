@@ -57,6 +57,7 @@ async def test_full_then_partial_sync_leaves_exactly_the_expected_elements(node:
     runner = NftCommand(node.path)
     reconciler = NftReconciler(runner)
     a, b = _ifindex(node, "lxc00000000001"), _ifindex(node, "lxc00000000002")
+    assert await runner.read_table(TABLE_FAMILY, TABLE_NAME) is None
 
     first = _ruleset((a, "10.244.1.10"), (b, "10.244.1.11"), (9001, "10.244.1.12"))
     assert (await reconciler.sync(first)).kind == "full"
@@ -119,7 +120,8 @@ async def test_a_refused_transaction_changes_nothing(node: Netns) -> None:
     # after the batch's "delete table" was already queued.
     loop = Rule(f"meta mark 0x1 jump {FROM_ENDPOINT}")
     chains = tuple(
-        replace(c, rules=(*c.rules, loop)) if c.name == FROM_ENDPOINT else c for c in _ruleset((8, "10.244.1.11")).chains
+        replace(c, rules=(*c.rules, loop)) if c.name == FROM_ENDPOINT else c
+        for c in _ruleset((8, "10.244.1.11")).chains
     )
     broken = replace(_ruleset((8, "10.244.1.11")), chains=chains)
     with pytest.raises(DatapathError, match="Could not process rule: Too many links"):
@@ -161,11 +163,11 @@ async def test_replacing_the_table_never_interrupts_traffic(netns_factory: Netns
     server.bind(("10.244.1.11", 7000))
     server.settimeout(0.2)
     client.settimeout(1.0)
-    stop = threading.Event()
+    stop_client, stop_server = threading.Event(), threading.Event()
     outcome = {"ok": 0, "lost": 0}
 
     def echo() -> None:
-        while not stop.is_set():
+        while not stop_server.is_set():
             try:
                 data, peer = server.recvfrom(64)
             except TimeoutError:
@@ -174,7 +176,7 @@ async def test_replacing_the_table_never_interrupts_traffic(netns_factory: Netns
 
     def exchange() -> None:
         seq = 0
-        while not stop.is_set():
+        while not stop_client.is_set():
             seq += 1
             client.sendto(str(seq).encode(), ("10.244.1.11", 7000))
             try:
@@ -184,18 +186,20 @@ async def test_replacing_the_table_never_interrupts_traffic(netns_factory: Netns
             except TimeoutError:
                 outcome["lost"] += 1
 
-    threads = [threading.Thread(target=echo), threading.Thread(target=exchange)]
-    for t in threads:
-        t.start()
+    echo_thread, exchange_thread = threading.Thread(target=echo), threading.Thread(target=exchange)
+    echo_thread.start()
+    exchange_thread.start()
     try:
         for _ in range(25):
             reconciler.invalidate()
             assert (await reconciler.sync(desired)).kind == "full"
             await asyncio.sleep(0)
     finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        # The client stops first, so its last request still finds the server answering.
+        stop_client.set()
+        exchange_thread.join()
+        stop_server.set()
+        echo_thread.join()
         server.close()
         client.close()
     assert outcome["lost"] == 0

@@ -89,11 +89,7 @@ def running(pid: int) -> bool:
 
 def lab_namespaces(name: str) -> list[str]:
     netns_dir = Path("/run/netns")
-    return (
-        sorted(p.name for p in netns_dir.iterdir() if p.name.startswith(f"{name}-"))
-        if netns_dir.exists()
-        else []
-    )
+    return sorted(p.name for p in netns_dir.iterdir() if p.name.startswith(f"{name}-")) if netns_dir.exists() else []
 
 
 @pytest.fixture
@@ -131,14 +127,11 @@ def test_a_two_node_lab_with_a_client(dirs: LabDirs, agent: list[str], name: str
     pod_pids = [int((n.state_dir / "pod.pid").read_text()) for n in record.nodes]
 
     assert lab_namespaces(name) == sorted(
-        f"{name}-{suffix}"
-        for suffix in ("underlay", "node1", "node2", "client", "node1-pod-node1", "node2-pod-node2")
+        f"{name}-{suffix}" for suffix in ("underlay", "node1", "node2", "client", "node1-pod-node1", "node2-pod-node2")
     )
     bridge = json.loads(lab.exec("underlay", ["ip", "-j", "link", "show", "br0"], capture_output=True).stdout)
     assert "UP" in bridge[0]["flags"]
-    addrs = json.loads(
-        lab.exec("node2", ["ip", "-j", "-4", "addr", "show", "eth0"], capture_output=True).stdout
-    )
+    addrs = json.loads(lab.exec("node2", ["ip", "-j", "-4", "addr", "show", "eth0"], capture_output=True).stdout)
     assert [(a["local"], a["prefixlen"]) for a in addrs[0]["addr_info"]] == [(lab.node_ip(2), 24)]
 
     # The underlay carries traffic between every member.
@@ -173,9 +166,7 @@ def test_an_agent_that_fails_leaves_nothing_behind(dirs: LabDirs, name: str) -> 
     assert not dirs.run_dir(name).exists()
 
 
-def test_the_command_line(
-    dirs: LabDirs, agent: list[str], name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_command_line(dirs: LabDirs, agent: list[str], name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cli.add_command(lab_group)
     monkeypatch.setenv("MEMBRANE_LAB_STATE_DIR", str(dirs.state_base))
     monkeypatch.setenv("MEMBRANE_LAB_RUN_DIR", str(dirs.run_base))

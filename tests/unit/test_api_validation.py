@@ -1,3 +1,4 @@
+# ruff: noqa: E501 -- the expected error lines are compared verbatim and read best unbroken
 """Every way a manifest can be wrong gets exactly one line naming file, object, field path and reason."""
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "pod-port-out-of-range",
         POD + "    ports:\n    - containerPort: 70000\n",
-        ["FILE: Pod/web: spec.containers[0].ports[0].containerPort: invalid value 70000: must be between 1 and 65535, inclusive"],
+        [
+            "FILE: Pod/web: spec.containers[0].ports[0].containerPort: invalid value 70000: must be between 1 and 65535, inclusive"
+        ],
     ),
     (
         "pod-bad-port-name",
@@ -92,7 +95,9 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "pod-restart-policy",
         POD + "  restartPolicy: Sometimes\n",
-        ['FILE: Pod/web: spec.restartPolicy: unsupported value "Sometimes": supported values: "Always", "OnFailure", "Never"'],
+        [
+            'FILE: Pod/web: spec.restartPolicy: unsupported value "Sometimes": supported values: "Always", "OnFailure", "Never"'
+        ],
     ),
     (
         "pod-misspelled-metadata",
@@ -124,7 +129,9 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "svc-unnamed-ports",
         "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}, {port: 443, name: https}]}\n",
-        ["FILE: Service/web: spec.ports[0].name: required value: a service with more than one port must name every port"],
+        [
+            "FILE: Service/web: spec.ports[0].name: required value: a service with more than one port must name every port"
+        ],
     ),
     (
         "svc-no-ports",
@@ -194,7 +201,9 @@ CASES: list[tuple[str, str, list[str]]] = [
         "netpol-except-outside",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\n"
         "spec: {egress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]}\n",
-        ['FILE: NetworkPolicy/np: spec.egress[0].to[0].ipBlock.except[0]: invalid value "10.1.0.0/24": must be a strict subset of `cidr`'],
+        [
+            'FILE: NetworkPolicy/np: spec.egress[0].to[0].ipBlock.except[0]: invalid value "10.1.0.0/24": must be a strict subset of `cidr`'
+        ],
     ),
     (
         "netpol-bad-cidr",
@@ -209,13 +218,17 @@ CASES: list[tuple[str, str, list[str]]] = [
         "netpol-end-port-below-port",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\n"
         "spec: {ingress: [{ports: [{port: 9000, endPort: 8000}]}]}\n",
-        ["FILE: NetworkPolicy/np: spec.ingress[0].ports[0].endPort: invalid value 8000: must be greater than or equal to `port`"],
+        [
+            "FILE: NetworkPolicy/np: spec.ingress[0].ports[0].endPort: invalid value 8000: must be greater than or equal to `port`"
+        ],
     ),
     (
         "netpol-icmp",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\n"
         "spec: {ingress: [{ports: [{protocol: ICMP}]}]}\n",
-        ['FILE: NetworkPolicy/np: spec.ingress[0].ports[0].protocol: unsupported value "ICMP": supported values: "TCP", "UDP", "SCTP"'],
+        [
+            'FILE: NetworkPolicy/np: spec.ingress[0].ports[0].protocol: unsupported value "ICMP": supported values: "TCP", "UDP", "SCTP"'
+        ],
     ),
     (
         "netpol-selector-values",
@@ -231,26 +244,34 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "netpol-policy-type-case",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {policyTypes: [ingress]}\n",
-        ['FILE: NetworkPolicy/np: spec.policyTypes[0]: unsupported value "ingress": supported values: "Ingress", "Egress"'],
+        [
+            'FILE: NetworkPolicy/np: spec.policyTypes[0]: unsupported value "ingress": supported values: "Ingress", "Egress"'
+        ],
     ),
     # --- CiliumNetworkPolicy
     (
         "cnp-port-as-number",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  ingress:\n  - toPorts:\n    - ports:\n      - port: 80\n",
-        ['FILE: CiliumNetworkPolicy/r: spec.ingress[0].toPorts[0].ports[0].port: must be a string: write the port in quotes ("80")'],
+        [
+            'FILE: CiliumNetworkPolicy/r: spec.ingress[0].toPorts[0].ports[0].port: must be a string: write the port in quotes ("80")'
+        ],
     ),
     (
         "cnp-port-out-of-range",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  ingress:\n  - toPorts:\n    - ports:\n      - port: '65536'\n",
-        ['FILE: CiliumNetworkPolicy/r: spec.ingress[0].toPorts[0].ports[0].port: invalid value "65536": must be between 0 and 65535, inclusive'],
+        [
+            'FILE: CiliumNetworkPolicy/r: spec.ingress[0].toPorts[0].ports[0].port: invalid value "65536": must be between 0 and 65535, inclusive'
+        ],
     ),
     (
         "cnp-end-port-below-port",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  egress:\n  - toPorts:\n    - ports:\n      - {port: '8080', endPort: 80}\n",
-        ["FILE: CiliumNetworkPolicy/r: spec.egress[0].toPorts[0].ports[0].endPort: invalid value 80: must be greater than or equal to port 8080"],
+        [
+            "FILE: CiliumNetworkPolicy/r: spec.egress[0].toPorts[0].ports[0].endPort: invalid value 80: must be greater than or equal to port 8080"
+        ],
     ),
     (
         "cnp-protocol-case",
@@ -299,14 +320,18 @@ CASES: list[tuple[str, str, list[str]]] = [
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  ingress:\n  - toPorts:\n    - ports: [{port: '0', protocol: TCP}]\n"
         "      rules: {http: [{}]}\n",
-        ["FILE: CiliumNetworkPolicy/r: spec.ingress[0].toPorts[0].ports[0].port: L7 rules can not be used when a port is 0"],
+        [
+            "FILE: CiliumNetworkPolicy/r: spec.ingress[0].toPorts[0].ports[0].port: L7 rules can not be used when a port is 0"
+        ],
     ),
     (
         "cnp-two-l7-types",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  egress:\n  - toPorts:\n    - ports: [{port: '53', protocol: TCP}]\n"
         "      rules: {http: [{}], dns: [{matchName: cilium.io}]}\n",
-        ["FILE: CiliumNetworkPolicy/r: spec.egress[0].toPorts[0].rules: only one L7 rule type may be given per port rule, got http, dns"],
+        [
+            "FILE: CiliumNetworkPolicy/r: spec.egress[0].toPorts[0].rules: only one L7 rule type may be given per port rule, got http, dns"
+        ],
     ),
     (
         "cnp-bad-http-regex",
@@ -322,7 +347,9 @@ CASES: list[tuple[str, str, list[str]]] = [
         "cnp-fqdn-both",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  egress:\n  - toFQDNs: [{matchName: a.io, matchPattern: '*.a.io'}]\n",
-        ["FILE: CiliumNetworkPolicy/r: spec.egress[0].toFQDNs[0]: exactly one of matchName or matchPattern is required"],
+        [
+            "FILE: CiliumNetworkPolicy/r: spec.egress[0].toFQDNs[0]: exactly one of matchName or matchPattern is required"
+        ],
     ),
     (
         "cnp-fqdn-bad-name",
@@ -362,13 +389,17 @@ CASES: list[tuple[str, str, list[str]]] = [
         "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  nodeSelector: {}\n  ingress:\n  - toPorts:\n    - ports: [{port: '80', protocol: TCP}]\n"
         "      rules: {http: [{}]}\n",
-        ["FILE: CiliumClusterwideNetworkPolicy/r: spec.ingress[0].toPorts[0].rules: host policies do not support L7 rules"],
+        [
+            "FILE: CiliumClusterwideNetworkPolicy/r: spec.ingress[0].toPorts[0].rules: host policies do not support L7 rules"
+        ],
     ),
     (
         "cnp-except-outside-cidr",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  egress:\n  - toCIDRSet: [{cidr: 10.0.0.0/16, except: [10.1.0.0/24]}]\n",
-        ['FILE: CiliumNetworkPolicy/r: spec.egress[0].toCIDRSet[0].except[0]: invalid value "10.1.0.0/24": is not contained in the cidr 10.0.0.0/16'],
+        [
+            'FILE: CiliumNetworkPolicy/r: spec.egress[0].toCIDRSet[0].except[0]: invalid value "10.1.0.0/24": is not contained in the cidr 10.0.0.0/16'
+        ],
     ),
     (
         "cnp-bad-from-cidr",
@@ -384,7 +415,9 @@ CASES: list[tuple[str, str, list[str]]] = [
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  egress:\n  - icmps: [{fields: [{type: 8}]}]\n"
         "    toPorts: [{ports: [{port: '80'}]}]\n",
-        ["FILE: CiliumNetworkPolicy/r: spec.egress[0].icmps: icmps may not be combined with toPorts in one rule; use a separate rule"],
+        [
+            "FILE: CiliumNetworkPolicy/r: spec.egress[0].icmps: icmps may not be combined with toPorts in one rule; use a separate rule"
+        ],
     ),
     (
         "cnp-icmp-type",
@@ -428,20 +461,26 @@ CASES: list[tuple[str, str, list[str]]] = [
         "cnp-log-too-long",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: r}\n"
         "spec:\n  endpointSelector: {}\n  ingress: [{}]\n  log: {value: " + "x" * 33 + "}\n",
-        [f'FILE: CiliumNetworkPolicy/r: spec.log.value: invalid value "{"x" * 33}": must be at most 32 printable characters'],
+        [
+            f'FILE: CiliumNetworkPolicy/r: spec.log.value: invalid value "{"x" * 33}": must be at most 32 printable characters'
+        ],
     ),
     # --- LB-IPAM, L2
     (
         "pool-cidr-and-range",
         "apiVersion: cilium.io/v2\nkind: CiliumLoadBalancerIPPool\nmetadata: {name: p}\n"
         "spec: {blocks: [{cidr: 10.0.0.0/24, start: 10.0.0.1}]}\n",
-        ["FILE: CiliumLoadBalancerIPPool/p: spec.blocks[0]: a block is either a `cidr` or a `start`/`stop` range, not both"],
+        [
+            "FILE: CiliumLoadBalancerIPPool/p: spec.blocks[0]: a block is either a `cidr` or a `start`/`stop` range, not both"
+        ],
     ),
     (
         "pool-reversed-range",
         "apiVersion: cilium.io/v2\nkind: CiliumLoadBalancerIPPool\nmetadata: {name: p}\n"
         "spec: {blocks: [{start: 10.0.0.9, stop: 10.0.0.1}]}\n",
-        ['FILE: CiliumLoadBalancerIPPool/p: spec.blocks[0].stop: invalid value "10.0.0.1": must not be lower than start 10.0.0.9'],
+        [
+            'FILE: CiliumLoadBalancerIPPool/p: spec.blocks[0].stop: invalid value "10.0.0.1": must not be lower than start 10.0.0.9'
+        ],
     ),
     (
         "pool-unquoted-no",
@@ -471,7 +510,9 @@ CASES: list[tuple[str, str, list[str]]] = [
         "bgp-timers",
         "apiVersion: cilium.io/v2\nkind: CiliumBGPPeerConfig\nmetadata: {name: peer}\n"
         "spec: {timers: {holdTimeSeconds: 9, keepAliveTimeSeconds: 30}}\n",
-        ["FILE: CiliumBGPPeerConfig/peer: spec.timers.keepAliveTimeSeconds: invalid value 30: can not be larger than holdTimeSeconds (9)"],
+        [
+            "FILE: CiliumBGPPeerConfig/peer: spec.timers.keepAliveTimeSeconds: invalid value 30: can not be larger than holdTimeSeconds (9)"
+        ],
     ),
     (
         "bgp-peer-without-address",
@@ -512,7 +553,9 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "wrong-api-version",
         "apiVersion: cilium.io/v2alpha1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\n",
-        ['FILE: CiliumNetworkPolicy/x: apiVersion: "cilium.io/v2alpha1" is not served for kind CiliumNetworkPolicy (use cilium.io/v2)'],
+        [
+            'FILE: CiliumNetworkPolicy/x: apiVersion: "cilium.io/v2alpha1" is not served for kind CiliumNetworkPolicy (use cilium.io/v2)'
+        ],
     ),
     (
         "unknown-kind",
@@ -542,7 +585,9 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "yaml-syntax",
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n labels: {}\n",
-        ["FILE: line 5, column 2: expected <block end>, but found '<block mapping start>' (while parsing a block mapping at line 1)"],
+        [
+            "FILE: line 5, column 2: expected <block end>, but found '<block mapping start>' (while parsing a block mapping at line 1)"
+        ],
     ),
     (
         "yaml-duplicate-key",

@@ -19,13 +19,9 @@ DIRS = LabDirs(Path("/var/lib/membrane/labs"), Path("/run/membrane/labs"))
 
 
 def demo_record() -> LabRecord:
-    record = initial_record(
-        LabPlan("demo", 2, 0, client=True), DIRS, "sqlite", datetime(2024, 1, 1, tzinfo=UTC)
-    )
+    record = initial_record(LabPlan("demo", 2, 0, client=True), DIRS, "sqlite", datetime(2024, 1, 1, tzinfo=UTC))
     record = record.with_agent("node1", ProcessRef(pid=4242, start_ticks=1))
-    return record.with_agent("node2", ProcessRef(pid=4243, start_ticks=1)).model_copy(
-        update={"phase": "ready"}
-    )
+    return record.with_agent("node2", ProcessRef(pid=4243, start_ticks=1)).model_copy(update={"phase": "ready"})
 
 
 def test_summary_tells_how_to_reach_each_part() -> None:
@@ -69,10 +65,7 @@ def test_status_table() -> None:
 
 def test_progress_bar() -> None:
     assert render_progress(Progress(0, 4, "start"), width=8) == "[--------] 0/4 start"
-    assert (
-        render_progress(Progress(3, 4, "node1 agent started"), width=8)
-        == "[######--] 3/4 node1 agent started"
-    )
+    assert render_progress(Progress(3, 4, "node1 agent started"), width=8) == "[######--] 3/4 node1 agent started"
     assert render_progress(Progress(4, 4, "done"), width=8) == "[########] 4/4 done"
 
 

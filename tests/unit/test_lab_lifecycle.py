@@ -100,9 +100,7 @@ def test_namespaces_that_look_like_the_lab_but_are_not_recorded_are_left_alone(
     assert not dirs.state_dir("t").exists()
 
 
-def test_an_agent_that_exits_fails_up_with_its_log_and_leaves_nothing(
-    dirs: LabDirs, machine: FakeMachine
-) -> None:
+def test_an_agent_that_exits_fails_up_with_its_log_and_leaves_nothing(dirs: LabDirs, machine: FakeMachine) -> None:
     machine.agent_exit_message = "agent: cannot open store"
     with pytest.raises(AgentUnavailable) as caught:
         up(dirs, machine)
@@ -126,9 +124,7 @@ def test_a_failing_build_step_starts_no_agent_and_leaves_nothing(dirs: LabDirs, 
     nothing_left(dirs, machine)
 
 
-def test_down_stops_agents_and_pods_and_removes_only_the_labs_namespaces(
-    dirs: LabDirs, machine: FakeMachine
-) -> None:
+def test_down_stops_agents_and_pods_and_removes_only_the_labs_namespaces(dirs: LabDirs, machine: FakeMachine) -> None:
     lab = up(dirs, machine)
     agents = [n.agent for n in lab.record.nodes]
     # What the agents would have made: a pod namespace with a process in it.

@@ -25,9 +25,7 @@ def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LabDirs:
 
 
 def make_record(dirs: LabDirs, name: str, index: int = 0, *, ready: bool = True) -> LabRecord:
-    record = initial_record(
-        LabPlan(name, 1, subnet_index=index), dirs, "sqlite", datetime(2024, 1, 1, tzinfo=UTC)
-    )
+    record = initial_record(LabPlan(name, 1, subnet_index=index), dirs, "sqlite", datetime(2024, 1, 1, tzinfo=UTC))
     if ready:
         record = record.model_copy(update={"phase": "ready"})
     write_record(dirs, record)
@@ -91,7 +89,4 @@ def test_the_cli_context_resolves_through_the_lab(dirs: LabDirs, monkeypatch: py
     monkeypatch.setenv("MEMBRANE_LAB", "alpha")
     assert CliContext().store_url() == f"sqlite://{dirs.state_base}/alpha/store.db"
     # --store wins over any lab.
-    assert (
-        CliContext(store_flag="sqlite:///elsewhere.db", lab_flag="beta").store_url()
-        == "sqlite:///elsewhere.db"
-    )
+    assert CliContext(store_flag="sqlite:///elsewhere.db", lab_flag="beta").store_url() == "sqlite:///elsewhere.db"

@@ -61,6 +61,26 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def pids_working_in(directory: Path) -> list[int]:
+    """Processes whose working directory is ``directory`` (or was, if it has been removed since).
+
+    Every container process starts there, so this finds a pod's processes even when a crash
+    struck between starting one and recording its pid.
+    """
+    target = str(directory)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == target or cwd == f"{target} (deleted)":
+            found.append(int(entry))
+    return found
+
+
 @dataclass
 class ContainerState:
     name: str
@@ -130,6 +150,13 @@ class PodRunner:
                 log.warning("ignoring unreadable sandbox state %s", path)
                 continue
             self._sandboxes[sandbox.uid] = sandbox
+            recorded = {c.pid for c in sandbox.containers.values() if c.pid}
+            for pid in pids_working_in(self._dir / sandbox.uid):
+                if pid not in recorded:
+                    log.warning("killing pid %d of pod %s/%s: started but never recorded (agent crash)",
+                                pid, sandbox.namespace, sandbox.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             for container in sandbox.containers.values():
                 if container.pid and process_start_time(container.pid) == container.pid_start:
                     self._watch(container.pid)
@@ -209,6 +236,7 @@ class PodRunner:
         state.pid_start = process_start_time(child.pid) or 0
         state.started_at = time.time()
         state.exit_code = None
+        self._save(sandbox)  # record the pid at once: a crash now must not orphan the process
         self._watch(child.pid)
         log.info("pod %s/%s container %s started as pid %d", sandbox.namespace, sandbox.name, state.name, child.pid)
 
@@ -228,6 +256,11 @@ class PodRunner:
                     if self._reap(container):
                         break
                     await asyncio.sleep(0.02)
+        # Anything else still working in the pod's directory was started for it: forked children,
+        # or a process a crash kept us from recording.
+        for pid in pids_working_in(self._dir / sandbox.uid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     # -- reconcile ---------------------------------------------------------------------------
 

@@ -273,21 +273,22 @@ class ObjectMeta(Model):
     """``metadata``. The system fields (uid, resourceVersion, generation, creationTimestamp) are
     accepted so that ``get -o yaml`` output can be applied again, and are then set by the store."""
 
+    # In the order of Kubernetes' ObjectMeta, which is the order `-o json` prints.
     name: Str | None = None
     generateName: Str | None = None
     namespace: Str | None = None
-    labels: LabelMap = Field(default_factory=dict)
-    annotations: AnnotationMap = Field(default_factory=dict)
+    selfLink: Str | None = None
     uid: Str | None = None
     resourceVersion: Str | None = None
     generation: Int | None = None
     creationTimestamp: Str | None = None
     deletionTimestamp: Str | None = None
     deletionGracePeriodSeconds: Int | None = None
-    finalizers: tuple[Str, ...] | None = None
+    labels: LabelMap = Field(default_factory=dict)
+    annotations: AnnotationMap = Field(default_factory=dict)
     ownerReferences: tuple[JsonValue, ...] | None = None
+    finalizers: tuple[Str, ...] | None = None
     managedFields: tuple[JsonValue, ...] | None = None
-    selfLink: Str | None = None
 
     @model_serializer(mode="wrap")
     def _omit_empty_maps(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from membrane.api import k8s
 from membrane.api.meta import ApiObject, ObjectMeta, label_key_error, label_value_error, quote
-from membrane.api.registry import KINDS, KindInfo, ObjectInvalid, ObjectRef, kind_info, validate_object
+from membrane.api.registry import KINDS, KindInfo, ObjectInvalid, ObjectRef, kind_info, lookup_kind, validate_object
 from membrane.core.errors import CompareFailed, InvalidInput, MembraneError, NotFound, StoreError
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, KeyValue, Op, Put, Store
@@ -54,6 +54,10 @@ T = TypeVar("T", bound=ApiObject)
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_object_uid() -> str:
+    return str(uuid.uuid4())
 
 
 # --- encoding --------------------------------------------------------------------------------------------
@@ -84,6 +88,15 @@ def default_namespace() -> k8s.Namespace:
         metadata=ObjectMeta(name=DEFAULT_NAMESPACE, labels={k8s.NAMESPACE_NAME_LABEL: DEFAULT_NAMESPACE}),
         status=k8s.NamespaceStatus(phase="Active"),
     )
+
+
+def _is_default_namespace(ref: ObjectRef) -> bool:
+    return ref.kind == "Namespace" and ref.name == DEFAULT_NAMESPACE
+
+
+def _declared(obj: ApiObject) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+    """What a manifest declares: labels, annotations and the body."""
+    return obj.labels, obj.metadata.annotations, obj.body()
 
 
 def _with_meta(obj: T, **changes: Any) -> T:
@@ -238,20 +251,22 @@ class _Plan:
 class ObjectClient:
     """Typed access to API objects in a :class:`~membrane.store.base.Store`.
 
-    ``clock`` returns the RFC 3339 time stamped on new objects and ``new_uid`` their uid; both are
-    injectable so tests get stable output.
+    ``kind`` arguments accept whatever ``membrane get`` accepts: the kind, its plural or a short name.
+
+    ``clock`` returns the RFC 3339 time stamped on new objects and ``new_uid`` their uid (defaults:
+    :func:`now_rfc3339`, :func:`new_object_uid`); both are injectable so tests get stable output.
     """
 
     def __init__(
         self,
         store: Store,
         *,
-        clock: Callable[[], str] = now_rfc3339,
-        new_uid: Callable[[], str] = lambda: str(uuid.uuid4()),
+        clock: Callable[[], str] | None = None,
+        new_uid: Callable[[], str] | None = None,
     ) -> None:
         self.store = store
-        self._clock = clock
-        self._new_uid = new_uid
+        self._clock = clock or now_rfc3339
+        self._new_uid = new_uid or new_object_uid
 
     # -- reads
 
@@ -260,7 +275,7 @@ class ObjectClient:
         ref = self._ref(kind, namespace, name)
         kv = await self.store.get(ref.key)
         if kv is None:
-            if ref.kind == "Namespace" and name == DEFAULT_NAMESPACE:
+            if _is_default_namespace(ref):
                 return default_namespace()
             raise NotFound(ref.not_found())
         return decode(kv)
@@ -277,7 +292,7 @@ class ObjectClient:
 
     async def list_with_revision(self, kind: str, namespace: str | None = None) -> tuple[builtins.list[ApiObject], int]:
         """Like :meth:`list`, plus the store revision of the snapshot (watch from ``revision + 1``)."""
-        info = kind_info(kind)
+        info = lookup_kind(kind)
         prefix = keys.objects_prefix(info.plural, namespace if info.namespaced else None)
         kvs, revision = await self.store.list(prefix)
         objects = [decode(kv) for kv in kvs]
@@ -345,6 +360,15 @@ class ObjectClient:
                         continue
             kv = await self.store.get(ref.key)
             plan.compare(ref.key, kv)
+            if kv is None and _is_default_namespace(ref):
+                # `default` exists even when no object for it is stored: applying it is an update.
+                created = self._created(obj)
+                if _declared(created) == _declared(default_namespace()):
+                    results.append(ApplyResult(ref, "unchanged", default_namespace()))
+                else:
+                    plan.ops.append(Put(ref.key, encode(created)))
+                    results.append(ApplyResult(ref, "configured", created))
+                continue
             if kv is None:
                 created = self._created(obj)
                 plan.ops.append(Put(ref.key, encode(created)))
@@ -479,13 +503,13 @@ class ObjectClient:
         ref = self._ref(kind, namespace, name)
         for _ in range(MAX_ATTEMPTS):
             kv = await self.store.get(ref.key)
-            if kv is None:
-                if ref.kind == "Namespace" and name == DEFAULT_NAMESPACE:
-                    # Labelling `default` materialises it, as applying it would.
-                    await self.apply([default_namespace()])
-                    continue
+            if kv is not None:
+                current = decode(kv)
+            elif _is_default_namespace(ref):
+                # Labelling `default` while it exists only implicitly stores it.
+                current = self._created(default_namespace())
+            else:
                 raise NotFound(ref.not_found())
-            current = decode(kv)
             labels = dict(current.labels)
             if not overwrite:
                 for key, value in add.items():
@@ -501,7 +525,9 @@ class ObjectClient:
             verdict: Literal["labeled", "unlabeled"] = (
                 "unlabeled" if not overwrite and len(updated.labels) < len(current.labels) else "labeled"
             )
-            txn = await self.store.txn([Compare(ref.key, kv.mod_revision)], [Put(ref.key, encode(updated))])
+            txn = await self.store.txn(
+                [Compare(ref.key, kv.mod_revision if kv else 0)], [Put(ref.key, encode(updated))]
+            )
             if txn.succeeded:
                 return _with_meta(updated, resourceVersion=str(txn.revision)), verdict, warnings
         raise CompareFailed(f"{ref}: label update lost the race for the store too many times")
@@ -527,7 +553,7 @@ class ObjectClient:
         self, refs: Sequence[ObjectRef]
     ) -> tuple[builtins.list[ApiObject], builtins.list[ObjectRef]]:
         for ref in refs:
-            if ref.kind == "Namespace" and ref.name == DEFAULT_NAMESPACE:
+            if _is_default_namespace(ref):
                 raise MembraneError('namespaces "default" is forbidden: this namespace may not be deleted')
         for _ in range(MAX_ATTEMPTS):
             plan = _Plan()
@@ -565,7 +591,7 @@ class ObjectClient:
     # -- helpers
 
     def _ref(self, kind: str, namespace: str | None, name: str) -> ObjectRef:
-        return self._normalized_ref(ObjectRef(kind_info(kind).kind, namespace, name))
+        return self._normalized_ref(ObjectRef(lookup_kind(kind).kind, namespace, name))
 
     @staticmethod
     def _normalized_ref(ref: ObjectRef) -> ObjectRef:

@@ -201,4 +201,19 @@ async def exec_(cli: CliContext, name: str | None, member: str, argv: tuple[str,
     sys.exit(result.returncode if result.returncode >= 0 else 128 - result.returncode)
 
 
+DEMOS = ("starwars",)
+
+
+@lab.command("demo")
+@click.argument("scenario", type=click.Choice(DEMOS), default="starwars")
+@click.option("--name", metavar="LAB", help="The lab (default: the only lab).")
+@pass_cli
+@run_async
+async def demo(cli: CliContext, scenario: str, name: str | None) -> None:
+    """Deploy an example application into a running lab and show it working."""
+    from membrane.lab.demo import run_demo
+
+    await run_demo(Lab.open(_lab_name(cli, name)), scenario, click.echo)
+
+
 COMMANDS = [lab]

@@ -106,8 +106,18 @@ def list_document(objects: Sequence[ApiObject]) -> dict[str, Any]:
     }
 
 
+class _KubectlDumper(yaml.SafeDumper):
+    """Quotes strings that need quoting with double quotes, as kubectl's YAML printer does."""
+
+    def choose_scalar_style(self) -> str:
+        style = super().choose_scalar_style()
+        return '"' if style == "'" else str(style)
+
+
 def to_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True, width=1 << 16)
+    return yaml.dump(
+        data, Dumper=_KubectlDumper, sort_keys=True, default_flow_style=False, allow_unicode=True, width=1 << 16
+    )
 
 
 def to_json(data: Any) -> str:

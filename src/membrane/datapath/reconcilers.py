@@ -101,13 +101,9 @@ class NftReconciler:
                         continue
                     full_failures += 1
                     if full_failures >= self._backoff.attempts:
-                        raise DatapathError(
-                            f"nft sync failed after {full_failures} attempts: {exc}"
-                        ) from None
+                        raise DatapathError(f"nft sync failed after {full_failures} attempts: {exc}") from None
                     delay = self._backoff.delay(full_failures)
-                    log.warning(
-                        "nft full sync failed (attempt %d), retrying in %.2fs: %s", full_failures, delay, exc
-                    )
+                    log.warning("nft full sync failed (attempt %d), retrying in %.2fs: %s", full_failures, delay, exc)
                     await self._sleep(delay)
                     continue
                 self._applied = desired

@@ -113,6 +113,7 @@ class DesiredDatapath:
     def from_endpoints(cls, endpoints: Iterable[EndpointAddress]) -> DesiredDatapath:
         return cls(endpoints=frozenset(endpoints))
 
+
 @dataclass(frozen=True)
 class Section:
     """One feature's share of the table: dispatch rules for base chains, plus its own objects."""

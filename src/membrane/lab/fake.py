@@ -58,9 +58,7 @@ class FakeMachine:
             words = line.split()
             if words[:2] == ["netns", "add"]:
                 if words[2] in self.namespaces:
-                    raise DatapathError(
-                        f'ip: Cannot create namespace file "/run/netns/{words[2]}": File exists'
-                    )
+                    raise DatapathError(f'ip: Cannot create namespace file "/run/netns/{words[2]}": File exists')
                 self.namespaces.add(words[2])
 
     def list_netns(self) -> list[str]:
@@ -73,9 +71,7 @@ class FakeMachine:
         return [p.ref for p in self.processes.values() if p.netns in names]
 
     # -- ProcessControl ----------------------------------------------------------------------
-    def add_process(
-        self, argv: Sequence[str], netns: str | None, *, ignores_sigterm: bool = False
-    ) -> ProcessRef:
+    def add_process(self, argv: Sequence[str], netns: str | None, *, ignores_sigterm: bool = False) -> ProcessRef:
         self._next_pid += 1
         ref = ProcessRef(pid=self._next_pid, start_ticks=self._next_pid * 10)
         self.processes[ref.pid] = FakeProcess(ref, tuple(argv), netns, ignores_sigterm=ignores_sigterm)

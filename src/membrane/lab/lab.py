@@ -148,9 +148,7 @@ def initial_record(plan: LabPlan, dirs: LabDirs, store: StoreKind, now: datetime
         )
         for k in plan.node_numbers
     )
-    client = (
-        LabMember(name="client", netns=plan.client_netns, ip=str(plan.client_ip)) if plan.client else None
-    )
+    client = LabMember(name="client", netns=plan.client_netns, ip=str(plan.client_ip)) if plan.client else None
     return LabRecord(
         name=plan.name,
         phase="building",
@@ -226,9 +224,7 @@ class Lab:
         return lab
 
     @classmethod
-    def open(
-        cls, name: str | None = None, *, dirs: LabDirs | None = None, host: LabHost | None = None
-    ) -> Lab:
+    def open(cls, name: str | None = None, *, dirs: LabDirs | None = None, host: LabHost | None = None) -> Lab:
         """The lab called ``name``, or the only lab there is."""
         dirs = dirs or LabDirs.from_env()
         record = find_lab(name, dirs=dirs, flag="--name")
@@ -237,9 +233,7 @@ class Lab:
         return cls(record, dirs=dirs, host=host or real_host())
 
     @classmethod
-    def remove(
-        cls, name: str | None = None, *, dirs: LabDirs | None = None, host: LabHost | None = None
-    ) -> DownReport:
+    def remove(cls, name: str | None = None, *, dirs: LabDirs | None = None, host: LabHost | None = None) -> DownReport:
         """Remove the lab called ``name`` (or the only lab); removing a lab that is gone does nothing."""
         dirs = dirs or LabDirs.from_env()
         host = host or real_host()
@@ -295,9 +289,7 @@ class Lab:
         """The command line that runs ``argv`` inside ``member``'s namespace (for Popen)."""
         path = netns_path(self.netns(member))
         if not path.exists():
-            raise NotFound(
-                f"namespace {path.name} does not exist: lab {self.name} is broken (membrane lab down)"
-            )
+            raise NotFound(f"namespace {path.name} does not exist: lab {self.name} is broken (membrane lab down)")
         return ["nsenter", f"--net={path}", *argv]
 
     def exec(
@@ -345,9 +337,7 @@ class Lab:
         write_record(self._dirs, record)
         self._record = record
 
-    def _build(
-        self, plan: LabPlan, base: Sequence[str], health_timeout: float, report: ProgressCallback
-    ) -> None:
+    def _build(self, plan: LabPlan, base: Sequence[str], health_timeout: float, report: ProgressCallback) -> None:
         steps = plan.build_steps()
         total = 1 + len(steps) + 2 * plan.nodes
         done = 0
@@ -382,9 +372,7 @@ class Lab:
             for node in list(pending):
                 assert node.agent is not None
                 if not self._host.processes.is_alive(node.agent):
-                    raise AgentUnavailable(
-                        f"the agent of {node.name} exited while starting{_log_tail(node.log)}"
-                    )
+                    raise AgentUnavailable(f"the agent of {node.name} exited while starting{_log_tail(node.log)}")
                 if self._host.probe.healthy(node.socket):
                     pending.remove(node)
                     yield node.name

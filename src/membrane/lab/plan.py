@@ -179,13 +179,10 @@ class LabPlan:
                 None,
                 (
                     f"netns add {netns}",
-                    f"link add {NODE_UPLINK} netns {netns} type veth"
-                    f" peer name {port} netns {self.underlay_netns}",
+                    f"link add {NODE_UPLINK} netns {netns} type veth peer name {port} netns {self.underlay_netns}",
                 ),
             ),
-            IpBatch(
-                self.underlay_netns, (f"link set {port} master {UNDERLAY_BRIDGE}", f"link set {port} up")
-            ),
+            IpBatch(self.underlay_netns, (f"link set {port} master {UNDERLAY_BRIDGE}", f"link set {port} up")),
             IpBatch(
                 netns,
                 (

@@ -42,9 +42,7 @@ def find_lab(
             raise NotFound(f"no lab named {name} (membrane lab status lists the labs)")
         record = read_record(path)
         if ready_only and record.phase != "ready":
-            raise NotFound(
-                f"lab {name} is not ready: its 'lab up' did not finish (membrane lab down --name {name})"
-            )
+            raise NotFound(f"lab {name} is not ready: its 'lab up' did not finish (membrane lab down --name {name})")
         return record
     # Unreadable records of other labs must not break every command: they are skipped here and
     # reported by 'lab status'.

@@ -153,7 +153,12 @@ class ChainResult:
 
 
 class CniTool:
-    """Runs plugins found on ``cni_path`` with a minimal environment (PATH plus ``CNI_*``)."""
+    """Runs plugins found on ``cni_path`` with a minimal environment (PATH plus ``CNI_*``).
+
+    ``launcher`` is an argv prefix every plugin runs under, e.g. ``("nsenter", "--net=PATH")``:
+    a runtime runs its plugins in the host's namespace, and chained plugins such as ``portmap``
+    act on the namespace they run in, so a test whose "host" is a namespace runs them there.
+    """
 
     def __init__(
         self,
@@ -161,10 +166,12 @@ class CniTool:
         *,
         timeout: float = 120.0,
         extra_env: Mapping[str, str] | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.cni_path = tuple(str(p) for p in (cni_path or default_cni_path()))
         self.timeout = timeout
         self.extra_env = dict(extra_env or {})
+        self.launcher = tuple(launcher)
 
     def find_plugin(self, plugin_type: str) -> Path:
         for directory in self.cni_path:
@@ -186,6 +193,7 @@ class CniTool:
             "CNI_PATH": ":".join(self.cni_path),
         }
         proc = await asyncio.create_subprocess_exec(
+            *self.launcher,
             str(executable),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

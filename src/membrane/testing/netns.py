@@ -21,6 +21,7 @@ interface state with ``ip``, not from /sys/class/net.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import secrets
@@ -174,10 +175,8 @@ def _kill_pid(pid: int) -> None:
     except ProcessLookupError:
         return
     # Reap it if it is our child; otherwise its parent will.
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 class NetnsFactory:
@@ -211,9 +210,7 @@ class NetnsFactory:
         self.close()
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.02, what: str = ""
-) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.02, what: str = "") -> T:
     """Poll ``predicate`` until it returns something truthy (returned); TimeoutError otherwise."""
     deadline = time.monotonic() + timeout
     while True:
@@ -235,7 +232,7 @@ async def async_wait_until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what or predicate}")
         await asyncio.sleep(interval)

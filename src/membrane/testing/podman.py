@@ -128,6 +128,9 @@ class PodmanSetup:
     default_network: str = "membrane"
     ulimits: tuple[str, ...] = ULIMITS
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # An argv prefix podman runs under, e.g. ("nsenter", "--net=PATH"): podman runs its CNI
+    # plugins in its own network namespace, so this puts them in a test's node namespace.
+    launcher: tuple[str, ...] = ()
 
     @property
     def network_dir(self) -> Path:
@@ -227,6 +230,7 @@ class PodmanSetup:
 
     def argv(self, *args: str) -> list[str]:
         return [
+            *self.launcher,
             "podman",
             "--root",
             str(self.root),
@@ -391,10 +395,12 @@ async def podman_session(
     *,
     plugin_dirs: Sequence[str | Path] = (),
     extra_env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = (),
 ) -> AsyncIterator[Podman]:
     """A private podman whose CNI configuration directory holds ``conflists``; cleaned up on exit.
 
     The first conflist is podman's default network. ``base`` should be a fresh directory.
+    ``launcher`` prefixes every podman command (see :attr:`PodmanSetup.launcher`).
     """
     if not conflists:
         raise ValueError("podman_session needs at least one conflist")
@@ -403,6 +409,7 @@ async def podman_session(
         plugin_dirs=tuple(Path(p) for p in plugin_dirs),
         default_network=str(conflists[0]["name"]),
         extra_env=dict(extra_env or {}),
+        launcher=tuple(launcher),
     )
     setup.write()
     for conflist in conflists:

@@ -64,9 +64,7 @@ class FakeNamespace:
     next_index: int = 2  # 1 is lo
 
     def __post_init__(self) -> None:
-        self.links.setdefault(
-            "lo", FakeLink(ifname="lo", ifindex=1, kind="loopback", mac="00:00:00:00:00:00")
-        )
+        self.links.setdefault("lo", FakeLink(ifname="lo", ifindex=1, kind="loopback", mac="00:00:00:00:00:00"))
 
 
 def _mac(seed: str) -> str:
@@ -117,9 +115,7 @@ class FakeNetlink:
         ns = self.namespaces[ns_key]
         if ifname in ns.links:
             raise DatapathError(f"{ifname} already exists")
-        link = FakeLink(
-            ifname=ifname, ifindex=ns.next_index, kind=kind, mac=_mac(f"{ns_key}/{ifname}/{ns.next_index}")
-        )
+        link = FakeLink(ifname=ifname, ifindex=ns.next_index, kind=kind, mac=_mac(f"{ns_key}/{ifname}/{ns.next_index}"))
         link.mtu = mtu
         ns.next_index += 1
         ns.links[ifname] = link
@@ -175,9 +171,7 @@ class FakeNetlink:
                 self._delete_link(NODE, spec.host_ifname)
         if fresh:
             if spec.ifname in pod.links:
-                raise DatapathError(
-                    f"{spec.ifname} already exists in {spec.netns} and is not this endpoint's veth"
-                )
+                raise DatapathError(f"{spec.ifname} already exists in {spec.netns} and is not this endpoint's veth")
             host = self._new_link(NODE, spec.host_ifname, "veth", spec.mtu)
             peer = self._new_link(spec.netns, spec.ifname, "veth", spec.mtu)
             host.peer, peer.peer = (spec.netns, spec.ifname), (NODE, spec.host_ifname)
@@ -200,9 +194,7 @@ class FakeNetlink:
         pod.routes.add(FakeRoute(IPv4Network(f"{spec.router_ip}/32"), spec.ifname, scope="link"))
         pod.routes.add(FakeRoute(IPv4Network("0.0.0.0/0"), spec.ifname, gateway=spec.router_ip))
         pod.neighbours[(spec.router_ip, spec.ifname)] = host.mac
-        node.routes = {
-            r for r in node.routes if not (r.ifname == spec.host_ifname and r.proto == RTPROT_MEMBRANE)
-        }
+        node.routes = {r for r in node.routes if not (r.ifname == spec.host_ifname and r.proto == RTPROT_MEMBRANE)}
         node.routes.add(FakeRoute(IPv4Network(f"{spec.pod_ip}/32"), spec.host_ifname, scope="link"))
         return AttachedEndpoint(
             container_id=spec.container_id,
@@ -232,9 +224,7 @@ class FakeNetlink:
         if not host.up:
             problems.append(f"host veth {spec.host_ifname} is down")
         if FakeRoute(IPv4Network(f"{spec.pod_ip}/32"), spec.host_ifname, scope="link") not in node.routes:
-            problems.append(
-                f"route {spec.pod_ip}/32 dev {spec.host_ifname} proto {RTPROT_MEMBRANE} is missing"
-            )
+            problems.append(f"route {spec.pod_ip}/32 dev {spec.host_ifname} proto {RTPROT_MEMBRANE} is missing")
         pod = self.namespaces.get(spec.netns)
         if pod is None:
             problems.append(f"network namespace {spec.netns} does not exist")
@@ -248,9 +238,7 @@ class FakeNetlink:
                 problems.append(f"{spec.ifname} has MTU {peer.mtu}, expected {spec.mtu}")
             if (spec.pod_ip, 32) not in peer.addresses:
                 problems.append(f"address {spec.pod_ip}/32 is missing on {spec.ifname}")
-            if not any(
-                r.dst == IPv4Network(f"{spec.router_ip}/32") and r.ifname == spec.ifname for r in pod.routes
-            ):
+            if not any(r.dst == IPv4Network(f"{spec.router_ip}/32") and r.ifname == spec.ifname for r in pod.routes):
                 problems.append(f"route {spec.router_ip} dev {spec.ifname} scope link is missing")
             if not any(r.dst.prefixlen == 0 and r.gateway == spec.router_ip for r in pod.routes):
                 problems.append(f"default route via {spec.router_ip} is missing")
@@ -259,9 +247,7 @@ class FakeNetlink:
 
     async def list_owned(self) -> OwnedEndpoints:
         links = {
-            name: link
-            for name, link in self.node.links.items()
-            if is_endpoint_ifname(name) and link.kind == "veth"
+            name: link for name, link in self.node.links.items() if is_endpoint_ifname(name) and link.kind == "veth"
         }
         routes = [
             OwnedRoute(dst=r.dst, ifname=r.ifname, ifindex=links[r.ifname].ifindex)

@@ -43,13 +43,7 @@ def is_endpoint_ifname(name: str) -> bool:
 
 
 def _check_ifname(name: str, what: str) -> str | None:
-    if (
-        not name
-        or len(name) >= IFNAMSIZ
-        or "/" in name
-        or name in (".", "..")
-        or any(c.isspace() for c in name)
-    ):
+    if not name or len(name) >= IFNAMSIZ or "/" in name or name in (".", "..") or any(c.isspace() for c in name):
         return f"{what}: {name!r} is not a valid interface name (1-15 characters, no '/' or spaces)"
     return None
 

@@ -55,9 +55,7 @@ IFF_UP = 0x1
 LOOPBACK_IFINDEX = 1  # the loopback device has index 1 in every namespace
 IN6_ADDR_GEN_MODE_NONE = 1
 # Pods are IPv4-only: no link-local IPv6 address on either veth end, so no DAD/RS/MLD chatter.
-_NO_IPV6_ADDRESS = {
-    "attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]
-}
+_NO_IPV6_ADDRESS = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]}
 
 RTNL = Any  # pyroute2 has no type hints
 
@@ -235,9 +233,7 @@ class PyrouteNetlink:
                 if (address, prefixlen) != (spec.pod_ip, 32):
                     await pod.addr("del", index=pod_index, address=str(address), prefixlen=prefixlen)
         await pod.addr("replace", index=pod_index, address=str(spec.pod_ip), prefixlen=32)
-        await pod.route(
-            "replace", dst=f"{router}/32", oif=pod_index, scope=RT_SCOPE_LINK, proto=RTPROT_MEMBRANE
-        )
+        await pod.route("replace", dst=f"{router}/32", oif=pod_index, scope=RT_SCOPE_LINK, proto=RTPROT_MEMBRANE)
         await pod.neigh("replace", dst=router, lladdr=host_mac, ifindex=pod_index, state=NUD_PERMANENT)
         await pod.route("replace", dst="0.0.0.0/0", gateway=router, oif=pod_index, proto=RTPROT_MEMBRANE)
 
@@ -255,9 +251,7 @@ class PyrouteNetlink:
                         scope=route["scope"],
                         proto=RTPROT_MEMBRANE,
                     )
-        await node.route(
-            "replace", dst=f"{spec.pod_ip}/32", oif=host_index, scope=RT_SCOPE_LINK, proto=RTPROT_MEMBRANE
-        )
+        await node.route("replace", dst=f"{spec.pod_ip}/32", oif=host_index, scope=RT_SCOPE_LINK, proto=RTPROT_MEMBRANE)
         return AttachedEndpoint(
             container_id=spec.container_id,
             host_ifname=spec.host_ifname,
@@ -285,20 +279,14 @@ class PyrouteNetlink:
         async with self._rtnl(self._node_netns) as node:
             host = await _get_link(node, spec.host_ifname)
             if host is None:
-                raise DatapathError(
-                    f"endpoint {spec.container_id[:12]}: host veth {spec.host_ifname} is missing"
-                )
+                raise DatapathError(f"endpoint {spec.container_id[:12]}: host veth {spec.host_ifname} is missing")
             if not host["flags"] & IFF_UP:
                 problems.append(f"host veth {spec.host_ifname} is down")
             host_routes = [
-                r
-                for r in await _ipv4_routes(node)
-                if r.get("oif") == host["index"] and r["proto"] == RTPROT_MEMBRANE
+                r for r in await _ipv4_routes(node) if r.get("oif") == host["index"] and r["proto"] == RTPROT_MEMBRANE
             ]
             if not any(_route_dst(r) == IPv4Network(f"{spec.pod_ip}/32") for r in host_routes):
-                problems.append(
-                    f"route {spec.pod_ip}/32 dev {spec.host_ifname} proto {RTPROT_MEMBRANE} is missing"
-                )
+                problems.append(f"route {spec.pod_ip}/32 dev {spec.host_ifname} proto {RTPROT_MEMBRANE} is missing")
         if os.path.exists(spec.netns):
             problems.extend(await self._check_container(spec, host))
         else:
@@ -321,13 +309,11 @@ class PyrouteNetlink:
                 problems.append(f"address {spec.pod_ip}/32 is missing on {spec.ifname}")
             routes = [r for r in await _ipv4_routes(pod) if r.get("oif") == index]
             if not any(
-                _route_dst(r) == IPv4Network(f"{spec.router_ip}/32") and r["scope"] == RT_SCOPE_LINK
-                for r in routes
+                _route_dst(r) == IPv4Network(f"{spec.router_ip}/32") and r["scope"] == RT_SCOPE_LINK for r in routes
             ):
                 problems.append(f"route {spec.router_ip} dev {spec.ifname} scope link is missing")
             if not any(
-                _route_dst(r) == IPv4Network("0.0.0.0/0") and r.get("gateway") == str(spec.router_ip)
-                for r in routes
+                _route_dst(r) == IPv4Network("0.0.0.0/0") and r.get("gateway") == str(spec.router_ip) for r in routes
             ):
                 problems.append(f"default route via {spec.router_ip} is missing")
         return problems
@@ -345,9 +331,7 @@ class PyrouteNetlink:
                 if r["proto"] == RTPROT_MEMBRANE and r.get("oif") in links
             ]
         return OwnedEndpoints(
-            links=tuple(
-                sorted((OwnedLink(ifname=n, ifindex=i) for i, n in links.items()), key=lambda x: x.ifname)
-            ),
+            links=tuple(sorted((OwnedLink(ifname=n, ifindex=i) for i, n in links.items()), key=lambda x: x.ifname)),
             routes=tuple(sorted(routes, key=lambda r: (r.ifname, int(r.dst.network_address)))),
         )
 

@@ -50,9 +50,7 @@ class FakeNftRunner:
                 state = op.ruleset
             else:
                 if state is None or (state.family, state.table) != (transaction.family, transaction.table):
-                    raise DatapathError(
-                        f"nft: Error: {ENOENT} (table {transaction.family} {transaction.table})"
-                    )
+                    raise DatapathError(f"nft: Error: {ENOENT} (table {transaction.family} {transaction.table})")
                 state = _apply_elements(state, op)
         self.ruleset = state
         self.applied.append(transaction)
@@ -72,9 +70,7 @@ def _apply_elements(state: Ruleset, op: AddElements | DeleteElements) -> Ruleset
         maps[op.name] = _map_op(maps[op.name], op)
     else:
         raise DatapathError(f"nft: Error: {ENOENT} (set {op.name})")
-    return replace(
-        state, sets=tuple(sets[s.name] for s in state.sets), maps=tuple(maps[m.name] for m in state.maps)
-    )
+    return replace(state, sets=tuple(sets[s.name] for s in state.sets), maps=tuple(maps[m.name] for m in state.maps))
 
 
 def _set_op(s: Set, op: AddElements | DeleteElements) -> Set:

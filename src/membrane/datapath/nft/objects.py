@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
 
 Key = tuple[str, ...]
-KeyPart = int | str | IPv4Address | IPv4Network | tuple[int, int]
+KeyPart = int | str | IPv4Address | IPv4Network | tuple[int, int] | tuple[IPv4Address, IPv4Address]
 
 ChainType = Literal["filter", "nat", "route"]
 Hook = Literal["prerouting", "input", "forward", "output", "postrouting"]
@@ -48,7 +48,8 @@ def _check_name(name: str, what: str) -> None:
 
 
 def token(part: KeyPart) -> str:
-    """One element component as canonical nft text."""
+    """One element component as canonical nft text. A tuple is an inclusive range; give aligned
+    address ranges as IPv4Network (nft prints them as prefixes)."""
     if isinstance(part, bool):
         raise TypeError("booleans are not nft values")
     if isinstance(part, int):

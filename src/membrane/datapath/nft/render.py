@@ -58,9 +58,7 @@ def _chain(c: Chain) -> list[str]:
     lines = [f"{INDENT}chain {c.name} {{"]
     if c.base is not None:
         b = c.base
-        lines.append(
-            f"{INDENT * 2}type {b.type} hook {b.hook} priority {b.render_priority()}; policy {b.policy};"
-        )
+        lines.append(f"{INDENT * 2}type {b.type} hook {b.hook} priority {b.render_priority()}; policy {b.policy};")
     if c.comment:
         lines.append(f"{INDENT * 2}comment {_quote(c.comment)}")
     for rule in c.rules:

@@ -173,11 +173,7 @@ def parse_table_json(data: dict[str, Any], family: str, table: str, resolve: Res
     raw_maps: dict[str, tuple[tuple[str, ...], str, list[tuple[list[Any], Any]]]] = {}
     for item in data.get("nftables", []):
         kind, obj = next(iter(item.items()))
-        if (
-            not isinstance(obj, dict)
-            or obj.get("family") != family
-            or obj.get("table", obj.get("name")) != table
-        ):
+        if not isinstance(obj, dict) or obj.get("family") != family or obj.get("table", obj.get("name")) != table:
             continue
         if kind == "chain":
             chains.add(obj["name"])
@@ -201,9 +197,7 @@ def parse_table_json(data: dict[str, Any], family: str, table: str, resolve: Res
     sets = {name: frozenset(canonical(types, k) for k in keys) for name, (types, keys) in raw_sets.items()}
     maps = {
         name: {
-            canonical(types, k): _verdict(v)
-            if value_type == "verdict"
-            else _component(value_type, v, ifindex)
+            canonical(types, k): _verdict(v) if value_type == "verdict" else _component(value_type, v, ifindex)
             for k, v in pairs
         }
         for name, (types, value_type, pairs) in raw_maps.items()
