@@ -24,7 +24,8 @@ def membrane(env: dict[str, str], *args: str, check: bool = True) -> subprocess.
 
 def test_lab_up_demo_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     name = "t" + "".join(random.choices(string.ascii_lowercase + string.digits, k=7))
-    env = {**os.environ, "MEMBRANE_LAB_STATE_DIR": str(tmp_path / "state"), "MEMBRANE_LAB_RUN_DIR": str(tmp_path / "run")}
+    env = {**os.environ, "MEMBRANE_LAB_STATE_DIR": str(tmp_path / "state"),
+           "MEMBRANE_LAB_RUN_DIR": str(tmp_path / "run")}
     env.pop("MEMBRANE_STORE", None)
     try:
         up = membrane(env, "lab", "up", "--nodes", "1", "--name", name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -76,13 +77,23 @@ def workdir() -> Iterator[Path]:
 async def podman(node: AgentNode, workdir: Path) -> AsyncIterator[Podman]:
     """A private podman running inside the node's namespace; its containers go before the node does."""
     conf = membrane_conflist(NETWORK, agent_socket=node.socket, del_queue_dir=node.run_dir / "cni-del-queue")
-    async with podman_session(workdir / "podman", [conf], plugin_dirs=[VENV_BIN],
-                              launcher=("nsenter", f"--net={node.node.path}")) as session:
+    async with podman_session(
+        workdir / "podman", [conf], plugin_dirs=[VENV_BIN], launcher=("nsenter", f"--net={node.node.path}")
+    ) as session:
         yield session
 
 
 def node_links(node: AgentNode) -> list[str]:
     return [link["ifname"] for link in json.loads(node.node.run("ip", "-j", "link", "show").stdout)]
+
+
+def root_links() -> list[str]:
+    return [
+        link["ifname"]
+        for link in json.loads(
+            subprocess.run(["ip", "-j", "link", "show"], check=True, capture_output=True, text=True).stdout
+        )
+    ]
 
 
 def endpoint_line(node: AgentNode, ip: str) -> str | None:
@@ -100,7 +111,7 @@ async def test_podman_container_on_the_membrane_network_serves_a_pod_until_remov
     node: AgentNode, podman: Podman, workdir: Path
 ) -> None:
     rootfs = build_busybox_rootfs(workdir / "rootfs", {"www/index.html": PAGE})
-    name = f"pmweb{workdir.name.rsplit('-', 1)[-1]}"
+    name = f"pmweb{workdir.name[-8:]}"
     cid = await podman.run_detached(NETWORK, rootfs, "/bin/httpd", "-f", "-p", "80", "-h", "/www", name=name)
 
     info = await podman.inspect(cid)
@@ -118,6 +129,7 @@ async def test_podman_container_on_the_membrane_network_serves_a_pod_until_remov
     assert line is not None and "ready" in line and f"default/{name}" in line, line
     veth = endpoint_ifname(cid)
     assert veth in node_links(node)
+    assert veth not in root_links()
     assert libcni_results(cid), "libcni cached no result for the container"
 
     # A pod of the built-in runner fetches the container's page over HTTP.
@@ -125,8 +137,9 @@ async def test_podman_container_on_the_membrane_network_serves_a_pod_until_remov
 
     def fetch() -> str:
         # Python, not busybox wget: the host's static busybox wget crashes on this platform.
-        result = node.membrane("pod", "exec", "default/client", "--", sys.executable, "-c", FETCH, f"http://{ip}/",
-                               check=False)
+        result = node.membrane(
+            "pod", "exec", "default/client", "--", sys.executable, "-c", FETCH, f"http://{ip}/", check=False
+        )
         return result.stdout if result.returncode == 0 else ""
 
     assert wait_until(fetch, timeout=15, interval=0.2, what="the container's httpd to answer") == PAGE
@@ -139,3 +152,24 @@ async def test_podman_container_on_the_membrane_network_serves_a_pod_until_remov
     assert not netns.exists()
     assert libcni_results(cid) == []
     assert "cni DEL container=" + cid in node.log.read_text()
+
+
+async def test_podman_rm_while_the_agent_is_down_succeeds_and_the_agent_cleans_up_at_start(
+    node: AgentNode, podman: Podman, workdir: Path
+) -> None:
+    rootfs = build_busybox_rootfs(workdir / "rootfs")
+    cid = await podman.run_detached(NETWORK, rootfs, "/bin/sleep", "3600", name=f"pmsleep{workdir.name[-8:]}")
+    ip = (await podman.inspect(cid))["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
+    assert endpoint_line(node, ip) is not None
+
+    node.kill()
+    await podman.rm(cid)  # raises when podman reports the DEL as failed
+    queued = node.run_dir / "cni-del-queue" / f"{cid}@eth0.json"
+    assert queued.is_file()
+    assert libcni_results(cid) == []
+
+    node.start()
+    wait_until(lambda: not queued.exists(), timeout=15, what="the queued DEL to be replayed")
+    assert endpoint_line(node, ip) is None
+    assert f"{ip}/32" not in node.membrane("ip", "list").stdout
+    assert endpoint_ifname(cid) not in node_links(node)

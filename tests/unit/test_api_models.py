@@ -278,3 +278,31 @@ def test_resource_names_for_output() -> None:
     assert lookup_kind("cnp").resource == "ciliumnetworkpolicy.cilium.io"
     assert lookup_kind("netpol").resource == "networkpolicy.networking.k8s.io"
     assert lookup_kind("ippools").api_versions == ("cilium.io/v2", "cilium.io/v2alpha1")
+
+
+def test_yaml_anchors_and_merge_keys_work() -> None:
+    (a, b) = parse_manifest_text(
+        """
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: a
+    labels: &labels {app: web, tier: front}
+  spec:
+    containers: [&c {name: c, command: [sleep, "1"]}]
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: b
+    labels:
+      <<: *labels
+      tier: back
+  spec:
+    containers: [*c]
+"""
+    )
+    assert a.labels == {"app": "web", "tier": "front"}
+    assert b.labels == {"app": "web", "tier": "back"}

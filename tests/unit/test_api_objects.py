@@ -328,3 +328,19 @@ async def test_applying_default_namespace_updates_the_implicit_one(client: Objec
     stored = await client.get("ns", None, "default")
     assert stored.labels == {"env": "dev", "kubernetes.io/metadata.name": "default"}
     assert stored.metadata.uid is not None
+
+
+async def test_objects_built_in_code_are_checked_too(client: ObjectClient, store: MemoryStore) -> None:
+    nameless = k8s.Pod(apiVersion="v1", spec=k8s.PodSpec(containers=(k8s.Container(name="c"),)))
+    bad_port = k8s.Pod(
+        apiVersion="v1",
+        metadata={"name": "p"},  # type: ignore[arg-type]
+        spec=k8s.PodSpec(containers=(k8s.Container(name="c", ports=(k8s.ContainerPort(containerPort=0),)),)),
+    )
+    with pytest.raises(ApplyRejected) as caught:
+        await client.apply([nameless, bad_port])
+    assert caught.value.problems == [
+        "Pod/: metadata.name: required value",
+        "Pod/p: spec.containers[0].ports[0].containerPort: invalid value 0: must be between 1 and 65535, inclusive",
+    ]
+    assert await store.revision() == 1

@@ -489,3 +489,40 @@ def test_get_output_applies_back_unchanged(cluster: Cluster) -> None:
         reapplied = cluster.run("apply", "-f", "-", input=listed.stdout)
         assert reapplied.exit_code == 0, reapplied.output
         assert reapplied.stdout and all(line.endswith(" unchanged") for line in reapplied.stdout.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (-5, "<invalid>"),
+        (-1, "0s"),
+        (59, "59s"),
+        (119, "119s"),
+        (120, "2m"),
+        (185, "3m5s"),
+        (600, "10m"),
+        (179 * 60, "179m"),
+        (3 * 3600, "3h"),
+        (7 * 3600 + 59 * 60, "7h59m"),
+        (8 * 3600, "8h"),
+        (47 * 3600, "47h"),
+        (48 * 3600, "2d"),
+        (7 * 86400 + 23 * 3600, "7d23h"),
+        (8 * 86400, "8d"),
+        (2 * 365 * 86400 + 86400, "2y1d"),
+        (9 * 365 * 86400, "9y"),
+    ],
+)
+def test_age_is_rendered_like_kubectl(seconds: int, shown: str) -> None:
+    from membrane.cli.printers import human_duration
+
+    assert human_duration(seconds) == shown
+
+
+def test_table_printer_pads_like_kubectl_tabwriter() -> None:
+    from membrane.cli.printers import format_table
+
+    assert format_table(["NAME", "IP", "X"], [["a", "10.0.0.1", "y"], ["long-name", "-", ""]]) == (
+        "NAME        IP         X\na           10.0.0.1   y\nlong-name   -          \n"
+    )
+    assert format_table(["A", "B"], [["x", "y"]]) == "A     B\nx     y\n"

@@ -1208,5 +1208,4 @@ __all__ = [
     "PortRuleHTTP",
     "Rule",
     "parse_port",
-    "quote",
 ]

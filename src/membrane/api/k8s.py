@@ -20,7 +20,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, JsonValue, PlainValidator, model_validator
 
 from membrane.api.meta import (
-    AnnotationMap,
     ApiObject,
     Bool,
     CIDRString,
@@ -596,7 +595,6 @@ class NetworkPolicy(ApiObject):
 __all__ = [
     "NAMESPACE_NAME_LABEL",
     "NODE_PORT_RANGE",
-    "AnnotationMap",
     "Container",
     "ContainerPort",
     "ContainerStatus",

@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from membrane.api import k8s
-from membrane.api.meta import ApiObject, ObjectMeta, label_key_error, label_value_error, quote
+from membrane.api.meta import ApiObject, ObjectMeta, collect_problems, label_key_error, label_value_error, quote
 from membrane.api.registry import KINDS, KindInfo, ObjectInvalid, ObjectRef, kind_info, lookup_kind, validate_object
 from membrane.core.errors import CompareFailed, InvalidInput, MembraneError, NotFound, StoreError
 from membrane.store import keys
@@ -306,7 +306,7 @@ class ObjectClient:
     async def apply(self, objects: Sequence[ApiObject]) -> builtins.list[ApplyResult]:
         """Create or update every object in one transaction, or nothing (:class:`ApplyRejected`)."""
         objects = [self._normalized(obj) for obj in objects]
-        self._reject_duplicates(objects)
+        self._check(objects)
         for _ in range(MAX_ATTEMPTS):
             plan, results = await self._plan_apply(objects)
             if not plan.ops:
@@ -330,11 +330,13 @@ class ObjectClient:
         return _forced_labels(obj)
 
     @staticmethod
-    def _reject_duplicates(objects: Sequence[ApiObject]) -> None:
+    def _check(objects: Sequence[ApiObject]) -> None:
+        """The cross-field rules (objects built in code skip them otherwise) and duplicates."""
         seen: set[ObjectRef] = set()
-        rejections = []
+        rejections: builtins.list[Rejection] = []
         for index, obj in enumerate(objects):
             ref = ObjectRef.of(obj)
+            rejections.extend(Rejection(index, ref, f"{path}: {message}") for path, message in collect_problems(obj))
             if ref in seen:
                 rejections.append(Rejection(index, ref, "given more than once in one apply"))
             seen.add(ref)
@@ -362,10 +364,10 @@ class ObjectClient:
             plan.compare(ref.key, kv)
             if kv is None and _is_default_namespace(ref):
                 # `default` exists even when no object for it is stored: applying it is an update.
-                created = self._created(obj)
-                if _declared(created) == _declared(default_namespace()):
+                if _declared(obj) == _declared(default_namespace()):
                     results.append(ApplyResult(ref, "unchanged", default_namespace()))
                 else:
+                    created = self._created(obj)
                     plan.ops.append(Put(ref.key, encode(created)))
                     results.append(ApplyResult(ref, "configured", created))
                 continue

@@ -7,7 +7,6 @@ reply, or a one-line reason when there is none.
 
 from __future__ import annotations
 
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -50,7 +49,7 @@ def request(method: str, url: str, timeout: float = 3.0) -> int:
             sys.stdout.write(reply.read().decode())
     except urllib.error.HTTPError as exc:
         sys.stdout.write(exc.read().decode() or f"HTTP {exc.code}\n")
-    except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
         sys.stdout.write(f"no reply: {reason}\n")
         return 1
