@@ -25,7 +25,6 @@ from typing import Any
 
 from bench.harness import BenchContext, Skip
 from bench.netpath import membrane_argv
-
 from membrane.core.errors import MembraneError
 from membrane.lab import Lab
 
