@@ -51,9 +51,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
     try:
         cluster = await ensure_cluster_config(store, config.cluster)
         registration = NodeRegistration(store, config, cluster)
-        node = await registration.register()
-        log.info("node %s: %s on %s, pod CIDR %s, pod MTU %d", node.name, node.uplink.address,
-                 node.uplink.device, node.pod_cidr, node.pod_mtu)
+        await registration.start()
 
         intent = Intent(cluster_name=cluster.clusterName)
         changed = asyncio.Event()
@@ -65,10 +63,18 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
             intent.apply(prefix, first.events)
             lifecycle.start(f"intent {prefix}", functools.partial(_follow, intent, prefix, subscription, changed))
 
+        # The operator role may be ours: run it before waiting for the pod CIDR it hands out.
+        identities = IdentityAllocator(store)
+        operator = Operator(store, registration.name, lambda: registration.lease, intent, identities, cluster)
+        lifecycle.start("operator", operator.run)
+        lifecycle.start("heartbeat", registration.run_heartbeats)
+        node = await registration.wait_for_pod_cidr()
+        log.info("node %s: %s on %s, pod CIDR %s, pod MTU %d", node.name, node.uplink.address,
+                 node.uplink.device, node.pod_cidr, node.pod_mtu)
+
         context = NodeContext(node.name, node.uplink.address, node.pod_cidr, node.router_ip, node.pod_mtu)
         datapath = NodeDatapath(context)
         await datapath.start()
-        identities = IdentityAllocator(store)
         endpoints = EndpointManager(store, context, datapath.wiring, identities, intent,
                                     lambda: datapath.sync(endpoints.ready_records()))
         await endpoints.restore()
@@ -81,7 +87,6 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         pruned = await runner.prune_foreign_netns()
         if pruned:
             log.info("removed orphaned pod namespaces: %s", ", ".join(pruned))
-        operator = Operator(store, node.name, lambda: registration.lease, intent, identities)
         started = time.time()
 
         def status() -> dict[str, Any]:
@@ -123,9 +128,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
                 changed.clear()
                 runner.wake.clear()
 
-        lifecycle.start("heartbeat", registration.run_heartbeats)
         lifecycle.start("pod-runner", reconcile_pods)
-        lifecycle.start("operator", operator.run)
         log.info("agent ready: API on %s", config.api_socket)
         if ready is not None:
             ready.set()

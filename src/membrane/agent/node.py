@@ -15,12 +15,12 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 
 from membrane.core.config import AgentConfig, ClusterConfig
 from membrane.core.errors import InvalidInput, MembraneError
-from membrane.ipam.controller import claim_node_cidr
 from membrane.ipam.pool import router_ip
 from membrane.store import keys
 from membrane.store.base import Compare, LeaseNotFound, Put, Store
@@ -87,53 +87,83 @@ class NodeInfo:
 
 
 class NodeRegistration:
+    """Registers this node: heartbeat lease first, then the CiliumNode object, then its pod CIDR.
+
+    The pod CIDR is allocated by whichever agent holds the operator role (possibly this one), so
+    :meth:`wait_for_pod_cidr` waits until the node object carries it.
+    """
+
     def __init__(self, store: Store, config: AgentConfig, cluster: ClusterConfig) -> None:
         self._store = store
         self._config = config
         self._cluster = cluster
         self._lease = 0
+        self._uplink: Uplink | None = None
         self.info: NodeInfo | None = None
         self.last_heartbeat = 0.0
 
-    async def register(self) -> NodeInfo:
-        uplink = await asyncio.to_thread(detect_uplink, self._config)
-        cidr = await claim_node_cidr(self._store, self._config.nodeName, self._cluster)
-        overhead = VXLAN_OVERHEAD if self._cluster.routingMode == "vxlan" else 0
-        mtu = self._config.mtu or uplink.mtu - overhead
-        self.info = NodeInfo(self._config.nodeName, uplink, cidr, router_ip(cidr), mtu)
-        await self._write_node_object()
+    @property
+    def name(self) -> str:
+        return self._config.nodeName
+
+    @property
+    def key(self) -> str:
+        return keys.object_key("ciliumnodes", None, self.name)
+
+    async def start(self) -> Uplink:
+        self._uplink = await asyncio.to_thread(detect_uplink, self._config)
         await self.heartbeat()
+        await self.update_node_object()
+        return self._uplink
+
+    async def wait_for_pod_cidr(self, timeout: float = 60.0) -> NodeInfo:
+        assert self._uplink is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while True:
+            kv = await self._store.get(self.key)
+            cidrs = ((json.loads(kv.value).get("spec") or {}).get("ipam") or {}).get("podCIDRs") if kv else None
+            if cidrs:
+                break
+            if time.monotonic() > deadline:
+                raise MembraneError(f"node {self.name} got no pod CIDR within {timeout:g}s: is an operator running?")
+            await asyncio.sleep(0.05)
+        cidr = ipaddress.IPv4Network(cidrs[0])
+        overhead = VXLAN_OVERHEAD if self._cluster.routingMode == "vxlan" else 0
+        mtu = self._config.mtu or self._uplink.mtu - overhead
+        self.info = NodeInfo(self.name, self._uplink, cidr, router_ip(cidr), mtu)
+        await self.update_node_object()
         return self.info
 
-    async def _write_node_object(self) -> None:
-        assert self.info is not None
-        key = keys.object_key("ciliumnodes", None, self.info.name)
-        for _ in range(8):
-            kv = await self._store.get(key)
-            obj = json.loads(kv.value) if kv else {
+    async def update_node_object(self, **status: Any) -> None:
+        """Write this node's addresses and agent status; keep what the operator and others wrote."""
+        assert self._uplink is not None
+        for _ in range(16):
+            kv = await self._store.get(self.key)
+            obj: dict[str, Any] = json.loads(kv.value) if kv else {
                 "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
-                "metadata": {"name": self.info.name, "uid": str(uuid.uuid4()),
+                "metadata": {"name": self.name, "uid": str(uuid.uuid4()),
                              "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "generation": 1},
             }
-            obj["spec"] = {
-                "addresses": [{"type": "InternalIP", "ip": str(self.info.uplink.address)}],
-                "ipam": {"podCIDRs": [str(self.info.pod_cidr)]},
-            }
-            obj["status"] = {"routing": self._cluster.routingMode, "mtu": self.info.pod_mtu,
-                             "device": self.info.uplink.device, "agentPID": os.getpid(),
-                             "agentStarted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            result = await self._store.txn([Compare(key, kv.mod_revision if kv else 0)],
-                                           [Put(key, json.dumps(obj).encode())])
+            spec = obj.setdefault("spec", {})
+            spec["addresses"] = [{"type": "InternalIP", "ip": str(self._uplink.address)}]
+            spec.setdefault("ipam", {})
+            node_status = obj.setdefault("status", {})
+            node_status.update({"routing": self._cluster.routingMode, "device": self._uplink.device,
+                                "agentPID": os.getpid(), **status})
+            if self.info is not None:
+                node_status["mtu"] = self.info.pod_mtu
+            result = await self._store.txn([Compare(self.key, kv.mod_revision if kv else 0)],
+                                           [Put(self.key, json.dumps(obj).encode())])
             if result.succeeded:
                 return
-        raise MembraneError(f"could not write node object {key}")
+        raise MembraneError(f"could not write node object {self.key}")
 
     async def heartbeat(self) -> None:
         """Keep the lease alive and stamp the heartbeat key; re-create both if the lease was lost."""
-        assert self.info is not None
+        assert self._uplink is not None
         now = time.time()
-        payload = json.dumps({"time": now, "nodeIP": str(self.info.uplink.address)}).encode()
+        payload = json.dumps({"time": now, "nodeIP": str(self._uplink.address)}).encode()
         if self._lease:
             try:
                 await self._store.keepalive(self._lease)
@@ -142,7 +172,7 @@ class NodeRegistration:
                 self._lease = 0
         if not self._lease:
             self._lease = await self._store.grant_lease(self._config.heartbeatTTL)
-        await self._store.put(keys.heartbeat_key(self.info.name), payload, lease=self._lease)
+        await self._store.put(keys.heartbeat_key(self.name), payload, lease=self._lease)
         self.last_heartbeat = now
 
     @property

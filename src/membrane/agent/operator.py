@@ -4,7 +4,9 @@ The role is a store key bound to the holder's heartbeat lease, created only if a
 holder dies its lease expires, the key goes with it, and the next agent to look takes the role —
 so the role moves within one lease TTL.
 
-Tasks: place pods that name no node (fewest pods first), and collect identities no endpoint uses.
+Tasks: give every node a pod CIDR, place pods that name no node (fewest pods first), forget
+nodes that were removed (their CIDR claim, endpoints and addresses), and collect identities no
+endpoint uses.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 from membrane.agent.intent import Intent
-from membrane.core.errors import CompareFailed
+from membrane.core.config import ClusterConfig
+from membrane.core.errors import CompareFailed, MembraneError
 from membrane.identity.allocator import IdentityAllocator
+from membrane.ipam.controller import claim_node_cidr, node_cidrs
 from membrane.store import keys
-from membrane.store.base import Compare, Put, Store
+from membrane.store.base import Compare, Delete, Put, Store
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,10 @@ class Operator:
         lease: Callable[[], int],
         intent: Intent,
         identities: IdentityAllocator,
+        cluster: ClusterConfig,
         gc_interval: float = 60.0,
     ) -> None:
+        self._cluster = cluster
         self._store = store
         self._node = node_name
         self._lease = lease
@@ -72,6 +78,8 @@ class Operator:
     async def run(self) -> None:
         while True:
             if await self.try_acquire():
+                await self.allocate_node_cidrs()
+                await self.forget_removed_nodes()
                 await self.schedule_pending_pods()
                 if time.monotonic() - self._last_gc > self._gc_interval:
                     self._last_gc = time.monotonic()
@@ -81,6 +89,46 @@ class Operator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=1.0)
             self.wake.clear()
+
+    async def _node_objects(self) -> dict[str, tuple[dict[str, Any], int]]:
+        kvs, _ = await self._store.list(keys.objects_prefix("ciliumnodes"))
+        return {kv.key.rsplit("/", 1)[1]: (json.loads(kv.value), kv.mod_revision) for kv in kvs}
+
+    async def allocate_node_cidrs(self) -> None:
+        """Every node object without a pod CIDR gets one (claimed by compare-and-swap)."""
+        for name, (obj, revision) in (await self._node_objects()).items():
+            ipam = (obj.get("spec") or {}).get("ipam") or {}
+            if ipam.get("podCIDRs"):
+                continue
+            try:
+                cidr = await claim_node_cidr(self._store, name, self._cluster)
+            except MembraneError as exc:
+                log.error("cannot give node %s a pod CIDR: %s", name, exc)
+                continue
+            obj.setdefault("spec", {}).setdefault("ipam", {})["podCIDRs"] = [str(cidr)]
+            key = keys.object_key("ciliumnodes", None, name)
+            if (await self._store.txn([Compare(key, revision)], [Put(key, json.dumps(obj).encode())])).succeeded:
+                log.info("node %s: pod CIDR %s", name, cidr)
+
+    async def forget_removed_nodes(self) -> None:
+        """A node whose object was deleted loses its CIDR claim, its endpoint records and their addresses."""
+        nodes = await self._node_objects()
+        for cidr, owner in (await node_cidrs(self._store)).items():
+            if owner not in nodes:
+                log.info("node %s was removed: releasing %s", owner, cidr)
+                await self._store.delete(keys.pod_cidr_key(cidr))
+        endpoints, _ = await self._store.list(keys.ENDPOINTS)
+        ips = {kv.value.decode(): kv for kv in (await self._store.list(keys.POD_IPS))[0]}
+        for kv in endpoints:
+            node = kv.key.removeprefix(keys.ENDPOINTS).split("/", 1)[0]
+            if node in nodes:
+                continue
+            ops: list[Put | Delete] = [Delete(kv.key)]
+            compares = [Compare(kv.key, kv.mod_revision)]
+            if (ip_kv := ips.get(kv.key)) is not None:
+                ops.append(Delete(ip_kv.key))
+                compares.append(Compare(ip_kv.key, ip_kv.mod_revision))
+            await self._store.txn(compares, ops)
 
     async def ready_nodes(self) -> list[str]:
         kvs, _ = await self._store.list(keys.HEARTBEATS)
