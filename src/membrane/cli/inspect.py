@@ -17,6 +17,7 @@ import click
 
 from membrane.agent.records import EndpointRecord
 from membrane.cli.context import CliContext, pass_cli, run_async
+from membrane.cli.printers import format_table
 from membrane.core.config import DEFAULT_RUN_DIR
 from membrane.core.errors import InvalidInput
 from membrane.identity.allocator import decode_identity
@@ -29,17 +30,7 @@ from membrane.store.base import Store
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
-    """Columns padded to the widest cell; a cell with newlines continues on the following lines."""
-    expanded: list[list[str]] = []
-    for row in rows:
-        cells = [str(c).split("\n") for c in row]
-        height = max((len(c) for c in cells), default=1)
-        for i in range(height):
-            expanded.append([c[i] if i < len(c) else "" for c in cells])
-    widths = [max([len(h)] + [len(r[i]) for r in expanded]) for i, h in enumerate(headers)]
-    lines = ["   ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in expanded]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in format_table(headers, rows).splitlines())
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,15 @@ _PADDING = 3
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Render rows under headers; every line ends with a newline, the last column is not padded."""
-    lines = [list(headers), *[list(row) for row in rows]]
+    """Render rows under headers; every line ends with a newline, the last column is not padded.
+
+    A cell with newlines continues on the following lines (cilium-dbg prints label lists so).
+    """
+    lines = [list(headers)]
+    for row in rows:
+        cells = [str(cell).split("\n") for cell in row]
+        height = max((len(c) for c in cells), default=1)
+        lines += [[c[i] if i < len(c) else "" for c in cells] for i in range(height)]
     columns = max(len(line) for line in lines)
     widths = [
         max(_MIN_WIDTH, max((len(line[i]) for line in lines if i < len(line)), default=0) + _PADDING)

@@ -1,0 +1,68 @@
+"""Inspection output (status, node/endpoint/identity/ip list) from a fixed cluster view."""
+
+import ipaddress
+
+from membrane.agent.records import EndpointRecord
+from membrane.cli.inspect import (
+    ClusterView,
+    NodeView,
+    format_endpoint_list,
+    format_identity_list,
+    format_ip_list,
+    format_node_list,
+    format_status,
+)
+from membrane.identity.labels import parse_labels
+
+WEB = ("k8s:app=web", "k8s:io.kubernetes.pod.namespace=x")
+VIEW = ClusterView(
+    nodes=[NodeView("node1", "172.31.0.11", ["10.244.0.0/24"], "vxlan", True, 1000.0, 1450),
+           NodeView("node2", "172.31.0.12", ["10.244.1.0/24"], "vxlan", False, 900.0, 1450)],
+    endpoints=[EndpointRecord("c1", 1, "node1", "x", "web", "eth0", "/run/netns/a",
+                              ipaddress.IPv4Address("10.244.0.2"), 256, WEB, "runner", "ready")],
+    identities={256: parse_labels(WEB)},
+    revision=42,
+)
+
+
+def test_node_list_shows_health_and_heartbeat_age():
+    assert format_node_list(VIEW, now=1005.0) == (
+        "NAME    IPv4 ADDRESS   POD CIDR        ROUTING   HEALTH     LAST HEARTBEAT\n"
+        "node1   172.31.0.11    10.244.0.0/24   vxlan     Ready      5s ago\n"
+        "node2   172.31.0.12    10.244.1.0/24   vxlan     NotReady   105s ago"
+    )
+
+
+def test_endpoint_list_prints_one_label_per_line():
+    lines = format_endpoint_list(VIEW, None).splitlines()
+    assert lines[0].split() == ["ENDPOINT", "POLICY", "(ingress)", "POLICY", "(egress)", "IDENTITY",
+                                "LABELS", "(source:key[=value])", "IPv6", "IPv4", "STATUS", "NODE", "POD"]
+    assert lines[1].split() == ["1", "Disabled", "Disabled", "256", "k8s:app=web", "10.244.0.2", "ready", "node1",
+                                "x/web"]
+    assert lines[2].strip() == "k8s:io.kubernetes.pod.namespace=x"
+    assert format_endpoint_list(VIEW, "node2").splitlines()[1:] == []
+
+
+def test_identity_list_starts_with_reserved_identities():
+    lines = format_identity_list(VIEW).splitlines()
+    assert lines[1].split() == ["1", "reserved:host"]
+    assert lines[2].split() == ["2", "reserved:world"]
+    assert lines[-2].split() == ["256", "k8s:app=web"]
+
+
+def test_ip_list_view_of_a_node_and_numeric_identities():
+    rows = {line.split()[0]: line.split()[1:] for line in format_ip_list(VIEW, "node1", numeric=False).splitlines()}
+    assert rows["0.0.0.0/0"] == ["reserved:world", "reserved"]
+    assert rows["172.31.0.11/32"] == ["reserved:host", "node"]
+    assert rows["172.31.0.12/32"] == ["reserved:remote-node", "node"]
+    assert rows["10.244.1.1/32"] == ["reserved:remote-node", "node"]  # node2's router IP
+    assert rows["10.244.0.2/32"] == ["k8s:app=web", "custom-resource"]
+    numeric = {line.split()[0]: line.split()[1] for line in format_ip_list(VIEW, "node1", numeric=True).splitlines()}
+    assert numeric["10.244.0.2/32"] == "256"
+
+
+def test_status_without_agent_says_why():
+    text = format_status(VIEW, "sqlite:///s.db", None, "agent not running (socket /run/membrane/agent.sock)", False)
+    assert "KVStore:               Ok   sqlite:///s.db (revision 42)" in text
+    assert "Membrane:              Unavailable   agent not running" in text
+    assert "Cluster health:        1/2 nodes ready" in text
