@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from membrane.core.errors import MembraneError
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,11 @@ class Lifecycle:
                 health.restarts += 1
                 health.last_error = f"{type(exc).__name__}: {exc}"
                 health.last_error_time = time.time()
-                log.exception("task %s failed", name)
+                if isinstance(exc, MembraneError):
+                    # An expected failure (store unreachable, kernel refused): one line is enough.
+                    log.warning("task %s failed, restarting: %s", name, exc)
+                else:
+                    log.exception("task %s failed", name)
                 if not restart:
                     return
             if time.monotonic() - started > 30:
