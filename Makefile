@@ -9,7 +9,7 @@ APT_PACKAGES := nftables iproute2 util-linux procps conntrack podman runc contai
                 busybox-static iperf3 gcc libc6-dev etcd-server etcd-client
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-kernel test-e2e lint demo bench clean
+.PHONY: setup test test-unit test-kernel test-e2e lint demo bench clean protos
 
 setup: .stamp-apt $(VENV)/.stamp-pip
 
@@ -47,6 +47,14 @@ demo: setup
 	@$(VENV)/bin/membrane lab down --name demo >/dev/null 2>&1 || true
 	$(VENV)/bin/membrane lab up --nodes 1 --name demo
 	$(VENV)/bin/membrane --lab demo lab demo starwars
+
+# The observer API's Python modules, generated from proto/ and committed; run after editing a .proto.
+PB := src/membrane/observe/pb
+protos: setup
+	rm -f $(PB)/*/*_pb2*.py $(PB)/*/*_pb2.pyi
+	cd proto && ../$(PY) -m grpc_tools.protoc -I . --python_out=../$(PB) --pyi_out=../$(PB) */*.proto
+	cd proto && ../$(PY) -m grpc_tools.protoc -I . --grpc_python_out=../$(PB) observer/observer.proto peer/peer.proto health/health.proto
+	sed -i -E 's/^from (flow|relay|observer|peer|health) import /from membrane.observe.pb.\1 import /' $(PB)/*/*_pb2*.py $(PB)/*/*_pb2.pyi
 
 bench: setup
 	$(PY) -m bench

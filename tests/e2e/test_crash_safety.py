@@ -42,11 +42,13 @@ async def endpoint_records(store: Store) -> list[EndpointRecord]:
 
 
 async def assert_no_address_twice(store: Store) -> None:
-    records = await endpoint_records(store)
+    # One list of the whole store: records and reservations from the same revision.
+    everything, _ = await store.list(keys.ROOT)
+    records = [EndpointRecord.from_json(kv.value) for kv in everything if kv.key.startswith(keys.ENDPOINTS)]
     counts = Counter(r.ipv4 for r in records)
     assert [ip for ip, n in counts.items() if n > 1] == [], "an address is held by two endpoints"
-    ip_kvs, _ = await store.list(keys.POD_IPS)
-    owners = {kv.key.removeprefix(keys.POD_IPS): kv.value.decode() for kv in ip_kvs}
+    owners = {kv.key.removeprefix(keys.POD_IPS): kv.value.decode() for kv in everything
+              if kv.key.startswith(keys.POD_IPS)}
     for record in records:
         assert owners.get(str(record.ipv4)) == record.key, f"{record.ipv4} is not reserved for {record.key}"
 

@@ -6,6 +6,7 @@ Pods are routed through the node (no bridge): pod → lxc veth → /32 route →
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from membrane.datapath.netlink import (
 from membrane.datapath.nft import NftCommand
 from membrane.datapath.reconcilers import NftReconciler, prune_endpoints
 from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, build_ruleset
-from membrane.testing.netns import Netns, NetnsFactory, missing_binaries
+from membrane.testing.netns import Netns, NetnsFactory, missing_binaries, wait_until
 
 pytestmark = [
     pytest.mark.kernel,
@@ -244,10 +245,21 @@ async def test_prune_removes_orphans_and_nothing_it_does_not_own(node: Node) -> 
     assert ping(kept_pod, str(ROUTER))
 
 
+async def test_the_node_namespace_is_never_wired_as_a_container(node: Node) -> None:
+    spec = replace(node.spec(node.pod_netns(), "10.244.1.71"), netns=node.ns.path)
+    with pytest.raises(DatapathError, match="node's own network namespace"):
+        await node.netlink.attach_endpoint(spec)
+
+
 async def test_a_namespace_given_as_proc_pid_path_works(node: Node) -> None:
     pod = node.pod_netns()
     holder = pod.spawn("busybox", "sleep", "300")  # the container's process; killed on teardown
-    spec = replace(node.spec(pod, "10.244.1.70"), netns=f"/proc/{holder.pid}/ns/net")
+    proc_path = f"/proc/{holder.pid}/ns/net"
+    pod_ns = os.stat(pod.path)
+    # nsenter joins the namespace right after fork: until then the pid's namespace is ours.
+    wait_until(lambda: (os.stat(proc_path).st_dev, os.stat(proc_path).st_ino) == (pod_ns.st_dev, pod_ns.st_ino),
+               what="the holder process to enter the pod namespace")
+    spec = replace(node.spec(pod, "10.244.1.70"), netns=proc_path)
     attached = await node.netlink.attach_endpoint(spec)
     assert attached.container_ifname == "eth0"
     assert ping(pod, str(ROUTER))

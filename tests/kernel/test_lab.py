@@ -42,7 +42,7 @@ FAKE_AGENT = textwrap.dedent(
     import argparse, http.server, os, signal, socketserver, subprocess, sys
 
     parser = argparse.ArgumentParser()
-    for flag in ("--node", "--store", "--state-dir", "--run-dir", "--netns-prefix"):
+    for flag in ("--node", "--store", "--config", "--state-dir", "--run-dir", "--netns-prefix"):
         parser.add_argument(flag, required=True)
     args = parser.parse_args()
     os.makedirs(args.state_dir, exist_ok=True)

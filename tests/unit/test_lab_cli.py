@@ -100,7 +100,6 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--store", "etcd"], "Error: --store etcd is not available in the lab yet: use --store sqlite\n"),
         (["--tor"], "Error: --tor is not available in the lab yet\n"),
         (["--name", "my-lab"], "Error: invalid lab name 'my-lab': use 1-24 lowercase letters and digits"),
     ],

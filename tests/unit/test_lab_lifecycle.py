@@ -58,6 +58,8 @@ def test_up_builds_every_namespace_and_starts_one_agent_per_node(dirs: LabDirs, 
         "node1",
         "--store",
         record.store_url,
+        "--config",
+        str(dirs.state_base / "t" / "agent.yaml"),
         "--state-dir",
         str(dirs.state_base / "t" / "node1"),
         "--run-dir",
@@ -218,7 +220,6 @@ def test_an_unknown_member_names_the_known_ones(dirs: LabDirs, machine: FakeMach
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"store": "etcd"}, "--store etcd is not available in the lab yet: use --store sqlite"),
         ({"tor": True}, "--tor is not available in the lab yet"),
     ],
 )

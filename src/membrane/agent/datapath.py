@@ -1,8 +1,8 @@
 """This node's datapath as the agent drives it: netlink wiring per endpoint and the nft table.
 
 :class:`NodeDatapath` owns the two kernel boundaries (a :class:`Netlink` and an
-:class:`NftRunner`, real or fake) and turns the endpoint manager's records into the desired
-ruleset, which :class:`NftReconciler` applies as one transaction.
+:class:`NftRunner`, real or fake) and turns the endpoint manager's records (and the node's
+masquerade settings) into the desired ruleset, which :class:`NftReconciler` applies as one transaction.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from membrane.datapath.netlink.model import EndpointSpec, endpoint_ifname
 from membrane.datapath.netlink.protocol import Netlink
 from membrane.datapath.nft.runner import NftRunner
 from membrane.datapath.reconcilers import NftReconciler, SyncResult
-from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, build_ruleset
+from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, FlowLog, Masquerade, build_ruleset
 
 
 def _spec(record: EndpointRecord, node: NodeContext) -> EndpointSpec:
@@ -54,7 +54,17 @@ class NetlinkWiring:
 
 
 class NodeDatapath:
-    def __init__(self, node: NodeContext, netlink: Netlink | None = None, nft: NftRunner | None = None) -> None:
+    """``masquerade``: this node's masquerade inputs (see :func:`membrane.agent.routing.masquerade_for`);
+    None leaves pods' traffic with their own addresses."""
+
+    def __init__(
+        self,
+        node: NodeContext,
+        netlink: Netlink | None = None,
+        nft: NftRunner | None = None,
+        masquerade: Masquerade | None = None,
+        flow_log: FlowLog | None = None,  # flow observability: the log rules (None: off)
+    ) -> None:
         if netlink is None:
             from membrane.datapath.netlink.pyroute import PyrouteNetlink
 
@@ -65,6 +75,8 @@ class NodeDatapath:
             nft = NftCommand()
         self._node = node
         self._netlink = netlink
+        self._masquerade = masquerade
+        self._flow_log = flow_log
         self.wiring = NetlinkWiring(netlink)
         self._reconciler = NftReconciler(nft)
         self._last: SyncResult | None = None
@@ -72,12 +84,18 @@ class NodeDatapath:
         self._syncs = 0
         self._lock = asyncio.Lock()
 
+    @property
+    def netlink(self) -> Netlink:
+        """The node's netlink boundary (shared with the routing reconciler)."""
+        return self._netlink
+
     async def start(self) -> None:
         await self._netlink.ensure_host_device(self._node.router_ip, self._node.mtu)
 
     async def sync(self, records: list[EndpointRecord]) -> None:
         desired = DesiredDatapath.from_endpoints(
-            EndpointAddress(r.host_ifindex, r.ipv4) for r in records if r.host_ifindex
+            (EndpointAddress(r.host_ifindex, r.ipv4) for r in records if r.host_ifindex), self._masquerade,
+            self._flow_log,
         )
         async with self._lock:
             self._last = await self._reconciler.sync(build_ruleset(desired))

@@ -17,6 +17,7 @@ from membrane.store.base import EventType, KeyValue, WatchEvent
 
 PODS = keys.objects_prefix("pods")
 NAMESPACES = keys.objects_prefix("namespaces")
+NODES = keys.objects_prefix("ciliumnodes")
 
 
 def _name_from_key(prefix: str, key: str) -> tuple[str, str]:
@@ -30,6 +31,7 @@ class Intent:
     cluster_name: str = "default"
     pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # CiliumNode objects by name
     version: int = 0
 
     def load(self, prefix: str, kvs: Iterable[KeyValue]) -> None:
@@ -50,6 +52,8 @@ class Intent:
             self.pods.clear()
         elif prefix == NAMESPACES:
             self.namespaces.clear()
+        elif prefix == NODES:
+            self.nodes.clear()
         self.load(prefix, kvs)
 
     def _put(self, prefix: str, kv: KeyValue) -> None:
@@ -62,12 +66,16 @@ class Intent:
             self.pods[_name_from_key(prefix, kv.key)] = obj
         elif prefix == NAMESPACES:
             self.namespaces[kv.key.removeprefix(prefix)] = obj
+        elif prefix == NODES:
+            self.nodes[kv.key.removeprefix(prefix)] = obj
 
     def _delete(self, prefix: str, key: str) -> None:
         if prefix == PODS:
             self.pods.pop(_name_from_key(prefix, key), None)
         elif prefix == NAMESPACES:
             self.namespaces.pop(key.removeprefix(prefix), None)
+        elif prefix == NODES:
+            self.nodes.pop(key.removeprefix(prefix), None)
 
     # -- LabelSource -----------------------------------------------------------------------------
 

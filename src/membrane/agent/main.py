@@ -1,9 +1,10 @@
 """The agent: the whole wiring of one node on one screen.
 
     store ──reflectors──► intent ──► endpoint manager / pod runner / operator
-                                        │
-                                        ▼
-                         node datapath (netlink + one nft table) ◄── API socket (CNI, status)
+                            │           │
+                            │           ▼
+                            │  node datapath (netlink + one nft table) ◄── API socket (CNI, status)
+                            └─(node objects)─► routing to peers (VXLAN or native routes)
 
 Order matters: nothing touches the kernel before the reflectors' initial sync, endpoints are
 restored (and orphans pruned) before the API socket accepts a CNI request, and queued DELs
@@ -24,9 +25,11 @@ from typing import Any
 from membrane.agent.api import AgentApiServer
 from membrane.agent.datapath import NodeDatapath
 from membrane.agent.endpoints import EndpointManager, NodeContext
-from membrane.agent.intent import NAMESPACES, PODS, Intent
+from membrane.agent.intent import NAMESPACES, NODES, PODS, Intent
 from membrane.agent.node import NodeRegistration, ensure_cluster_config
+from membrane.agent.observer import AgentObserver, ObserverSettings
 from membrane.agent.operator import Operator
+from membrane.agent.routing import LocalNode, RoutingController, RoutingReconciler, masquerade_for
 from membrane.agent.runner import PodRunner
 from membrane.cni.queue import drain_del_queue
 from membrane.core.config import AgentConfig
@@ -44,6 +47,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
     lifecycle = Lifecycle()
     api: AgentApiServer | None = None
     runner: PodRunner | None = None
+    observer: AgentObserver | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -55,13 +59,15 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
 
         intent = Intent(cluster_name=cluster.clusterName)
         changed = asyncio.Event()
-        for prefix in (PODS, NAMESPACES):
+        nodes_changed = asyncio.Event()  # routing: wakes on CiliumNode changes only
+        for prefix in (PODS, NAMESPACES, NODES):
             reflector = Reflector(store, prefix)
             subscription = reflector.subscribe()
             lifecycle.start(f"reflector {prefix}", reflector.run)
             first = await anext(subscription)  # the initial list: intent is synced after it
             intent.apply(prefix, first.events)
-            lifecycle.start(f"intent {prefix}", functools.partial(_follow, intent, prefix, subscription, changed))
+            wake = nodes_changed if prefix == NODES else changed
+            lifecycle.start(f"intent {prefix}", functools.partial(_follow, intent, prefix, subscription, wake))
 
         # The operator role may be ours: run it before waiting for the pod CIDR it hands out.
         identities = IdentityAllocator(store)
@@ -73,8 +79,22 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
                  node.uplink.device, node.pod_cidr, node.pod_mtu)
 
         context = NodeContext(node.name, node.uplink.address, node.pod_cidr, node.router_ip, node.pod_mtu)
-        datapath = NodeDatapath(context)
+        # -- flow observability (agent/observer.py): the NFLOG group is bound before log rules exist --
+        observer = AgentObserver(ObserverSettings.for_agent(config), node_name=node.name, store=store,
+                                 cluster_name=cluster.clusterName)
+        await observer.start(lifecycle)
+        await registration.update_node_object(observer=observer.advertised())
+        # -- end flow observability --
+        datapath = NodeDatapath(context, masquerade=masquerade_for(cluster, node.pod_cidr),
+                                flow_log=observer.flow_log)
         await datapath.start()
+        # -- routing between nodes (agent/routing.py): peers' pod CIDRs via VXLAN or native routes --
+        routing = RoutingController(
+            RoutingReconciler(datapath.netlink, LocalNode(node.name, node.uplink.address, node.uplink.device,
+                                                          node.uplink.mtu, node.pod_cidr), cluster),
+            lambda: intent.nodes, nodes_changed)
+        lifecycle.start("routing", routing.run)
+        # -- end routing --
         endpoints = EndpointManager(store, context, datapath.wiring, identities, intent,
                                     lambda: datapath.sync(endpoints.ready_records()))
         await endpoints.restore()
@@ -100,6 +120,8 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
                 "operator": operator.is_leader, "pid": os.getpid(), "uptime": time.time() - started,
                 "lastHeartbeat": registration.last_heartbeat,
                 "datapath": datapath.status(),
+                "peerRouting": routing.status(),
+                "hubble": observer.status(),  # flow observability
                 "controllers": {name: {"healthy": h.healthy, "restarts": h.restarts, "lastError": h.last_error}
                                 for name, h in lifecycle.health.items()},
             }
@@ -140,6 +162,8 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         await lifecycle.stop()
         if runner is not None:
             await runner.close()
+        if observer is not None:
+            await observer.close()
         with contextlib.suppress(Exception):
             await store.close()
 

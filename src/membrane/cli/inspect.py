@@ -1,4 +1,5 @@
-"""Inspection commands (mirroring cilium-dbg): status, node list, endpoint list, identity list, ip list.
+"""Inspection commands (mirroring cilium-dbg): status, node list, endpoint list, identity list, ip list,
+tunnel list.
 
 Cluster-wide facts come from the store, so these work from any host that reaches it; ``status``
 also asks the node's agent over its API socket for what only the agent knows.
@@ -147,6 +148,25 @@ def format_ip_list(view: ClusterView, node: str | None, numeric: bool) -> str:
     return render_table(["IP", "IDENTITY", "SOURCE"], rows)
 
 
+def format_tunnel_list(view: ClusterView, node: str | None) -> str:
+    """``cilium-dbg bpf tunnel list``: pod CIDR → node IP. With ``node``, what that node programs (every
+    other node's entry); without, every node's. In native routing mode the same pairs are the routes'
+    next hops."""
+    if node is not None and node not in {n.name for n in view.nodes}:
+        raise InvalidInput([f"node {node} is not in the cluster (membrane node list)"])
+    entries = []
+    for n in view.nodes:
+        if n.name == node or not n.node_ip or not n.pod_cidrs:
+            continue
+        try:
+            cidr = ipaddress.IPv4Network(n.pod_cidrs[0])
+        except ValueError:
+            continue
+        entries.append((int(cidr.network_address), cidr.prefixlen, str(cidr), n.node_ip))
+    rows = [[cidr, node_ip] for _, _, cidr, node_ip in sorted(entries)]
+    return render_table(["TUNNEL", "VALUE"], rows)
+
+
 def agent_socket_for(cli: CliContext, node: str | None) -> Path:
     """The API socket of ``node``'s agent: the lab's record knows it, else the host's default."""
     lab = cli.lab_record()
@@ -287,4 +307,22 @@ async def ip_list(cli: CliContext, numeric: bool, node: str | None) -> None:
         await store.close()
 
 
-COMMANDS = [status, node_group, endpoint_group, identity_group, ip_group]
+@click.group("tunnel")
+def tunnel_group() -> None:
+    """Tunnels to the other nodes: pod CIDR -> node IP."""
+
+
+@tunnel_group.command("list")
+@click.option("--node", help="The tunnels of this node (every other node's pod CIDR).")
+@pass_cli
+@run_async
+async def tunnel_list(cli: CliContext, node: str | None) -> None:
+    """Each node's pod CIDR and the node IP it is reached through."""
+    store = await cli.open_store()
+    try:
+        click.echo(format_tunnel_list(await load_cluster_view(store), node))
+    finally:
+        await store.close()
+
+
+COMMANDS = [status, node_group, endpoint_group, identity_group, ip_group, tunnel_group]

@@ -16,7 +16,8 @@ from typing import TextIO
 
 import click
 
-from membrane.cli.context import CliContext, pass_cli, run_async
+from membrane.cli.context import CliContext, fail, pass_cli, run_async
+from membrane.core.errors import MembraneError
 from membrane.lab import Lab, LabStatus, Progress
 from membrane.lab.host import real_host
 from membrane.lab.plan import DEFAULT_LAB_NAME, MAX_NODES, Routing, StoreKind
@@ -72,6 +73,15 @@ def render_summary(record: LabRecord) -> str:
         rows.append([record.client.name, f"netns {record.client.netns}", record.client.ip, "outside the cluster"])
     prefixlen = record.subnet.split("/")[1]
     rows.append(["underlay", f"netns {record.underlay_netns}", f"{record.gateway}/{prefixlen}", "bridge br0, gateway"])
+    for member in record.etcd.members if record.etcd else ():
+        pid = f"pid {member.process.pid}" if member.process else "not started"
+        rows.append([member.name, f"netns {record.underlay_netns}", member.endpoint, f"etcd member, {pid}"])
+    store = [f"  store        {record.store_url}"]
+    if record.etcd is not None:
+        store = [
+            f"  store        {record.store_url} (forwarded to the underlay; agents use {record.agent_store_url})",
+            f"  etcd logs    {record.state_dir}/etcd-*.log",
+        ]
     flag = f"--lab {record.name}"
     return "\n".join(
         [
@@ -80,7 +90,7 @@ def render_summary(record: LabRecord) -> str:
             "",
             *("  " + line for line in _table(rows)),
             "",
-            f"  store        {record.store_url}",
+            *store,
             f"  agent logs   {record.state_dir}/agent-node*.log",
             "",
             "Use it:",
@@ -102,7 +112,13 @@ def render_status(status: LabStatus) -> str:
     for m in status.members:
         netns = m.netns if m.netns_present else f"{m.netns} (missing)"
         rows.append([m.name, netns, m.ip, str(m.agent_pid) if m.agent_pid is not None else "-", m.agent])
-    return "\n".join([head, *_table(rows)])
+    lines = [head, *_table(rows)]
+    if status.store:
+        store_rows = [["STORE", "ENDPOINT", "PID", "STATE"]]
+        for p in status.store:
+            store_rows.append([p.name, p.endpoint, str(p.pid) if p.pid is not None else "-", p.state])
+        lines += _table(store_rows)
+    return "\n".join(lines)
 
 
 def _lab_name(cli: CliContext, name: str | None) -> str | None:
@@ -118,6 +134,12 @@ def lab() -> None:
 @click.option("--nodes", type=click.IntRange(1, MAX_NODES), default=1, show_default=True, help="Number of nodes.")
 @click.option("--routing", type=click.Choice(["vxlan", "native"]), default="vxlan", show_default=True)
 @click.option("--store", "store_kind", type=click.Choice(["sqlite", "etcd"]), default="sqlite", show_default=True)
+@click.option(
+    "--etcd-members",
+    type=click.Choice(["1", "3"]),
+    default=None,
+    help="With --store etcd: members of the etcd cluster (default 1).",
+)
 @click.option("--tor", is_flag=True, help="Add an FRR top-of-rack router on the underlay.")
 @click.option("--client", is_flag=True, help="Add a client namespace on the underlay, outside the cluster.")
 @click.option("--name", metavar="LAB", help=f"Lab name (default: {DEFAULT_LAB_NAME}).")
@@ -128,6 +150,7 @@ async def up(
     nodes: int,
     routing: Routing,
     store_kind: StoreKind,
+    etcd_members: str | None,
     tor: bool,
     client: bool,
     name: str | None,
@@ -140,6 +163,7 @@ async def up(
             nodes,
             routing=routing,
             store=store_kind,
+            etcd_members=int(etcd_members or 1),
             tor=tor,
             client=client,
             progress=printer,
@@ -199,6 +223,20 @@ async def exec_(cli: CliContext, name: str | None, member: str, argv: tuple[str,
     result = Lab.open(_lab_name(cli, name)).exec(member, argv)
     # A command killed by signal N exits 128+N, as a shell reports it.
     sys.exit(result.returncode if result.returncode >= 0 else 128 - result.returncode)
+
+
+@lab.command("forward", hidden=True)
+@click.option("--listen", required=True, metavar="127.0.0.1:PORT")
+@click.option("--netns", required=True, metavar="PATH", help="The namespace the upstreams are in.")
+@click.option("--upstream", "upstreams", multiple=True, required=True, metavar="HOST:PORT")
+def forward(listen: str, netns: str, upstreams: tuple[str, ...]) -> None:
+    """The lab's store forwarder (started by 'lab up --store etcd'): 127.0.0.1 here → the underlay."""
+    from membrane.lab.etcd import run_forwarder
+
+    try:
+        run_forwarder(listen, netns, upstreams)  # its own event loop, until SIGTERM
+    except MembraneError as exc:
+        fail(str(exc))
 
 
 DEMOS = ("starwars",)

@@ -36,9 +36,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """
     lines = [list(headers)]
     for row in rows:
-        cells = [str(cell).split("\n") for cell in row]
-        height = max((len(c) for c in cells), default=1)
-        lines += [[c[i] if i < len(c) else "" for c in cells] for i in range(height)]
+        parts = [str(cell).split("\n") for cell in row]
+        height = max((len(p) for p in parts), default=1)
+        lines += [[p[i] if i < len(p) else "" for p in parts] for i in range(height)]
     columns = max(len(line) for line in lines)
     widths = [
         max(_MIN_WIDTH, max((len(line[i]) for line in lines if i < len(line)), default=0) + _PADDING)

@@ -16,7 +16,10 @@ Hook order for a packet a pod sends (inet family; numbers are priorities)::
                   -100  dstnat       · services: frontends → backends        (later)
       routing decision ─── local ──▶ input
       forward        0  filter       · policy: per-endpoint verdict maps     (later)
-      postrouting  100  srcnat       · masquerade to the outside             (later)
+      postrouting  100  nat_postrouting ── ip saddr <this node's pod CIDR> ──▶ masquerade_pods
+                                           ip daddr @no_masquerade → return   (pods, nonMasqueradeCIDRs)
+                                           oifname "membrane_vxlan" → return  (into the tunnel)
+                                           masquerade                         (source: the node address)
                                      ══veth══▶ other pod │ uplink │ tunnel
 
 Anti-spoofing runs at ``raw``, before conntrack, so a spoofed packet never creates a connection
@@ -37,15 +40,40 @@ when some section dispatches from it. Names reserved for the work to come:
 - map ``services``: ``ipv4_addr . inet_proto . inet_service : verdict`` (jump to a per-service chain);
 - base chains ``nat_prerouting`` (dstnat), ``filter_forward`` (filter), ``filter_input`` (filter) and
   ``nat_postrouting`` (srcnat, masquerade).
+
+Masquerade (:class:`Masquerade`, :func:`masquerade`): traffic from this node's pods to anything outside
+the cluster pod pools and the configured non-masquerade CIDRs, leaving through any device but the
+tunnel, leaves with the node's address. The exempt destinations are one interval set
+(``no_masquerade``), so the rule count never grows with the CIDR list. Pod-to-pod traffic keeps its
+source in both routing modes: its destination is in a pool (and in VXLAN mode it also leaves through
+the tunnel). NAT rules see only a connection's first packet; conntrack does the rest.
+
+Flow logging (:class:`FlowLog`, :func:`flow_logging`; see also :mod:`membrane.observe.events`): ``log
+group N`` rules report packets to the agent's NFLOG reader, each with a compact prefix (event,
+verdict, reason, rule id). Drops log from the dropping rule itself (:func:`drop_statement`, used by
+anti-spoofing today and meant for policy and service drops). Trace events come from three base
+chains of their own at priority 200, after every filter decision at their hook, so they only see
+packets that go through; each sends pod traffic to one fixed chain::
+
+    flow_forward (forward)  iifname "lxc*" / oifname "lxc*" ─┐
+    flow_input   (input)    iifname "lxc*"                   ├─ goto flow_trace
+    flow_output  (output)   oifname "lxc*"                   ┘
+    flow_trace   ct status ! confirmed → log NEW   (a connection's first packet: retransmitted
+                                                    SYNs find a confirmed entry and stay quiet)
+                 TCP → flow_tcp: SYN/FIN/RST → log, by conntrack direction (a retransmitted SYN: no)
+                 other protocols: first reply → log, marked with ct label 127 so it is said once
+
+The rule count is fixed: nothing in this path grows with pods or policies. ``flow_log`` None (the
+default of :class:`DesiredDatapath`) leaves every log statement out, so the cost can be measured.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
-from membrane.datapath.netlink.model import ENDPOINT_IFNAME_PREFIX, AttachedEndpoint
+from membrane.datapath.netlink.model import ENDPOINT_IFNAME_PREFIX, TUNNEL_DEVICE, AttachedEndpoint
 from membrane.datapath.nft.objects import (
     PRIORITY_DSTNAT,
     PRIORITY_FILTER,
@@ -59,6 +87,15 @@ from membrane.datapath.nft.objects import (
     Set,
     key,
 )
+from membrane.observe.events import (
+    DROP_IPV6,
+    DROP_SPOOFED_SOURCE,
+    TRACE_FIRST_REPLY,
+    TRACE_NEW,
+    TRACE_TCP_ORIGINAL,
+    TRACE_TCP_REPLY,
+    FlowCode,
+)
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "membrane"
@@ -70,6 +107,13 @@ NAT_PREROUTING = "nat_prerouting"
 FILTER_INPUT = "filter_input"
 FILTER_FORWARD = "filter_forward"
 NAT_POSTROUTING = "nat_postrouting"
+FLOW_FORWARD = "flow_forward"
+FLOW_INPUT = "flow_input"
+FLOW_OUTPUT = "flow_output"
+
+# After every filter chain of its hook: a packet reaching it has been let through (policy drops
+# happen before, and are logged by the dropping rule).
+PRIORITY_FLOW = 200
 
 BASE_CHAINS: dict[str, BaseChain] = {
     # Before conntrack (-200): drops here leave no conntrack entry behind.
@@ -78,11 +122,18 @@ BASE_CHAINS: dict[str, BaseChain] = {
     FILTER_INPUT: BaseChain(type="filter", hook="input", priority=PRIORITY_FILTER),
     FILTER_FORWARD: BaseChain(type="filter", hook="forward", priority=PRIORITY_FILTER),
     NAT_POSTROUTING: BaseChain(type="nat", hook="postrouting", priority=PRIORITY_SRCNAT),
+    FLOW_FORWARD: BaseChain(type="filter", hook="forward", priority=PRIORITY_FLOW),
+    FLOW_INPUT: BaseChain(type="filter", hook="input", priority=PRIORITY_FLOW),
+    FLOW_OUTPUT: BaseChain(type="filter", hook="output", priority=PRIORITY_FLOW),
 }
 
 # -- regular chains, sets and maps ---------------------------------------------------------------
 FROM_ENDPOINT = "from_endpoint"
 ENDPOINT_SOURCES = "endpoint_sources"
+MASQUERADE_PODS = "masquerade_pods"  # "masquerade" itself is an nft keyword
+NO_MASQUERADE = "no_masquerade"
+FLOW_TRACE = "flow_trace"
+FLOW_TCP = "flow_tcp"
 
 ENDPOINT_IFNAME_GLOB = f"{ENDPOINT_IFNAME_PREFIX}*"
 
@@ -100,18 +151,64 @@ class EndpointAddress:
 
 
 @dataclass(frozen=True)
+class Masquerade:
+    """What masquerade needs: this node's pod CIDR and the destinations its pods reach with their own
+    address (cluster pod pools and non-masquerade CIDRs), merged into non-overlapping prefixes —
+    an interval set refuses overlapping elements."""
+
+    pod_cidr: IPv4Network
+    exempt: tuple[IPv4Network, ...]
+    tunnel_device: str = TUNNEL_DEVICE
+
+    @classmethod
+    def of(cls, pod_cidr: IPv4Network, pools: Iterable[IPv4Network], non_masquerade: Iterable[IPv4Network] = (),
+           tunnel_device: str = TUNNEL_DEVICE) -> Masquerade:
+        merged = tuple(collapse_addresses([*pools, *non_masquerade, pod_cidr]))
+        return cls(pod_cidr=pod_cidr, exempt=merged, tunnel_device=tunnel_device)
+
+
+@dataclass(frozen=True)
+class FlowLog:
+    """Flow logging: the NFLOG group the log rules report to and how many bytes of each packet
+    they copy (IPv4 with options + TCP header fit in 128). ``reply_label`` is the conntrack label
+    bit that marks a connection whose first reply was reported."""
+
+    group: int = 4244
+    snaplen: int = 128
+    reply_label: int = 127
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.group <= 0xFFFF:
+            raise ValueError(f"NFLOG group {self.group} out of range (0-65535)")
+        if not 64 <= self.snaplen <= 0xFFFF:
+            raise ValueError(f"snaplen {self.snaplen}: at least 64 bytes (IP and TCP headers)")
+        if not 0 <= self.reply_label <= 127:
+            raise ValueError(f"ct label bit {self.reply_label} out of range (0-127)")
+
+    def statement(self, code: FlowCode) -> str:
+        return f'log prefix "{code.prefix()}" group {self.group} snaplen {self.snaplen}'
+
+
+@dataclass(frozen=True)
 class DesiredDatapath:
     """Everything the ruleset is computed from. Grows with the features (ipcache, policy, services).
 
     Pod addresses are unique per node by IPAM; this type does not second-guess it (a duplicate would
     only let both veths send from that address, where refusing would stop every sync of the node).
+    ``masquerade`` None: pods' traffic leaves with their own addresses (masquerade off).
+    ``flow_log`` None: no log rules (observability off).
     """
 
     endpoints: frozenset[EndpointAddress] = frozenset()
+    masquerade: Masquerade | None = None
+    flow_log: FlowLog | None = None
 
     @classmethod
-    def from_endpoints(cls, endpoints: Iterable[EndpointAddress]) -> DesiredDatapath:
-        return cls(endpoints=frozenset(endpoints))
+    def from_endpoints(
+        cls, endpoints: Iterable[EndpointAddress], masquerade: Masquerade | None = None,
+        flow_log: FlowLog | None = None,
+    ) -> DesiredDatapath:
+        return cls(endpoints=frozenset(endpoints), masquerade=masquerade, flow_log=flow_log)
 
 
 @dataclass(frozen=True)
@@ -137,8 +234,8 @@ def anti_spoofing(desired: DesiredDatapath) -> Section:
         comment="traffic entering the node from a local pod",
         rules=(
             Rule(f"iif . ip saddr @{ENDPOINT_SOURCES} return", comment="own address"),
-            Rule("meta nfproto ipv6 counter drop", comment="pods are IPv4-only"),
-            Rule("counter drop", comment="spoofed or unknown source"),
+            Rule(f"meta nfproto ipv6 {drop_statement(desired, DROP_IPV6)}", comment="pods are IPv4-only"),
+            Rule(drop_statement(desired, DROP_SPOOFED_SOURCE), comment="spoofed or unknown source"),
         ),
     )
     return Section(
@@ -155,8 +252,84 @@ def anti_spoofing(desired: DesiredDatapath) -> Section:
     )
 
 
+def masquerade(settings: Masquerade) -> Section:
+    """This node's pods reach the outside with the node's address; pods and exempt CIDRs see pod IPs."""
+    exempt = Set(
+        name=NO_MASQUERADE,
+        type=("ipv4_addr",),
+        flags=("interval",),
+        comment="cluster pod pools and nonMasqueradeCIDRs: pod traffic to these keeps its source",
+        elements=frozenset(key(cidr) for cidr in settings.exempt),
+    )
+    chain = Chain(
+        name=MASQUERADE_PODS,
+        comment="traffic from a local pod, on its first packet",
+        rules=(
+            Rule(f"ip daddr @{NO_MASQUERADE} return", comment="to a pod or a non-masquerade destination"),
+            Rule(f'oifname "{settings.tunnel_device}" return', comment="into the tunnel"),
+            Rule("counter masquerade", comment="to the outside: the node address"),
+        ),
+    )
+    return Section(
+        dispatch=((NAT_POSTROUTING, Rule(f"ip saddr {settings.pod_cidr} jump {MASQUERADE_PODS}",
+                                         comment="from a local pod")),),
+        chains=(chain,),
+        sets=(exempt,),
+    )
+
+
+def drop_statement(desired: DesiredDatapath, code: FlowCode) -> str:
+    """``counter drop``, reported as a drop event with ``code`` when flow logging is on."""
+    if desired.flow_log is None:
+        return "counter drop"
+    return f"counter {desired.flow_log.statement(code)} drop"
+
+
+def flow_logging(settings: FlowLog) -> Section:
+    """Trace events for pod traffic that goes through: new connections, TCP SYN/FIN/RST, first replies."""
+    log = settings.statement
+    label = settings.reply_label
+    trace = Chain(
+        name=FLOW_TRACE,
+        comment="trace events of pod traffic let through; entered by goto from the flow_* base chains",
+        rules=(
+            Rule(f"ct status & confirmed == 0 {log(TRACE_NEW)} return", comment="first packet of a connection"),
+            Rule(f"meta l4proto tcp goto {FLOW_TCP}"),
+            Rule("ct direction original return", comment="nothing new in the original direction"),
+            Rule(f"ct label {label} return", comment="first reply already reported"),
+            Rule(f"ct direction reply ct label set {label} {log(TRACE_FIRST_REPLY)}", comment="first reply"),
+        ),
+    )
+    tcp = Chain(
+        name=FLOW_TCP,
+        comment="TCP flag events: SYN-ACK, FIN, RST in either direction",
+        rules=(
+            Rule("tcp flags & (fin | syn | rst) == 0 return", comment="no SYN, FIN or RST"),
+            Rule("tcp flags & (syn | ack) == syn return", comment="a retransmitted SYN (the first was new)"),
+            Rule(f"ct direction original {log(TRACE_TCP_ORIGINAL)} return"),
+            Rule(f"ct direction reply {log(TRACE_TCP_REPLY)}"),
+        ),
+    )
+    from_pod = f'iifname "{ENDPOINT_IFNAME_GLOB}" goto {FLOW_TRACE}'
+    to_pod = f'oifname "{ENDPOINT_IFNAME_GLOB}" goto {FLOW_TRACE}'
+    return Section(
+        dispatch=(
+            # goto, not jump: a pod-to-pod packet matches both rules and must be reported once.
+            (FLOW_FORWARD, Rule(from_pod, comment="from a local pod")),
+            (FLOW_FORWARD, Rule(to_pod, comment="to a local pod")),
+            (FLOW_INPUT, Rule(from_pod, comment="from a local pod to this node")),
+            (FLOW_OUTPUT, Rule(to_pod, comment="from this node to a local pod")),
+        ),
+        chains=(trace, tcp),
+    )
+
+
 def build_ruleset(desired: DesiredDatapath) -> Ruleset:
-    sections = (anti_spoofing(desired),)
+    sections = [anti_spoofing(desired)]
+    if desired.masquerade is not None:
+        sections.append(masquerade(desired.masquerade))
+    if desired.flow_log is not None:
+        sections.append(flow_logging(desired.flow_log))
     base_rules: dict[str, list[Rule]] = {}
     for section in sections:
         for chain_name, rule in section.dispatch:

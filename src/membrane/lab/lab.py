@@ -2,13 +2,16 @@
 
 ``Lab.up`` builds it in this order, recording each step in ``lab.json`` before moving on::
 
-    record (phase building) → underlay netns + br0 → node netns k (veth eth0 ↔ port on br0)
-    → client netns → agent k started (nsenter --net=…, own session, log file)
+    record (phase building) → dirs + agent.yaml (cluster settings: routing mode)
+    → underlay netns + br0 → node netns k (veth eth0 ↔ port on br0)
+    → client netns → [--store etcd: etcd members in the underlay, store forwarder, both healthy]
+    → agent k started (nsenter --net=…, own session, log file)
     → every agent answers GET /v1/healthz → record (phase ready)
 
 A failure or an interrupt at any point tears down what was built. ``Lab.remove`` (``lab down``)
 stops the recorded agents (SIGTERM, then SIGKILL after a grace period), then every process still
-inside one of the lab's namespaces (pods the agents started), deletes the recorded namespaces
+inside one of the lab's namespaces (pods the agents started) and the lab's etcd members and
+forwarder (see :mod:`membrane.lab.etcd`), deletes the recorded namespaces
 and every other namespace named ``<lab>-…`` (pod namespaces), then the lab's run and state dirs.
 It is idempotent and works on a half-built lab.
 
@@ -17,7 +20,7 @@ a private mount namespace, so the bind mounts the agent makes for pod namespaces
 /run/netns would not be visible outside it.
 
 Primitives: :class:`Lab`, :class:`Progress`, :class:`LabStatus`, :class:`MemberStatus`,
-:class:`DownReport`, :func:`agent_argv`.
+:class:`DownReport`, :func:`agent_argv`, :func:`agent_config_text`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+import yaml
+
 from membrane.core.errors import AgentUnavailable, AlreadyExists, InvalidInput, MembraneError, NotFound
+from membrane.lab.etcd import (
+    ETCD_GRACE,
+    EtcdProbe,
+    NetnsEtcdProbe,
+    StoreProcessStatus,
+    etcd_status,
+    free_port,
+    lab_etcd,
+    start_etcd,
+    wait_etcd_healthy,
+)
 from membrane.lab.host import LabHost, ProcessControl, netns_path, real_host
 from membrane.lab.plan import (
     DEFAULT_LAB_NAME,
@@ -61,6 +77,7 @@ from membrane.lab.state import (
 )
 
 AGENT_COMMAND_ENV = "MEMBRANE_LAB_AGENT_COMMAND"
+AGENT_CONFIG_FILE = "agent.yaml"
 DEFAULT_HEALTH_TIMEOUT = 60.0
 AGENT_GRACE = 5.0  # an agent gets this long after SIGTERM to clean up before SIGKILL
 POD_GRACE = 2.0
@@ -94,6 +111,7 @@ class MemberStatus:
 class LabStatus:
     record: LabRecord
     members: tuple[MemberStatus, ...]
+    store: tuple[StoreProcessStatus, ...] = ()  # etcd members and forwarder (--store etcd)
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,16 @@ def default_agent_command() -> tuple[str, ...]:
     return (sys.executable, "-m", "membrane", "agent")
 
 
+def agent_config_path(record: LabRecord) -> Path:
+    """The agent config every node's agent reads (``--config``): the lab's cluster settings."""
+    return record.state_dir / AGENT_CONFIG_FILE
+
+
+def agent_config_text(record: LabRecord) -> str:
+    """The first agent writes these cluster settings to the store; the others read them back."""
+    return yaml.safe_dump({"cluster": {"routingMode": record.routing}}, sort_keys=True)
+
+
 def agent_argv(base: Sequence[str], record: LabRecord, node: LabNode) -> list[str]:
     return [
         "nsenter",
@@ -119,7 +147,9 @@ def agent_argv(base: Sequence[str], record: LabRecord, node: LabNode) -> list[st
         "--node",
         node.name,
         "--store",
-        record.store_url,
+        record.agent_store_url,
+        "--config",
+        str(agent_config_path(record)),
         "--state-dir",
         str(node.state_dir),
         "--run-dir",
@@ -135,7 +165,10 @@ def node_netns_prefix(record: LabRecord, node: LabNode) -> str:
     return f"{record.prefix}{node.name}-"
 
 
-def initial_record(plan: LabPlan, dirs: LabDirs, store: StoreKind, now: datetime) -> LabRecord:
+def initial_record(
+    plan: LabPlan, dirs: LabDirs, store: StoreKind, now: datetime, *, etcd_forwarder_port: int = 0
+) -> LabRecord:
+    """The record before anything is built; with etcd, the CLI's store URL is the forwarder's port."""
     state_dir, run_dir = dirs.state_dir(plan.name), dirs.run_dir(plan.name)
     nodes = tuple(
         LabNode(
@@ -155,7 +188,9 @@ def initial_record(plan: LabPlan, dirs: LabDirs, store: StoreKind, now: datetime
         created=now.isoformat(timespec="seconds"),
         routing=plan.routing,
         store_kind=store,
-        store_url=f"sqlite://{state_dir / 'store.db'}",
+        store_url=(
+            f"etcd://127.0.0.1:{etcd_forwarder_port}" if store == "etcd" else f"sqlite://{state_dir / 'store.db'}"
+        ),
         subnet=str(plan.subnet),
         gateway=str(plan.gateway),
         subnet_index=plan.subnet_index,
@@ -164,16 +199,20 @@ def initial_record(plan: LabPlan, dirs: LabDirs, store: StoreKind, now: datetime
         client=client,
         state_dir=state_dir,
         run_dir=run_dir,
+        etcd=lab_etcd(plan, state_dir, etcd_forwarder_port) if store == "etcd" else None,
     )
 
 
 class Lab:
     """A built lab. ``with Lab.up(...) as lab:`` removes it on exit."""
 
-    def __init__(self, record: LabRecord, *, dirs: LabDirs, host: LabHost) -> None:
+    def __init__(
+        self, record: LabRecord, *, dirs: LabDirs, host: LabHost, etcd_probe: EtcdProbe | None = None
+    ) -> None:
         self._record = record
         self._dirs = dirs
         self._host = host
+        self._etcd_probe: EtcdProbe = etcd_probe or NetnsEtcdProbe()
 
     # -- life cycle ------------------------------------------------------------------------
     @classmethod
@@ -184,6 +223,7 @@ class Lab:
         *,
         routing: Routing = "vxlan",
         store: StoreKind = "sqlite",
+        etcd_members: int = 1,
         tor: bool = False,
         client: bool = False,
         agent_command: Sequence[str] | None = None,
@@ -191,9 +231,8 @@ class Lab:
         progress: ProgressCallback | None = None,
         dirs: LabDirs | None = None,
         host: LabHost | None = None,
+        etcd_probe: EtcdProbe | None = None,
     ) -> Lab:
-        if store == "etcd":
-            raise InvalidInput(["--store etcd is not available in the lab yet: use --store sqlite"])
         if tor:
             raise InvalidInput(["--tor is not available in the lab yet"])
         validate_lab_name(name)
@@ -209,10 +248,13 @@ class Lab:
                 choose_subnet_index(r.subnet_index for r in records),
                 client=client,
                 routing=routing,
+                store=store,
+                etcd_members=etcd_members,
             )
-            record = initial_record(plan, dirs, store, datetime.now(UTC))
+            port = free_port() if store == "etcd" else 0
+            record = initial_record(plan, dirs, store, datetime.now(UTC), etcd_forwarder_port=port)
             write_record(dirs, record)
-        lab = cls(record, dirs=dirs, host=host)
+        lab = cls(record, dirs=dirs, host=host, etcd_probe=etcd_probe)
         try:
             lab._build(plan, base, health_timeout, progress or (lambda _p: None))
         except BaseException:
@@ -224,13 +266,20 @@ class Lab:
         return lab
 
     @classmethod
-    def open(cls, name: str | None = None, *, dirs: LabDirs | None = None, host: LabHost | None = None) -> Lab:
+    def open(
+        cls,
+        name: str | None = None,
+        *,
+        dirs: LabDirs | None = None,
+        host: LabHost | None = None,
+        etcd_probe: EtcdProbe | None = None,
+    ) -> Lab:
         """The lab called ``name``, or the only lab there is."""
         dirs = dirs or LabDirs.from_env()
         record = find_lab(name, dirs=dirs, flag="--name")
         if record is None:
             raise NotFound("no lab is running (membrane lab up builds one)")
-        return cls(record, dirs=dirs, host=host or real_host())
+        return cls(record, dirs=dirs, host=host or real_host(), etcd_probe=etcd_probe)
 
     @classmethod
     def remove(cls, name: str | None = None, *, dirs: LabDirs | None = None, host: LabHost | None = None) -> DownReport:
@@ -317,7 +366,8 @@ class Lab:
         rows = [self._node_status(node, node.netns in present) for node in self._record.nodes]
         if (c := self._record.client) is not None:
             rows.append(MemberStatus(c.name, c.netns, c.ip, c.netns in present, None, "-"))
-        return LabStatus(self._record, tuple(rows))
+        store = etcd_status(self._record, self._host.processes, self._etcd_probe)
+        return LabStatus(self._record, tuple(rows), store)
 
     def _node_status(self, node: LabNode, netns_present: bool) -> MemberStatus:
         agent: AgentState
@@ -339,7 +389,8 @@ class Lab:
 
     def _build(self, plan: LabPlan, base: Sequence[str], health_timeout: float, report: ProgressCallback) -> None:
         steps = plan.build_steps()
-        total = 1 + len(steps) + 2 * plan.nodes
+        etcd_steps = len(self._record.etcd.members) + 2 if self._record.etcd is not None else 0
+        total = 1 + len(steps) + etcd_steps + 2 * plan.nodes
         done = 0
 
         def advance(label: str) -> None:
@@ -351,11 +402,17 @@ class Lab:
         for node in record.nodes:
             node.state_dir.mkdir(parents=True, exist_ok=True)
             node.run_dir.mkdir(parents=True, exist_ok=True)
+        agent_config_path(record).write_text(agent_config_text(record))
         advance("state and run dirs")
         for step in steps:
             for batch in step.batches:
                 self._host.netns.apply(batch)
             advance(f"{step.label} namespace")
+        if self._record.etcd is not None:
+            # Before the agents: an agent's first act is to open the store.
+            start_etcd(self._record, self._host.processes, self._save, advance)
+            wait_etcd_healthy(self._record, self._host.processes, self._etcd_probe, health_timeout)
+            advance(f"etcd healthy, reachable from here at {self._record.store_url}")
         for node in record.nodes:
             ref = self._host.processes.spawn(agent_argv(base, self._record, node), node.log)
             self._save(self._record.with_agent(node.name, ref))
@@ -411,6 +468,8 @@ def _remove(name: str, record: LabRecord | None, dirs: LabDirs, host: LabHost) -
     stopped = 0
     if record is not None:
         stopped += _terminate(host.processes, [n.agent for n in record.nodes if n.agent], AGENT_GRACE)
+        if record.etcd is not None:  # after the agents, which may still write on their way out
+            stopped += _terminate(host.processes, record.etcd.processes, ETCD_GRACE)
         namespaces = sorted(
             set(record.namespaces) | {n for n in host.netns.list_netns() if n.startswith(record.prefix)}
         )

@@ -14,9 +14,13 @@ collide. The agent of node k runs inside ``L-nodek`` and names the namespaces it
 ``L-nodek-…``. Everything of the lab is named ``L-…``, which is why a lab name may not contain
 ``-``: one lab's prefix could otherwise be the start of another lab's name.
 
-Primitives: :func:`validate_lab_name`, :func:`choose_subnet_index`, :class:`LabPlan`,
-:class:`IpBatch` (``ip -batch`` lines for one namespace) and :class:`BuildStep` (one named step of
-``lab up``, made of batches).
+With ``--store etcd`` the etcd members run in ``L-underlay`` on the gateway address (no extra
+address on br0): member k listens for clients on port 2379 + 2(k-1) and for peers on the port
+above it (1 member: 2379/2380; 3 members: 2379/2380, 2381/2382, 2383/2384).
+
+Primitives: :func:`validate_lab_name`, :func:`choose_subnet_index`, :class:`LabPlan` (with
+:class:`EtcdEndpoint`), :class:`IpBatch` (``ip -batch`` lines for one namespace) and
+:class:`BuildStep` (one named step of ``lab up``, made of batches).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ CLIENT_HOST = 100
 GATEWAY_HOST = 1
 SUBNET_COUNT = 256  # 172.31.0.0/24 … 172.31.255.0/24
 UNDERLAY_BRIDGE = "br0"
+ETCD_MEMBER_COUNTS = (1, 3)
+ETCD_CLIENT_PORT = 2379  # member k: client port 2379 + 2(k-1), peer port one above
+ETCD_PORT_STEP = 2
 NODE_UPLINK = "eth0"
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9]{0,23}")
@@ -83,15 +90,31 @@ class BuildStep:
 
 
 @dataclass(frozen=True)
+class EtcdEndpoint:
+    """Where one etcd member of the lab listens (in the underlay namespace)."""
+
+    name: str
+    ip: ipaddress.IPv4Address
+    client_port: int
+    peer_port: int
+
+
+@dataclass(frozen=True)
 class LabPlan:
     name: str
     nodes: int
     subnet_index: int
     client: bool = False
     routing: Routing = "vxlan"
+    store: StoreKind = "sqlite"
+    etcd_members: int = 1
 
     def __post_init__(self) -> None:
         validate_lab_name(self.name)
+        if self.etcd_members not in ETCD_MEMBER_COUNTS:
+            raise InvalidInput([f"--etcd-members must be 1 or 3, not {self.etcd_members}"])
+        if self.store != "etcd" and self.etcd_members != 1:
+            raise InvalidInput(["--etcd-members needs --store etcd"])
         if not 1 <= self.nodes <= MAX_NODES:
             raise InvalidInput([f"--nodes must be between 1 and {MAX_NODES}, not {self.nodes}"])
         if not 0 <= self.subnet_index < SUBNET_COUNT:
@@ -136,6 +159,20 @@ class LabPlan:
 
     def node_ip(self, k: int) -> ipaddress.IPv4Address:
         return self.subnet.network_address + NODE_IP_OFFSET + k
+
+    def etcd_endpoints(self) -> tuple[EtcdEndpoint, ...]:
+        """The etcd members (none unless the store is etcd), all on the underlay gateway."""
+        if self.store != "etcd":
+            return ()
+        return tuple(
+            EtcdEndpoint(
+                name=f"etcd{k}",
+                ip=self.gateway,
+                client_port=ETCD_CLIENT_PORT + ETCD_PORT_STEP * (k - 1),
+                peer_port=ETCD_CLIENT_PORT + ETCD_PORT_STEP * (k - 1) + 1,
+            )
+            for k in range(1, self.etcd_members + 1)
+        )
 
     def namespaces(self) -> tuple[str, ...]:
         names = [self.underlay_netns, *(self.node_netns(k) for k in self.node_numbers)]

@@ -9,8 +9,8 @@ The record is written before anything is built and rewritten after every step, a
 ``lab down`` always knows what a lab owns, even after a crash half-way through ``lab up``.
 
 Primitives: :class:`LabDirs`, :class:`LabRecord` (with :class:`LabNode`, :class:`LabMember`,
-:class:`ProcessRef`), :func:`read_record`, :func:`write_record`, :func:`read_all_records`,
-:func:`labs_lock`.
+:class:`ProcessRef`, and for ``--store etcd`` :class:`LabEtcd` and :class:`LabEtcdMember`),
+:func:`read_record`, :func:`write_record`, :func:`read_all_records`, :func:`labs_lock`.
 """
 
 from __future__ import annotations
@@ -89,6 +89,45 @@ class LabNode(LabMember):
         return self.run_dir / "agent.sock"
 
 
+class LabEtcdMember(_Frozen):
+    """One etcd member, running in the underlay namespace."""
+
+    name: str
+    ip: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log: Path
+    process: ProcessRef | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.ip}:{self.client_port}"
+
+
+class LabEtcd(_Frozen):
+    """The lab's etcd cluster and the forwarder that lets the CLI reach it from the root namespace."""
+
+    members: tuple[LabEtcdMember, ...]
+    forwarder_port: int
+    forwarder_log: Path
+    forwarder: ProcessRef | None = None
+
+    @property
+    def agent_store_url(self) -> str:
+        """What the agents use: the members' own addresses, reached over the underlay."""
+        return "etcd://" + ",".join(m.endpoint for m in self.members)
+
+    @property
+    def processes(self) -> tuple[ProcessRef, ...]:
+        refs = [m.process for m in self.members] + [self.forwarder]
+        return tuple(r for r in refs if r is not None)
+
+    def with_member_process(self, name: str, process: ProcessRef) -> LabEtcd:
+        members = tuple(m.model_copy(update={"process": process}) if m.name == name else m for m in self.members)
+        return self.model_copy(update={"members": members})
+
+
 class LabRecord(_Frozen):
     version: Literal[1] = 1
     name: str
@@ -105,10 +144,16 @@ class LabRecord(_Frozen):
     client: LabMember | None = None
     state_dir: Path
     run_dir: Path
+    etcd: LabEtcd | None = None
 
     @property
     def prefix(self) -> str:
         return f"{self.name}-"
+
+    @property
+    def agent_store_url(self) -> str:
+        """The store URL the agents get; ``store_url`` is the one for commands in the root namespace."""
+        return self.etcd.agent_store_url if self.etcd is not None else self.store_url
 
     @property
     def namespaces(self) -> tuple[str, ...]:

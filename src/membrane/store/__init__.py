@@ -1,8 +1,11 @@
-"""The resource store: a protocol (``base``), the embedded SQLite backend and an in-memory fake.
+"""The resource store: a protocol (``base``), the embedded SQLite backend, the etcd backend and
+an in-memory fake.
 
 :func:`open_store` turns a store URL into a :class:`~membrane.store.base.Store`:
 
     sqlite:///ABSOLUTE/PATH.db   the embedded default (shared by every process on the host)
+    etcd://HOST:PORT[,HOST:PORT…][?cacert=PATH&cert=PATH&key=PATH]
+                                 an etcd v3 cluster (see docs/store.md)
     memory://                    a fresh in-process store (tests, demos)
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 from membrane.core.errors import InvalidInput
 from membrane.store.base import Store
 
-SUPPORTED_URLS = "sqlite:///ABSOLUTE/PATH.db or memory://"
+SUPPORTED_URLS = "sqlite:///ABSOLUTE/PATH.db, etcd://HOST:PORT[,HOST:PORT…] or memory://"
 
 
 async def open_store(url: str) -> Store:
@@ -38,4 +41,8 @@ async def open_store(url: str) -> Store:
         from membrane.store.sqlite import SqliteStore
 
         return SqliteStore(rest)
+    if scheme == "etcd":
+        from membrane.store.etcd import EtcdStore
+
+        return EtcdStore(url)
     raise InvalidInput([f"unsupported store URL {url!r}: use {SUPPORTED_URLS}"])

@@ -1,4 +1,4 @@
-"""Links, addresses, routes and neighbours of the node and its pods.
+"""Links, addresses, routes, neighbours and FDB entries of the node, its pods and its peers.
 
 The boundary is :class:`Netlink` (protocol); :class:`PyrouteNetlink` talks to the kernel and
 :class:`FakeNetlink` keeps the same state in memory. The data types live in ``model``.
@@ -10,15 +10,25 @@ from membrane.datapath.netlink.model import (
     HOST_DEVICE,
     HOST_DEVICE_PEER,
     RTPROT_MEMBRANE,
+    TUNNEL_DEVICE,
     AttachedEndpoint,
     EndpointSpec,
     HostDevice,
     OwnedEndpoints,
     OwnedLink,
     OwnedRoute,
+    PeerFdbEntry,
+    PeerNeighbour,
+    PeerRoute,
+    RoutingChanges,
+    RoutingState,
+    TunnelDevice,
     endpoint_ifname,
     is_endpoint_ifname,
+    is_peer_route,
     orphaned_links,
+    routing_changes,
+    vtep_mac,
 )
 from membrane.datapath.netlink.protocol import Netlink
 from membrane.datapath.netlink.pyroute import PyrouteNetlink
@@ -28,6 +38,7 @@ __all__ = [
     "HOST_DEVICE",
     "HOST_DEVICE_PEER",
     "RTPROT_MEMBRANE",
+    "TUNNEL_DEVICE",
     "AttachedEndpoint",
     "EndpointSpec",
     "FakeNetlink",
@@ -36,8 +47,17 @@ __all__ = [
     "OwnedEndpoints",
     "OwnedLink",
     "OwnedRoute",
+    "PeerFdbEntry",
+    "PeerNeighbour",
+    "PeerRoute",
     "PyrouteNetlink",
+    "RoutingChanges",
+    "RoutingState",
+    "TunnelDevice",
     "endpoint_ifname",
     "is_endpoint_ifname",
+    "is_peer_route",
     "orphaned_links",
+    "routing_changes",
+    "vtep_mac",
 ]

@@ -3,7 +3,10 @@
 Primitives: :class:`FakeNetlink` with its per-namespace state (:class:`FakeNamespace`,
 :class:`FakeLink`, :class:`FakeRoute`). It keeps the same promises as the kernel implementation —
 idempotent attach, cleanup on failure, prune by name only — so agent logic tested against it behaves
-the same on a real node. Container namespaces must be created first with :meth:`FakeNetlink.add_netns`
+the same on a real node. Between nodes it refuses what the kernel refuses: a route through a missing
+device, a gateway that is not on-link without ``onlink``, a source address the node does not hold,
+FDB entries on anything but a vxlan device; deleting a device takes its routes, neighbours and FDB
+entries with it. Container namespaces must be created first with :meth:`FakeNetlink.add_netns`
 (the kernel refuses a namespace path that does not exist, and so does the fake).
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from membrane.core.errors import DatapathError
@@ -19,14 +22,22 @@ from membrane.datapath.netlink.model import (
     HOST_DEVICE,
     HOST_DEVICE_PEER,
     RTPROT_MEMBRANE,
+    TUNNEL_DEVICE,
     AttachedEndpoint,
     EndpointSpec,
     HostDevice,
     OwnedEndpoints,
     OwnedLink,
     OwnedRoute,
+    PeerFdbEntry,
+    PeerNeighbour,
+    PeerRoute,
+    RoutingChanges,
+    RoutingState,
+    TunnelDevice,
     endpoint_ifname,
     is_endpoint_ifname,
+    is_peer_route,
     orphaned_links,
 )
 
@@ -40,6 +51,8 @@ class FakeRoute:
     gateway: IPv4Address | None = None
     scope: str = "universe"  # "link" for on-link routes
     proto: int = RTPROT_MEMBRANE
+    onlink: bool = False
+    source: IPv4Address | None = None
 
 
 @dataclass
@@ -53,6 +66,8 @@ class FakeLink:
     peer: tuple[str, str] | None = None  # (namespace key, ifname)
     addresses: set[tuple[IPv4Address, int]] = field(default_factory=set)
     sysctl: dict[str, str] = field(default_factory=dict)
+    vxlan: TunnelDevice | None = None  # kind "vxlan": its settings (mtu and mac are the link's)
+    learning: bool = False
 
 
 @dataclass
@@ -60,6 +75,7 @@ class FakeNamespace:
     links: dict[str, FakeLink] = field(default_factory=dict)
     routes: set[FakeRoute] = field(default_factory=set)
     neighbours: dict[tuple[IPv4Address, str], str] = field(default_factory=dict)  # (ip, dev) -> mac
+    fdb: set[tuple[str, str, IPv4Address]] = field(default_factory=set)  # (dev, mac, dst)
     sysctl: dict[str, str] = field(default_factory=dict)
     next_index: int = 2  # 1 is lo
 
@@ -85,6 +101,7 @@ class FakeNetlink:
         self.namespaces: dict[str, FakeNamespace] = {NODE: FakeNamespace()}
         self.fail: dict[str, Exception] = {}
         self.calls: list[str] = []
+        self.routing_batches: list[int] = []  # requests per apply_routing call (what a batch would send)
 
     # -- test controls ------------------------------------------------------------------------
 
@@ -101,6 +118,13 @@ class FakeNetlink:
     def add_link(self, ifname: str, kind: str = "veth", netns: str = NODE) -> FakeLink:
         """Create a link outside the agent's control (for prune tests)."""
         return self._new_link(netns, ifname, kind)
+
+    def add_uplink(self, ifname: str, address: IPv4Address, prefixlen: int, mtu: int = 1500) -> FakeLink:
+        """The node's device facing the underlay, up, with its address."""
+        link = self._new_link(NODE, ifname, "veth", mtu)
+        link.up = True
+        link.addresses.add((address, prefixlen))
+        return link
 
     @property
     def node(self) -> FakeNamespace:
@@ -128,6 +152,7 @@ class FakeNetlink:
             return
         ns.routes = {r for r in ns.routes if r.ifname != ifname}
         ns.neighbours = {k: v for k, v in ns.neighbours.items() if k[1] != ifname}
+        ns.fdb = {e for e in ns.fdb if e[0] != ifname}
         if link.peer is not None and link.peer[0] in self.namespaces:
             peer_ns = self.namespaces[link.peer[0]]
             if peer_ns.links.get(link.peer[1]) is not None and peer_ns.links[link.peer[1]].peer == (
@@ -265,3 +290,105 @@ class FakeNetlink:
         for name in doomed:
             self._delete_link(NODE, name)
         return doomed
+
+    # -- between nodes ----------------------------------------------------------------------------
+
+    async def ensure_tunnel_device(self, device: TunnelDevice) -> bool:
+        self._maybe_fail("ensure_tunnel_device")
+        node = self.node
+        if device.uplink not in node.links:
+            raise DatapathError(f"{device.name}: uplink {device.uplink} does not exist")
+        link = node.links.get(device.name)
+        if link is not None and link.kind != "vxlan":
+            raise DatapathError(f"{device.name} exists and is a {link.kind} device, not a vxlan")
+        # As in the kernel: only the MTU can change in place.
+        if link is not None and (
+            link.learning or link.vxlan is None or link.mac != device.mac
+            or replace(link.vxlan, mtu=device.mtu) != device
+        ):
+            self._delete_link(NODE, device.name)
+            link = None
+        created = link is None
+        if link is None:
+            link = self._new_link(NODE, device.name, "vxlan", device.mtu)
+        link.vxlan, link.mac, link.mtu, link.up = device, device.mac, device.mtu, True
+        return created
+
+    async def delete_tunnel_device(self) -> bool:
+        self._maybe_fail("delete_tunnel_device")
+        link = self.node.links.get(TUNNEL_DEVICE)
+        if link is None:
+            return False
+        if link.kind != "vxlan":
+            raise DatapathError(f"{TUNNEL_DEVICE} is a {link.kind} device, not a vxlan; refusing to delete it")
+        self._delete_link(NODE, TUNNEL_DEVICE)
+        return True
+
+    async def list_routing(self, pools: Collection[IPv4Network]) -> RoutingState:
+        node = self.node
+        link = node.links.get(TUNNEL_DEVICE)
+        tunnel = None
+        if link is not None and link.kind == "vxlan" and link.vxlan is not None:
+            tunnel = replace(link.vxlan, mtu=link.mtu, mac=link.mac)
+        routes = frozenset(
+            PeerRoute(r.dst, r.gateway, r.ifname, r.onlink, r.source)
+            for r in node.routes
+            if is_peer_route(r.dst, r.ifname, r.proto, pools)
+        )
+        neighbours = frozenset(PeerNeighbour(ip, mac) for (ip, dev), mac in node.neighbours.items()
+                               if dev == TUNNEL_DEVICE)
+        fdb = frozenset(PeerFdbEntry(mac, dst) for dev, mac, dst in node.fdb if dev == TUNNEL_DEVICE)
+        return RoutingState(tunnel if link is not None and link.kind == "vxlan" else None, routes, neighbours, fdb)
+
+    async def apply_routing(self, changes: RoutingChanges) -> None:
+        self._maybe_fail("apply_routing")
+        if not changes:
+            return
+        self.routing_batches.append(len(changes))
+        node = self.node
+        problems: list[str] = []
+        tunnel = node.links.get(TUNNEL_DEVICE)
+        local = {address for link in node.links.values() for address, _ in link.addresses}
+        for entry in changes.add_fdb:
+            if tunnel is None or tunnel.kind != "vxlan":
+                problems.append(f"fdb {entry}: device {TUNNEL_DEVICE} does not exist")
+            else:
+                node.fdb.add((TUNNEL_DEVICE, entry.mac, entry.dst))
+        for neigh in changes.add_neighbours:
+            if tunnel is None:
+                problems.append(f"neighbour {neigh}: device {TUNNEL_DEVICE} does not exist")
+            else:
+                node.neighbours[(neigh.ip, TUNNEL_DEVICE)] = neigh.mac
+        for route in changes.add_routes:
+            if (problem := self._route_problem(route, local)) is not None:
+                problems.append(f"route {route}: {problem}")
+                continue
+            node.routes = {r for r in node.routes if r.dst != route.dst}
+            node.routes.add(FakeRoute(route.dst, route.device, route.gateway, onlink=route.onlink, source=route.source))
+        for route in changes.delete_routes:
+            node.routes = {
+                r for r in node.routes
+                if not (r.dst == route.dst and r.ifname == route.device and r.proto == RTPROT_MEMBRANE
+                        and (route.gateway is None or r.gateway == route.gateway))
+            }
+        for neigh in changes.delete_neighbours:
+            node.neighbours.pop((neigh.ip, TUNNEL_DEVICE), None)
+        for entry in changes.delete_fdb:
+            node.fdb.discard((TUNNEL_DEVICE, entry.mac, entry.dst))
+        if problems:
+            raise DatapathError("; ".join(problems))
+
+    def _route_problem(self, route: PeerRoute, local: set[IPv4Address]) -> str | None:
+        link = self.node.links.get(route.device)
+        if link is None:
+            return f"device {route.device} does not exist"
+        if route.gateway is None:
+            return "a peer route needs a gateway"
+        if not route.onlink and not any(
+            route.gateway in IPv4Network(f"{address}/{prefixlen}", strict=False)
+            for address, prefixlen in link.addresses
+        ):
+            return "Network is unreachable"  # the kernel's "Nexthop has invalid gateway"
+        if route.source is not None and route.source not in local:
+            return "Invalid argument"  # not a local address
+        return None

@@ -15,38 +15,70 @@ Wiring made by ``attach_endpoint`` (node side | container side)::
 
 The static neighbour makes the pod independent of the node's ARP settings (``arp_ignore``); the node
 still answers ARP for the router IP, which lives on ``membrane_host``, on every host veth.
+
+Between nodes (``ensure_tunnel_device``, ``list_routing``, ``apply_routing``)::
+
+    membrane_vxlan  vxlan id VNI dstport PORT local NODE_IP dev UPLINK nolearning
+                    address 02:6d:<node IP bytes>  MTU uplink-50  addrgenmode none  up
+    per peer (vxlan)   fdb   PEER_MAC dst PEER_NODE_IP self permanent
+                       neigh PEER_ROUTER_IP lladdr PEER_MAC nud permanent
+                       route PEER_POD_CIDR via PEER_ROUTER_IP dev membrane_vxlan src ROUTER_IP onlink proto 177
+    per peer (native)  route PEER_POD_CIDR via PEER_NODE_IP dev UPLINK proto 177
+
+Peer entries are written with batched netlink (:mod:`membrane.datapath.netlink.batch`): a resync
+that touches many peers is a few system calls, not one round trip per entry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import socket
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from membrane.core.errors import DatapathError
+from membrane.core.errors import DatapathError, InvalidInput
+from membrane.datapath.netlink.batch import (
+    RTNH_F_ONLINK,
+    Request,
+    fdb_request,
+    neighbour_request,
+    route_request,
+    send_batch,
+)
 from membrane.datapath.netlink.model import (
     HOST_DEVICE,
     HOST_DEVICE_PEER,
     RTPROT_MEMBRANE,
+    TUNNEL_DEVICE,
     AttachedEndpoint,
     EndpointSpec,
     HostDevice,
     OwnedEndpoints,
     OwnedLink,
     OwnedRoute,
+    PeerFdbEntry,
+    PeerNeighbour,
+    PeerRoute,
+    RoutingChanges,
+    RoutingState,
+    TunnelDevice,
     endpoint_ifname,
     is_endpoint_ifname,
+    is_peer_route,
     orphaned_links,
 )
-from membrane.datapath.netns import netlink_socket_fd, netns_path, open_netns, write_sysctl
+from membrane.datapath.netns import if_nametoindex, netlink_socket_fd, netns_path, open_netns, write_sysctl
 
 AF_INET = 2
+AF_BRIDGE = 7
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RT_TABLE_MAIN = 254
@@ -89,6 +121,10 @@ async def _ipv4_addresses(ipr: RTNL, index: int) -> list[tuple[IPv4Address, int]
     ]
 
 
+async def _dump(request: Any) -> list[Any]:
+    return [msg async for msg in await request]
+
+
 async def _ipv4_routes(ipr: RTNL) -> list[Any]:
     return [
         msg
@@ -104,6 +140,35 @@ def _route_dst(msg: Any) -> IPv4Network:
 def _kind(link: Any) -> str | None:
     kind: str | None = link.get(("linkinfo", "kind"))
     return kind
+
+
+BATCH_TIMEOUT = 10.0  # seconds to wait for the kernel's acks of one batch (they come at once)
+
+
+def _vxlan_data(link: Any) -> dict[str, Any]:
+    data = link.get(("linkinfo", "data"))
+    if data is None:
+        return {}
+    return {name: value for name, value in data.get("attrs", []) if isinstance(name, str)}
+
+
+def _tunnel_of(link: Any, names: dict[int, str]) -> tuple[TunnelDevice, bool] | None:
+    """The tunnel device as the kernel holds it, and whether it learns (it must not); None when it
+    lacks a piece a TunnelDevice needs (then it is not one this agent made)."""
+    data = _vxlan_data(link)
+    try:
+        device = TunnelDevice(
+            vni=int(data["IFLA_VXLAN_ID"]),
+            port=int(data["IFLA_VXLAN_PORT"]),
+            local=IPv4Address(data["IFLA_VXLAN_LOCAL"]),
+            uplink=names.get(int(data.get("IFLA_VXLAN_LINK") or 0), "?"),
+            mtu=int(link.get("mtu")),
+            mac=str(link.get("address")),
+            name=str(link.get("ifname")),
+        )
+    except (KeyError, TypeError, ValueError, InvalidInput):
+        return None
+    return device, bool(data.get("IFLA_VXLAN_LEARNING"))
 
 
 class PyrouteNetlink:
@@ -167,6 +232,14 @@ class PyrouteNetlink:
     async def attach_endpoint(self, spec: EndpointSpec) -> AttachedEndpoint:
         host_ifname = spec.host_ifname
         ns_fd = open_netns(spec.netns)
+        node_ns = os.stat(self._node_netns or "/proc/self/ns/net")
+        container_ns = os.fstat(ns_fd)
+        if (container_ns.st_dev, container_ns.st_ino) == (node_ns.st_dev, node_ns.st_ino):
+            # A container "namespace" that is the node's own (e.g. a /proc/PID path read before the
+            # process entered its namespace) would have us rename and readdress the node's interfaces.
+            os.close(ns_fd)
+            raise DatapathError(f"refusing to attach {spec.container_id[:12]}: {spec.netns} is the node's own "
+                                "network namespace")
         try:
             async with self._rtnl(self._node_netns) as node, self._rtnl(ns_fd) as pod:
                 try:
@@ -348,6 +421,162 @@ class PyrouteNetlink:
                         continue
                     raise DatapathError(f"pruning {name}: {_strerror(exc)}") from None
         return tuple(removed)
+
+    # -- between nodes ------------------------------------------------------------------------
+
+    async def ensure_tunnel_device(self, device: TunnelDevice) -> bool:
+        async with self._rtnl(self._node_netns) as node:
+            try:
+                uplink = await _get_link(node, device.uplink)
+                if uplink is None:
+                    raise DatapathError(f"{device.name}: uplink {device.uplink} does not exist")
+                link = await _get_link(node, device.name)
+                if link is not None and _kind(link) != "vxlan":
+                    raise DatapathError(f"{device.name} exists and is a {_kind(link)} device, not a vxlan")
+                if link is not None:
+                    have = _tunnel_of(link, {uplink["index"]: device.uplink})
+                    # VNI, port, local address and uplink cannot change on a live vxlan device, and a
+                    # changed MAC would strand the peers' entries: replace the device.
+                    if have is None or have[1] or have[0] != replace(device, mtu=have[0].mtu):
+                        await node.link("del", index=link["index"])
+                        link = None
+                created = link is None
+                if link is None:
+                    await node.link(
+                        "add",
+                        ifname=device.name,
+                        kind="vxlan",
+                        vxlan_id=device.vni,
+                        vxlan_port=device.port,
+                        vxlan_local=str(device.local),
+                        vxlan_link=uplink["index"],
+                        vxlan_learning=0,
+                        address=device.mac,
+                        mtu=device.mtu,
+                    )
+                    link = await _get_link(node, device.name)
+                    if link is None:
+                        raise DatapathError(f"{device.name} vanished while being set up")
+                await node.link("set", index=link["index"], state="up", mtu=device.mtu, af_spec=_NO_IPV6_ADDRESS)
+            except NetlinkError as exc:
+                raise DatapathError(f"setting up {device.name}: {_strerror(exc)}") from None
+        return created
+
+    async def delete_tunnel_device(self) -> bool:
+        async with self._rtnl(self._node_netns) as node:
+            try:
+                link = await _get_link(node, TUNNEL_DEVICE)
+                if link is None:
+                    return False
+                if _kind(link) != "vxlan":
+                    raise DatapathError(
+                        f"{TUNNEL_DEVICE} is a {_kind(link)} device, not a vxlan; refusing to delete it"
+                    )
+                await node.link("del", index=link["index"])
+            except NetlinkError as exc:
+                if exc.code == errno.ENODEV:
+                    return False
+                raise DatapathError(f"deleting {TUNNEL_DEVICE}: {_strerror(exc)}") from None
+        return True
+
+    async def list_routing(self, pools: Collection[IPv4Network]) -> RoutingState:
+        async with self._rtnl(self._node_netns) as node:
+            try:
+                links = await _links(node)
+                names = {msg["index"]: str(msg.get("ifname")) for msg in links}
+                tunnel_link = next(
+                    (m for m in links if m.get("ifname") == TUNNEL_DEVICE and _kind(m) == "vxlan"), None
+                )
+                routes = []
+                for r in await _ipv4_routes(node):
+                    ifname = names.get(r.get("oif"))
+                    if ifname is None or not is_peer_route(_route_dst(r), ifname, r["proto"], pools):
+                        continue
+                    gateway, source = r.get("gateway"), r.get("prefsrc")
+                    routes.append(PeerRoute(
+                        dst=_route_dst(r),
+                        gateway=IPv4Address(gateway) if gateway else None,
+                        device=ifname,
+                        onlink=bool(r["flags"] & RTNH_F_ONLINK),
+                        source=IPv4Address(source) if source else None,
+                    ))
+                tunnel = None
+                neighbours: list[PeerNeighbour] = []
+                fdb: list[PeerFdbEntry] = []
+                if tunnel_link is not None:
+                    index = tunnel_link["index"]
+                    found = _tunnel_of(tunnel_link, names)
+                    tunnel = found[0] if found is not None else None
+                    for msg in await _dump(node.neigh("dump", family=AF_INET, ifindex=index)):
+                        if msg["ifindex"] == index and msg.get("dst"):
+                            neighbours.append(PeerNeighbour(
+                                ip=IPv4Address(msg.get("dst")),
+                                mac=str(msg.get("lladdr") or ""),
+                                permanent=bool(msg["state"] & NUD_PERMANENT),
+                            ))
+                    for msg in await _dump(node.neigh("dump", family=AF_BRIDGE, ifindex=index)):
+                        # Entries without a remote are the device's own addresses, not peers.
+                        if msg["ifindex"] == index and msg.get("dst") and msg.get("lladdr"):
+                            fdb.append(PeerFdbEntry(mac=str(msg.get("lladdr")), dst=IPv4Address(msg.get("dst"))))
+            except NetlinkError as exc:
+                raise DatapathError(f"reading routes and neighbours: {_strerror(exc)}") from None
+        return RoutingState(tunnel, frozenset(routes), frozenset(neighbours), frozenset(fdb))
+
+    async def apply_routing(self, changes: RoutingChanges) -> None:
+        if not changes:
+            return
+        devices = {r.device for r in (*changes.add_routes, *changes.delete_routes)} | {TUNNEL_DEVICE}
+        index = if_nametoindex(self._node_netns, sorted(devices))
+        tunnel = index.get(TUNNEL_DEVICE)
+        requests: list[Request] = []
+        problems: list[str] = []
+        if tunnel is None:
+            problems += [f"{what}: device {TUNNEL_DEVICE} does not exist"
+                         for what in (*(f"fdb {e}" for e in changes.add_fdb),
+                                      *(f"neighbour {n}" for n in changes.add_neighbours))]
+        else:
+            requests += [fdb_request(delete=False, mac=e.mac, dst=e.dst, ifindex=tunnel, what=f"fdb {e}")
+                         for e in changes.add_fdb]
+            requests += [neighbour_request(delete=False, ip=n.ip, mac=n.mac, ifindex=tunnel, what=f"neighbour {n}")
+                         for n in changes.add_neighbours]
+        for route in changes.add_routes:
+            oif = index.get(route.device)
+            if oif is None:
+                problems.append(f"route {route}: device {route.device} does not exist")
+            elif route.gateway is None:
+                problems.append(f"route {route}: a peer route needs a gateway")
+            else:
+                requests.append(route_request(delete=False, dst=route.dst, gateway=route.gateway, oif=oif,
+                                              proto=RTPROT_MEMBRANE, onlink=route.onlink, source=route.source,
+                                              what=f"route {route}"))
+        # Entries whose device is gone are gone already: the kernel removed them with the device.
+        for route in changes.delete_routes:
+            if (oif := index.get(route.device)) is not None:
+                requests.append(route_request(delete=True, dst=route.dst, gateway=route.gateway, oif=oif,
+                                              proto=RTPROT_MEMBRANE, what=f"delete route {route}"))
+        if tunnel is not None:
+            requests += [
+                neighbour_request(delete=True, ip=n.ip, mac=n.mac, ifindex=tunnel, what=f"delete neighbour {n}")
+                for n in changes.delete_neighbours
+            ]
+            requests += [fdb_request(delete=True, mac=e.mac, dst=e.dst, ifindex=tunnel, what=f"delete fdb {e}")
+                         for e in changes.delete_fdb]
+        if requests:
+            try:
+                refused = await asyncio.to_thread(self._send, requests)
+            except OSError as exc:
+                raise DatapathError(f"netlink batch of {len(requests)} requests: {_strerror(exc)}") from None
+            problems += [f"{request.what}: {os.strerror(code)}" for request, code in refused]
+        if problems:
+            raise DatapathError("; ".join(problems))
+
+    def _send(self, requests: list[Request]) -> list[tuple[Request, int]]:
+        sock = socket.socket(fileno=netlink_socket_fd(self._node_netns))
+        try:
+            sock.settimeout(BATCH_TIMEOUT)
+            return send_batch(sock, requests)
+        finally:
+            sock.close()
 
 
 def _is_pair(host: Any, pod_link: Any | None) -> bool:

@@ -1,0 +1,275 @@
+"""The agent's flow observability, wired on one screen.
+
+    kernel: log group N ──NflogReader──► records ──enrich(state)──► FlowPublisher ──► Ring
+                                                                         │              │
+                                                 NamespaceTracker, FlowMetrics    ObserverServer
+                                                          │                     TCP 127.0.0.1:4244
+                                                 MetricsServer 127.0.0.1:9965   <run-dir>/observer.sock
+    store: endpoints/*, ciliumnodes ──reflectors──► EnrichmentState (rebuilt on every change)
+
+The reader binds its NFLOG group before the datapath installs the log rules, so the first
+connections are not missed. Events the kernel could not deliver (reader too slow) are counted
+from NFLOG sequence gaps and written into the ring as a LostEvent (PERF_EVENT_RING_BUFFER), which
+``hubble_lost_events_total`` and every GetFlows reader see. The observer's socket path is published
+in this node's CiliumNode ``status.observer`` so a relay can find it.
+
+A failure to listen or to bind the group degrades observability, never the node: it is logged,
+shown in the agent status, and the reader is retried by the lifecycle.
+
+Primitives: :class:`ObserverSettings`, :class:`AgentObserver`, :func:`state_from_store`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+from membrane.agent.records import EndpointRecord
+from membrane.core.config import AgentConfig
+from membrane.core.errors import MembraneError
+from membrane.core.lifecycle import Lifecycle
+from membrane.datapath.netlink.model import TUNNEL_DEVICE
+from membrane.datapath.ruleset import FlowLog
+from membrane.ipam.pool import router_ip
+from membrane.observe.enrich import EndpointInfo, EnrichmentState, FlowIds, NodeAddress, enrich
+from membrane.observe.events import FlowCodeError
+from membrane.observe.metrics import FlowMetrics, MetricsServer
+from membrane.observe.model import PERF_EVENT_RING_BUFFER
+from membrane.observe.nflog import FlowEventSource, NflogReader, NflogRecord
+from membrane.observe.observer import FlowPublisher, NamespaceTracker
+from membrane.observe.ring import DEFAULT_CAPACITY, Ring
+from membrane.observe.server import ObserverServer
+from membrane.store import keys
+from membrane.store.base import KeyValue, Store
+from membrane.store.reflector import Reflector, Subscription
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = keys.endpoints_prefix()
+NODES = keys.objects_prefix("ciliumnodes")
+
+
+@dataclass(frozen=True)
+class ObserverSettings:
+    """Where the observer listens and what the datapath logs. ``enabled`` False: no log rules,
+    no reader, no listeners (what the flow benchmark compares against)."""
+
+    enabled: bool = True
+    listen: str | None = "127.0.0.1:4244"
+    unix_socket: Path | None = None
+    metrics_listen: str | None = "127.0.0.1:9965"
+    capacity: int = DEFAULT_CAPACITY
+    flow_log: FlowLog = field(default_factory=FlowLog)
+
+    @classmethod
+    def for_agent(cls, config: AgentConfig) -> ObserverSettings:
+        return cls(unix_socket=config.runDir / "observer.sock")
+
+
+def _node_address(obj: Mapping[str, Any]) -> NodeAddress | None:
+    name = (obj.get("metadata") or {}).get("name")
+    spec = obj.get("spec") or {}
+    ips = [a.get("ip") for a in spec.get("addresses") or [] if a.get("type") == "InternalIP" and a.get("ip")]
+    if not name or not ips:
+        return None
+    cidrs = (spec.get("ipam") or {}).get("podCIDRs") or []
+    router = str(router_ip(IPv4Network(cidrs[0]))) if cidrs else ""
+    return NodeAddress(name=name, node_ip=str(ips[0]), router_ip=router)
+
+
+def state_from_store(node_name: str, endpoints: Sequence[KeyValue], nodes: Sequence[KeyValue], *,
+                     cluster_name: str = "default", tunnel_ifindex: int = 0) -> EnrichmentState:
+    """The enrichment state from the store's endpoint records (every node's) and CiliumNodes."""
+    infos: list[EndpointInfo] = []
+    for kv in endpoints:
+        try:
+            record = EndpointRecord.from_json(kv.value)
+        except (ValueError, TypeError, KeyError):
+            continue
+        local = record.node == node_name
+        infos.append(EndpointInfo(
+            ip=str(record.ipv4), identity=record.identity, namespace=record.namespace, pod_name=record.pod,
+            labels=record.labels, endpoint_id=record.endpoint_id if local else 0, node=record.node,
+            ifindex=record.host_ifindex if local else 0, ifname=record.host_ifname if local else ""))
+    addresses: list[NodeAddress] = []
+    for kv in nodes:
+        try:
+            address = _node_address(json.loads(kv.value))
+        except ValueError:
+            continue
+        if address is not None:
+            addresses.append(address)
+    return EnrichmentState.build(node_name, infos, addresses, cluster_name=cluster_name,
+                                 tunnel_ifindex=tunnel_ifindex)
+
+
+def _tunnel_ifindex() -> int:
+    try:
+        return socket.if_nametoindex(TUNNEL_DEVICE)
+    except OSError:
+        return 0
+
+
+class AgentObserver:
+    """Reads flow events, turns them into flows and serves them. ``source`` defaults to an
+    :class:`NflogReader` on the settings' group in the agent's network namespace."""
+
+    def __init__(self, settings: ObserverSettings, *, node_name: str, store: Store, cluster_name: str = "default",
+                 source: FlowEventSource | None = None, tunnel_ifindex: Callable[[], int] = _tunnel_ifindex) -> None:
+        self.settings = settings
+        self.node_name = node_name
+        self.cluster_name = cluster_name
+        self._store = store
+        self._source = source or NflogReader(settings.flow_log.group)
+        self._tunnel_ifindex = tunnel_ifindex
+        self.ring = Ring(settings.capacity)
+        self.metrics = FlowMetrics()
+        self.namespaces = NamespaceTracker(cluster_name)
+        self.publisher = FlowPublisher(self.ring, node_name=node_name, sinks=(self.namespaces, self.metrics),
+                                       on_lost=self.metrics.lost)
+        self.state = EnrichmentState(node_name, cluster_name)
+        self.server: ObserverServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self._ids = FlowIds()
+        self._lost_reported = 0
+        self.malformed = 0
+        self.errors: list[str] = []
+        self._endpoints = Reflector(store, ENDPOINTS)
+        self._nodes = Reflector(store, NODES)
+        self._subscriptions: tuple[Subscription, ...] = ()
+        self.state_changed = asyncio.Event()
+
+    @property
+    def flow_log(self) -> FlowLog | None:
+        """What the datapath should log (None: observability off)."""
+        return self.settings.flow_log if self.settings.enabled else None
+
+    @property
+    def source(self) -> FlowEventSource:
+        return self._source
+
+    def advertised(self) -> dict[str, str]:
+        """This observer as ``status.observer`` of the node's CiliumNode tells relays about it."""
+        if not self.settings.enabled:
+            return {}
+        found: dict[str, str] = {}
+        if self.server is not None and self.server.unix_socket is not None:
+            found["socket"] = str(self.server.unix_socket)
+        if self.server is not None and self.server.listen and self.server.port:
+            found["address"] = self.server.address
+        return found
+
+    async def start(self, lifecycle: Lifecycle) -> None:
+        if not self.settings.enabled:
+            return
+        # Subscribed before the reflectors run, so the initial lists reach the state too.
+        self._subscriptions = (self._endpoints.subscribe(), self._nodes.subscribe())
+        lifecycle.start("observer endpoints reflector", self._endpoints.run)
+        lifecycle.start("observer nodes reflector", self._nodes.run)
+        lifecycle.start("observer state", self._follow_state)
+        lifecycle.start("flow events", self._read_events)
+        bound = getattr(self._source, "bound", None)
+        if isinstance(bound, asyncio.Event):
+            # The group is ours before the log rules exist; a bind that fails is retried by the
+            # lifecycle, and the node comes up regardless.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(bound.wait(), 5)
+        s = self.settings
+        self.server = ObserverServer(self.ring, self.node_name, namespaces=self.namespaces.namespaces,
+                                     listen=s.listen, unix_socket=s.unix_socket, cluster_name=self.cluster_name)
+        try:
+            await self.server.start()
+        except MembraneError as exc:
+            self._error(f"observer API: {exc}")
+            self.server = None
+        if s.metrics_listen:
+            self.metrics_server = MetricsServer(self.metrics, s.metrics_listen)
+            try:
+                await self.metrics_server.start()
+            except MembraneError as exc:
+                self._error(f"metrics: {exc}")
+                self.metrics_server = None
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+            self.metrics_server = None
+
+    def _error(self, message: str) -> None:
+        log.error("%s", message)
+        self.errors.append(message)
+
+    # -- the pipeline -----------------------------------------------------------------------------
+
+    async def _read_events(self) -> None:
+        await self._source.run(self.ingest)
+
+    def ingest(self, records: Sequence[NflogRecord]) -> None:
+        """One batch from the reader (on the event loop): losses first, then the flows in order."""
+        lost = self._source.stats.lost
+        if lost > self._lost_reported:
+            self.publisher.publish_lost(PERF_EVENT_RING_BUFFER, lost - self._lost_reported)
+            self._lost_reported = lost
+        state, publish, ids = self.state, self.publisher.publish, self._ids
+        for record in records:
+            try:
+                flow = enrich(record, state, flow_id=ids.next())
+            except FlowCodeError as exc:
+                self.malformed += 1
+                if self.malformed == 1:
+                    log.warning("flow event not understood (is the datapath newer than this agent?): %s", exc)
+                continue
+            if flow is not None:
+                publish(flow)
+
+    async def _follow_state(self) -> None:
+        subscriptions = self._subscriptions
+        pending: dict[int, asyncio.Task[Any]] = {}
+        try:
+            while True:
+                for index, subscription in enumerate(subscriptions):
+                    if index not in pending:
+                        pending[index] = asyncio.ensure_future(anext(subscription))
+                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+                for index in [i for i, t in pending.items() if t in done]:
+                    try:
+                        pending.pop(index).result()
+                    except StopAsyncIteration:
+                        return  # the store closed: the agent is stopping
+                # Rebuilt from the reflectors' snapshots: a batch never shows half a transaction.
+                self.rebuild_state()
+        finally:
+            for task in pending.values():
+                task.cancel()
+
+    def rebuild_state(self) -> None:
+        self.state = state_from_store(
+            self.node_name, list(self._endpoints.snapshot.values()), list(self._nodes.snapshot.values()),
+            cluster_name=self.cluster_name, tunnel_ifindex=self._tunnel_ifindex())
+        self.state_changed.set()
+
+    def status(self) -> dict[str, Any]:
+        """The ``Hubble:`` part of the agent status."""
+        if not self.settings.enabled:
+            return {"summary": "Disabled"}
+        stats = self._source.stats
+        state = "Ok" if self.server is not None and not self.errors else "Warning"
+        summary = f"{state}   Current/Max Flows: {len(self.ring):,}/{self.ring.capacity:,}"
+        return {
+            "summary": summary, "flows": len(self.ring), "maxFlows": self.ring.capacity,
+            "seenFlows": self.ring.seen_flows, "events": stats.received, "lostEvents": stats.lost,
+            "malformedEvents": self.malformed + stats.malformed, "group": self.settings.flow_log.group,
+            "listen": self.server.address if self.server else "", "errors": list(self.errors),
+            "metrics": f"127.0.0.1:{self.metrics_server.port}" if self.metrics_server else "",
+        }

@@ -1,0 +1,279 @@
+"""Enrichment, pure: an NFLOG record + what the agent knows → a Hubble ``flow.Flow``.
+
+The record says what the kernel saw (addresses, ports, flags, interfaces, hook) and, through its
+log prefix (:mod:`membrane.observe.events`), why it was logged. :class:`EnrichmentState` is the
+agent's knowledge at that moment, rebuilt whenever endpoints or nodes change:
+
+- local endpoints by host veth index (endpoint ID, pod, namespace, labels, identity);
+- the ipcache: every pod address of the cluster (from the store's endpoint records), node
+  addresses and router IPs (``host`` for this node, ``remote-node`` for the others), and
+  ``world`` for anything else.
+
+Where a packet was seen decides the observation point and the direction (Hubble's rule: the event
+belongs to one local endpoint; EGRESS when that endpoint sent the packet, flipped for replies)::
+
+    hook       out device         point         event endpoint
+    forward    a local pod's veth  to-endpoint   destination
+    output     a local pod's veth  to-endpoint   destination
+    forward    the tunnel          to-overlay    source
+    forward    anything else       to-stack      source
+    input      (this node)         to-host       source
+    drop       —                   (drop reason) the pod whose veth the packet came in through
+
+A packet that came in through a local pod's veth is attributed to that pod even when its source
+address says otherwise (a spoofed packet names its real sender).
+
+Primitives: :class:`EndpointInfo`, :class:`NodeAddress`, :class:`EnrichmentState`,
+:func:`enrich` and :class:`FlowIds` (cheap unique flow UUIDs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+from membrane.identity.reserved import HOST, REMOTE_NODE, WORLD
+from membrane.observe.events import CodeVerdict, EventKind, FlowCode, TraceReason, parse_prefix
+from membrane.observe.model import (
+    AUDIT,
+    DROPPED,
+    EGRESS,
+    FORWARDED,
+    INGRESS,
+    REDIRECTED,
+    TRAFFIC_DIRECTION_UNKNOWN,
+    Endpoint,
+    Flow,
+    IPv4,
+    IPv6,
+    fill_summary,
+    mark_drop,
+    mark_trace,
+    set_reply,
+    set_time,
+)
+from membrane.observe.nflog import (
+    HOOK_INPUT,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_CWR,
+    TCP_ECE,
+    TCP_FIN,
+    TCP_NS,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    TCP_URG,
+    NflogRecord,
+)
+from membrane.observe.pb.flow import flow_pb2
+
+WORKLOAD_KIND = "Pod"  # bare pods are their own workload
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    """One side of a flow as the ipcache knows it. ``endpoint_id``, ``ifindex`` and ``ifname`` are
+    set for this node's endpoints only (endpoint IDs are node-local, as in Cilium)."""
+
+    ip: str
+    identity: int
+    namespace: str = ""
+    pod_name: str = ""
+    labels: tuple[str, ...] = ()
+    endpoint_id: int = 0
+    node: str = ""
+    ifindex: int = 0
+    ifname: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    """A node's addresses that flows may show: its underlay IP and its router IP."""
+
+    name: str
+    node_ip: str
+    router_ip: str = ""
+
+
+WORLD_INFO = EndpointInfo(ip="", identity=WORLD.id, labels=("reserved:world",))
+
+
+def _endpoint_message(info: EndpointInfo, cluster_name: str) -> flow_pb2.Endpoint:
+    message = Endpoint(ID=info.endpoint_id, identity=info.identity, namespace=info.namespace,
+                       labels=list(info.labels), pod_name=info.pod_name)
+    if info.pod_name:
+        message.cluster_name = cluster_name
+        message.workloads.add(name=info.pod_name, kind=WORKLOAD_KIND)
+    return message
+
+
+@dataclass(frozen=True)
+class EnrichmentState:
+    """What the agent knows, indexed for one dict lookup per flow side. Build with :meth:`build`."""
+
+    node_name: str
+    cluster_name: str = "default"
+    local_by_ifindex: Mapping[int, EndpointInfo] = field(default_factory=dict)
+    by_ip: Mapping[str, EndpointInfo] = field(default_factory=dict)
+    tunnel_ifindex: int = 0
+    # Pre-built Endpoint messages: copying one is much cheaper than filling fields per flow.
+    _messages: dict[EndpointInfo, flow_pb2.Endpoint] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, node_name: str, endpoints: Iterable[EndpointInfo], nodes: Iterable[NodeAddress] = (), *,
+              cluster_name: str = "default", tunnel_ifindex: int = 0) -> EnrichmentState:
+        by_ip: dict[str, EndpointInfo] = {}
+        for node in nodes:
+            reserved = HOST if node.name == node_name else REMOTE_NODE
+            for ip in (node.node_ip, node.router_ip):
+                if ip:
+                    by_ip[ip] = EndpointInfo(ip=ip, identity=reserved.id, labels=(f"reserved:{reserved.name}",),
+                                             node=node.name)
+        local: dict[int, EndpointInfo] = {}
+        for info in endpoints:
+            by_ip[info.ip] = info  # a pod address is more specific than anything a node claims
+            if info.node == node_name and info.ifindex:
+                local[info.ifindex] = info
+        return cls(node_name, cluster_name, local, by_ip, tunnel_ifindex)
+
+    @property
+    def node_label(self) -> str:
+        """The flow's ``node_name``: ``cluster/node`` outside the default cluster, as Hubble does."""
+        return self.node_name if self.cluster_name == "default" else f"{self.cluster_name}/{self.node_name}"
+
+    def lookup(self, ip: str) -> EndpointInfo:
+        info = self.by_ip.get(ip)
+        if info is not None:
+            return info
+        return EndpointInfo(ip=ip, identity=WORLD.id, labels=WORLD_INFO.labels)
+
+    def message(self, info: EndpointInfo) -> flow_pb2.Endpoint:
+        message = self._messages.get(info)
+        if message is None:
+            message = _endpoint_message(info, self.cluster_name)
+            if len(self._messages) < 65536 and (info.pod_name or info.identity != WORLD.id):
+                self._messages[info] = message
+        return message
+
+
+class FlowIds:
+    """Unique flow UUIDs without a random draw per flow: a random per-process UUID whose last 48
+    bits count up (still a well-formed version 4 UUID string)."""
+
+    def __init__(self) -> None:
+        self._prefix = str(uuid.uuid4())[:24]
+        self._counter = itertools.count(int.from_bytes(uuid.uuid4().bytes[:6], "big"))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+_VERDICTS = {
+    CodeVerdict.FORWARDED: FORWARDED,
+    CodeVerdict.DROPPED: DROPPED,
+    CodeVerdict.AUDIT: AUDIT,
+    CodeVerdict.REDIRECTED: REDIRECTED,
+}
+_TRACE_REASONS = {
+    TraceReason.NEW: flow_pb2.NEW,
+    TraceReason.ESTABLISHED: flow_pb2.ESTABLISHED,
+    TraceReason.REPLY: flow_pb2.REPLY,
+}
+_TCP_FLAGS = (
+    (TCP_FIN, "FIN"), (TCP_SYN, "SYN"), (TCP_RST, "RST"), (TCP_PSH, "PSH"), (TCP_ACK, "ACK"),
+    (TCP_URG, "URG"), (TCP_ECE, "ECE"), (TCP_CWR, "CWR"), (TCP_NS, "NS"),
+)
+
+
+def _set_l4(flow: flow_pb2.Flow, record: NflogRecord) -> None:
+    packet = record.packet
+    assert packet is not None
+    proto = packet.protocol
+    if proto == IPPROTO_TCP:
+        tcp = flow.l4.TCP
+        tcp.source_port = packet.source_port
+        tcp.destination_port = packet.destination_port
+        flags = tcp.flags
+        for bit, name in _TCP_FLAGS:
+            if packet.tcp_flags & bit:
+                setattr(flags, name, True)
+    elif proto == IPPROTO_UDP:
+        flow.l4.UDP.source_port = packet.source_port
+        flow.l4.UDP.destination_port = packet.destination_port
+    elif proto == IPPROTO_SCTP:
+        flow.l4.SCTP.source_port = packet.source_port
+        flow.l4.SCTP.destination_port = packet.destination_port
+    elif proto == IPPROTO_ICMP:
+        flow.l4.ICMPv4.type = packet.icmp_type
+        flow.l4.ICMPv4.code = packet.icmp_code
+    elif proto == IPPROTO_ICMPV6:
+        flow.l4.ICMPv6.type = packet.icmp_type
+        flow.l4.ICMPv6.code = packet.icmp_code
+
+
+def _direction(event_endpoint_is_source: bool | None, is_reply: bool | None) -> flow_pb2.TrafficDirection:
+    if event_endpoint_is_source is None:
+        return TRAFFIC_DIRECTION_UNKNOWN
+    return EGRESS if event_endpoint_is_source != bool(is_reply) else INGRESS
+
+
+def enrich(record: NflogRecord, state: EnrichmentState, *, flow_id: str = "",
+           code: FlowCode | None = None) -> Flow | None:
+    """The flow for ``record``; None when the record is not one of ours (a foreign prefix) or
+    carries no IP header. Raises :class:`~membrane.observe.events.FlowCodeError` for a malformed
+    prefix of ours."""
+    if code is None:
+        code = parse_prefix(record.prefix)
+    packet = record.packet
+    if code is None or packet is None:
+        return None
+    flow = Flow(uuid=flow_id, node_name=state.node_label)
+    set_time(flow, record.time_ns)
+    flow.IP.source = packet.source
+    flow.IP.destination = packet.destination
+    flow.IP.ipVersion = IPv6 if packet.ip_version == 6 else IPv4
+    _set_l4(flow, record)
+
+    local_in = state.local_by_ifindex.get(record.in_ifindex) if record.in_ifindex else None
+    local_out = state.local_by_ifindex.get(record.out_ifindex) if record.out_ifindex else None
+    source = local_in if local_in is not None else state.lookup(packet.source)
+    destination = local_out if local_out is not None else state.lookup(packet.destination)
+    flow.source.CopyFrom(state.message(source))
+    flow.destination.CopyFrom(state.message(destination))
+
+    is_reply = code.is_reply
+    event_is_source: bool | None
+    interface: EndpointInfo | None
+    if code.kind is EventKind.TRACE:
+        if record.hook == HOOK_INPUT:
+            point, event_is_source, interface = "to-host", True, None
+        elif local_out is not None:
+            point, event_is_source, interface = "to-endpoint", False, local_out
+        else:
+            tunnel = state.tunnel_ifindex and record.out_ifindex == state.tunnel_ifindex
+            point, event_is_source, interface = ("to-overlay" if tunnel else "to-stack"), True, None
+            if local_in is None:
+                event_is_source = None  # neither side is ours: no direction to speak of
+        mark_trace(flow, point, verdict=_VERDICTS[code.verdict], reason=_TRACE_REASONS[cast(TraceReason, code.reason)])
+    else:
+        # Drops (and, later, policy verdicts) happen at one endpoint: the one the packet came from
+        # through its veth, else the one it was going to.
+        mark_drop(flow, code.drop_reason)
+        flow.verdict = _VERDICTS[code.verdict]
+        interface = local_in or local_out
+        event_is_source = None if interface is None else interface is local_in
+    flow.traffic_direction = _direction(event_is_source, is_reply)
+    set_reply(flow, is_reply)
+    if interface is not None and interface.ifname:
+        flow.interface.index = interface.ifindex
+        flow.interface.name = interface.ifname
+    fill_summary(flow)
+    return flow
