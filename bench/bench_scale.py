@@ -27,6 +27,7 @@ from pathlib import Path
 from bench.cluster import require_root, require_tools
 from bench.harness import BenchContext, BenchResult, Metric, percentile
 from membrane.agent.records import EndpointRecord
+from membrane.core.config import ClusterConfig
 from membrane.store import keys, open_store
 from membrane.store.base import Put
 from membrane.testing.agentnode import AgentNode
@@ -37,6 +38,7 @@ ENDPOINTS = 50_000
 IDENTITIES = 500
 CHANGES = 20
 BATCH = 2000
+CHANGE_POOL = "10.127.0.0/16"  # where the nodes added during the run get their CIDRs
 
 
 def _node_object(name: str, node_ip: str, cidr: str) -> bytes:
@@ -70,6 +72,9 @@ async def fill_store(url: str, nodes: int, endpoints: int) -> None:
                 ops.clear()
 
         pool = ipaddress.IPv4Network("10.128.0.0/9")
+        # Peers are only routed when their CIDRs lie in the cluster pools: make both ranges pools.
+        cluster = ClusterConfig(clusterPoolIPv4PodCIDRList=(str(pool), CHANGE_POOL))
+        ops.append(Put(keys.CLUSTER_CONFIG, cluster.model_dump_json().encode()))
         per_node = endpoints // nodes if nodes else 0
         for n, cidr in zip(range(nodes), pool.subnets(new_prefix=24), strict=False):
             name = f"sim{n:04d}"

@@ -49,6 +49,7 @@ def test_lines_are_get_flows_responses_and_read_back(tmp_path: Path) -> None:
     assert [r.flow.uuid for r in dropped_last] == ["flow-003"]
     first_two = list(read_flows(lines, GetFlowsRequest(number=2, first=True)))
     assert [r.flow.uuid for r in first_two] == ["flow-000", "flow-001"]
+    assert len(list(read_flows(lines, GetFlowsRequest(number=2**64 - 1)))) == 5  # --all
 
 
 def test_rotation_keeps_files_under_the_size_and_the_newest_backups(tmp_path: Path) -> None:

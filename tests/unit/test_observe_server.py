@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from membrane.core.errors import InvalidInput
-from membrane.observe.client import ObserverClient, ObserverUnavailable
+from membrane.core.errors import InvalidInput, MembraneError
+from membrane.observe.client import ObserverClient, ObserverError, ObserverUnavailable
 from membrane.observe.model import (
     DROPPED,
     FORWARDED,
@@ -134,7 +135,10 @@ async def test_server_status_nodes_namespaces_and_health(served: tuple[Ring, Obs
     assert node.address.startswith("127.0.0.1:")
     namespaces = (await client.get_namespaces()).namespaces
     assert [(n.cluster, n.namespace) for n in namespaces] == [("default", "default")]  # f4 was overwritten
-    assert await client.health() == "SERVING"
+    assert await client.health() == "SERVING"  # asked as Hubble asks: "hubble.server.Observer"
+    assert await client.health("observer.Observer") == "SERVING"
+    with pytest.raises(ObserverError, match="unknown service"):
+        await client.health("nonsense")
 
 
 async def test_unreachable_server(tmp_path: Path) -> None:
@@ -179,3 +183,20 @@ def test_publisher_fans_out_and_names_the_node() -> None:
     stored = ring.get(0).flow
     assert stored is not None and stored.node_name == "node9" and stored.Summary == "Ethernet"
     assert [n.namespace for n in tracker.namespaces()] == ["shop"]
+
+
+async def test_a_taken_port_is_an_error_and_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    stale = tmp_path / "observer.sock"
+    leftover = socket.socket(socket.AF_UNIX)
+    leftover.bind(str(stale))  # what a killed agent leaves behind
+    leftover.close()
+    first = ObserverServer(Ring(), "a", listen="127.0.0.1:0", unix_socket=stale)
+    await first.start()
+    try:
+        async with ObserverClient(str(stale)) as client:
+            assert (await client.server_status()).max_flows == 4095
+        second = ObserverServer(Ring(), "b", listen=f"127.0.0.1:{first.port}", unix_socket=None)
+        with pytest.raises(MembraneError, match=r"cannot listen on 127\.0\.0\.1:"):
+            await second.start()
+    finally:
+        await first.close(None)

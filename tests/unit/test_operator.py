@@ -12,10 +12,12 @@ from membrane.store.memory import ManualClock, MemoryStore
 CLUSTER = ClusterConfig(clusterPoolIPv4PodCIDRList=("10.244.0.0/22",), clusterPoolIPv4MaskSize=24)
 
 
-async def node_object(store: MemoryStore, name: str, cidr: str | None = None) -> None:
+async def node_object(store: MemoryStore, name: str, intent: Intent, cidr: str | None = None) -> None:
+    """A node registering: its object in the store, and (as the reflector would) in the intent."""
     spec = {"addresses": [{"type": "InternalIP", "ip": "172.31.0.1"}], "ipam": {"podCIDRs": [cidr]} if cidr else {}}
     obj = {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": name}, "spec": spec}
     await store.put(keys.object_key("ciliumnodes", None, name), json.dumps(obj).encode())
+    intent.nodes[name] = obj
 
 
 async def pod_cidrs(store: MemoryStore) -> dict[str, list[str]]:
@@ -45,20 +47,22 @@ async def test_only_one_agent_holds_the_role_and_it_moves_when_the_holder_dies()
 
 async def test_new_nodes_get_distinct_cidrs_and_removed_nodes_release_theirs():
     store = MemoryStore()
-    op = operator(store, "n1", await store.grant_lease(10))
+    intent = Intent()
+    op = operator(store, "n1", await store.grant_lease(10), intent)
     for name in ("n1", "n2", "n3"):
-        await node_object(store, name)
+        await node_object(store, name, intent)
     await op.allocate_node_cidrs()
     cidrs = await pod_cidrs(store)
     assert sorted(c[0] for c in cidrs.values()) == ["10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24"]
 
-    await store.put(keys.endpoint_key("n3", "c1"), b'{"identity": 300}')
+    await store.put(keys.endpoint_key("n3", "c1"), b'{"identity": 300, "ipv4": "10.244.2.2"}')
     await store.put(keys.POD_IPS + "10.244.2.2", keys.endpoint_key("n3", "c1").encode())
     await store.delete(keys.object_key("ciliumnodes", None, "n3"))
+    del intent.nodes["n3"]
     await op.forget_removed_nodes()
     assert (await store.list(keys.endpoints_prefix("n3")))[0] == []
     assert (await store.list(keys.POD_IPS))[0] == []
-    await node_object(store, "n4")
+    await node_object(store, "n4", intent)
     await op.allocate_node_cidrs()
     assert (await pod_cidrs(store))["n4"] == [cidrs["n3"][0]]
 

@@ -661,6 +661,21 @@ spec:
         namespace_labels={"y": {"ns2": "updated"}},
     ),
     Case(
+        "ingress-from-updated-pod-before",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-client-a-via-pod-selector, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b, pod2: updated}}
+""",
+        {"TCP/80": NOTHING_INTO_XA},
+    ),
+    Case(
         "ingress-from-updated-pod-after",
         """
 apiVersion: networking.k8s.io/v1

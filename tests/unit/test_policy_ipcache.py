@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from ipaddress import IPv4Address, IPv4Network
 
@@ -81,7 +82,7 @@ def test_random_tables_match_longest_prefix_lookup() -> None:
             address = rng.choice([0x0A000000, 0x0AF40100, 0xC0A80000]) + rng.randrange(1 << 12)
             table[N((address, length), strict=False)] = rng.choice([300, 301, 16777217, 16777218, 16777219])
         intervals = flatten_ipcache(table.items())
-        for previous, current in zip(intervals, intervals[1:], strict=False):
+        for previous, current in itertools.pairwise(intervals):
             assert previous.last < current.first  # disjoint and sorted
             assert not (int(previous.last) + 1 == int(current.first) and previous.identity == current.identity)
         probes = [int(p.network_address) + d for p in table for d in (-1, 0, 1, p.num_addresses - 1, p.num_addresses)]

@@ -32,6 +32,7 @@ from membrane.policy.mapstate import (
     Verdict,
     VerdictText,
     audited_elements,
+    compute_policies,
     enforced_elements,
     flatten_entries,
     policy_map_elements,
@@ -376,3 +377,39 @@ def test_rendered_elements_never_overlap(mode: str) -> None:
     compiled = compile_text(WEB_POLICY, EnforcementConfig(mode=mode))  # type: ignore[arg-type]
     keys = [k for k, _ in policy_map_elements((n, p.ingress) for n, p in enumerate(compiled.endpoints.values()))]
     assert len(keys) == len(set(keys))
+
+
+def test_redirects_and_audited_denies_follow_the_allow_text_unless_set() -> None:
+    text = VerdictText(allow="continue")
+    assert text.of(Verdict.ALLOW, "", audit=False) == "continue"
+    assert text.of(Verdict.REDIRECT, "http", audit=False) == "continue"
+    assert text.of(Verdict.DENY, "", audit=True) == "continue"
+    assert text.of(Verdict.DENY, "", audit=False) == "drop"
+    explicit = VerdictText(redirect="jump l7_{parser}", audit="jump audit")
+    assert explicit.of(Verdict.REDIRECT, "dns", audit=True) == "jump l7_dns"
+    assert explicit.of(Verdict.DENY, "", audit=True) == "jump audit"
+
+
+def test_identity_changes_flow_through_the_cache_into_recomputed_policies() -> None:
+    """The agent's incremental path: a pod relabelled → its identity changes → recompute."""
+    compiled = compile_text("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: trusted}}]
+""")
+    web = [PolicyEndpoint("x/web", 300, "x", WEB_PORTS)]
+    assert compiled.endpoints["x/web"].ingress.lookup(301, TCP, 80).verdict is None
+
+    trusted = identity_labels_for_pod("x", {"app": "client", "role": "trusted"}, {})
+    changes = compiled.cache.update({301: trusted})
+    assert [change.added for change in changes.selectors.values()] == [frozenset({301})]
+    after = compute_policies(web, compiled.repository, compiled.cache, compiled.config)
+    assert after["x/web"].ingress.lookup(301, TCP, 80).verdict is Verdict.ALLOW
+
+    compiled.cache.update(removed=[301])
+    gone = compute_policies(web, compiled.repository, compiled.cache, compiled.config)
+    assert gone["x/web"].ingress.lookup(301, TCP, 80).verdict is None

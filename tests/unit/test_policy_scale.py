@@ -46,7 +46,8 @@ def synthetic_identities() -> dict[int, frozenset[Label]]:
 
 def _cnp(rng: random.Random, n: int) -> dict[str, Any]:
     ns = rng.randrange(NAMESPACES)
-    app, peer, other_ns = rng.randrange(APPS_PER_NAMESPACE), rng.randrange(APPS_PER_NAMESPACE), rng.randrange(NAMESPACES)
+    app, peer = rng.randrange(APPS_PER_NAMESPACE), rng.randrange(APPS_PER_NAMESPACE)
+    other_ns = rng.randrange(NAMESPACES)
     port = str(rng.choice([80, 443, 8080, 9000]))
     spec: dict[str, Any] = {
         "endpointSelector": {"matchLabels": {"app": f"app-{app}"}},
@@ -140,6 +141,9 @@ def run_load() -> tuple[CompiledPolicy, dict[str, float], dict[str, int]]:
     policies = synthetic_policies()
     endpoints = local_endpoints(random.Random(2))
     timings: dict[str, float] = {}
+    # The agent's ipcache (pods and world) exists before policy; only policy prefixes are added.
+    base = [IpcacheEntry(IPv4Network("0.0.0.0/0"), WORLD.id, "reserved")]
+    base += [IpcacheEntry(IPv4Network((int(pod_address(i)), 32)), i, "custom-resource") for i in identities]
 
     start = time.perf_counter()
     compiled = compile_policies(policies, identities, endpoints)
@@ -152,8 +156,6 @@ def run_load() -> tuple[CompiledPolicy, dict[str, float], dict[str, int]]:
         pairs = [(ifindex[k], p.direction(direction)) for k, p in compiled.endpoints.items()]  # type: ignore[arg-type]
         counts[f"pol_{direction}"] = len(policy_map_elements(pairs))
         counts[f"enforced_{direction}"] = len(enforced_elements(pairs))
-    base = [IpcacheEntry(IPv4Network("0.0.0.0/0"), WORLD.id, "reserved")]
-    base += [IpcacheEntry(IPv4Network(pod_address(i)), i, "custom-resource") for i in identities]
     counts["ipcache"] = len(ipcache_elements(flatten_ipcache(with_cidr_identities(base, compiled.cidr_identities))))
     timings["render"] = time.perf_counter() - start
     timings["total"] = timings["compile"] + timings["render"]

@@ -58,9 +58,7 @@ def test_cache_agrees_with_direct_matching_on_random_tables() -> None:
     rng = random.Random(7)
     keys, values, sources = ["app", "tier", "env"], ["a", "b", "c"], ["k8s", "container"]
     identities = {
-        256 + n: frozenset(
-            Label(rng.choice(sources), key, rng.choice(values)) for key in keys if rng.random() < 0.7
-        )
+        256 + n: frozenset(Label(rng.choice(sources), key, rng.choice(values)) for key in keys if rng.random() < 0.7)
         for n in range(300)
     }
     operators = ["In", "NotIn", "Exists", "DoesNotExist"]

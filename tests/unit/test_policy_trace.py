@@ -109,7 +109,8 @@ SCENARIOS = [
 
 def test_trace_output_golden() -> None:
     text = "".join(
-        f"### {title}\n$ membrane policy trace --from {src} --to {dst} --port {port}\n{format_trace(run(src, dst, port, config))}\n"
+        f"### {title}\n$ membrane policy trace --from {src} --to {dst} --port {port}\n"
+        f"{format_trace(run(src, dst, port, config))}\n"
         for title, src, dst, port, config in SCENARIOS
     )
     if os.environ.get("MEMBRANE_UPDATE_GOLDEN") == "1":

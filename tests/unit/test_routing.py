@@ -303,3 +303,21 @@ async def test_a_failed_sync_is_retried_until_it_succeeds() -> None:
         assert fake.calls.count("apply_routing") == 2
     finally:
         await stop(task)
+
+
+def test_overlap_check_agrees_with_pairwise_comparison() -> None:
+    import ipaddress
+    import random
+
+    from membrane.agent.routing import _DisjointRanges
+
+    rng = random.Random(7)
+    ranges = _DisjointRanges()
+    taken: list[ipaddress.IPv4Network] = []
+    for _ in range(400):
+        cidr = ipaddress.IPv4Network((rng.randrange(0, 1 << 16) << 8, rng.choice([20, 22, 24, 26])), strict=False)
+        expected = any(cidr.overlaps(t) for t in taken)
+        assert ranges.overlaps(cidr) == expected, cidr
+        if not expected:
+            ranges.add(cidr)
+            taken.append(cidr)

@@ -60,18 +60,20 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         intent = Intent(cluster_name=cluster.clusterName)
         changed = asyncio.Event()
         nodes_changed = asyncio.Event()  # routing: wakes on CiliumNode changes only
+        operator_wake = asyncio.Event()  # the operator: wakes on node and pod changes
         for prefix in (PODS, NAMESPACES, NODES):
             reflector = Reflector(store, prefix)
             subscription = reflector.subscribe()
             lifecycle.start(f"reflector {prefix}", reflector.run)
             first = await anext(subscription)  # the initial list: intent is synced after it
             intent.apply(prefix, first.events)
-            wake = nodes_changed if prefix == NODES else changed
-            lifecycle.start(f"intent {prefix}", functools.partial(_follow, intent, prefix, subscription, wake))
+            wakes = (nodes_changed, operator_wake) if prefix == NODES else (changed, operator_wake)
+            lifecycle.start(f"intent {prefix}", functools.partial(_follow, intent, prefix, subscription, wakes))
 
         # The operator role may be ours: run it before waiting for the pod CIDR it hands out.
         identities = IdentityAllocator(store)
-        operator = Operator(store, registration.name, lambda: registration.lease, intent, identities, cluster)
+        operator = Operator(store, registration.name, lambda: registration.lease, intent, identities, cluster,
+                            wake=operator_wake)
         lifecycle.start("operator", operator.run)
         lifecycle.start("heartbeat", registration.run_heartbeats)
         node = await registration.wait_for_pod_cidr()
@@ -140,7 +142,6 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
                 await runner.reconcile()
                 if await endpoints.refresh_identities():
                     await datapath.sync(endpoints.ready_records())
-                operator.wake.set()
                 delay = runner.next_wakeup()
                 waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(runner.wake.wait())]
                 await asyncio.wait(waits, timeout=max(delay, 0.05) if delay is not None else 5.0,
@@ -168,7 +169,8 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
             await store.close()
 
 
-async def _follow(intent: Intent, prefix: str, subscription: Any, changed: asyncio.Event) -> None:
+async def _follow(intent: Intent, prefix: str, subscription: Any, wakes: tuple[asyncio.Event, ...]) -> None:
     async for batch in subscription:
         intent.apply(prefix, batch.events)
-        changed.set()
+        for wake in wakes:
+            wake.set()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import time
@@ -49,6 +50,7 @@ class Operator:
         identities: IdentityAllocator,
         cluster: ClusterConfig,
         gc_interval: float = 60.0,
+        wake: asyncio.Event | None = None,
     ) -> None:
         self._cluster = cluster
         self._store = store
@@ -59,7 +61,7 @@ class Operator:
         self._gc_interval = gc_interval
         self._last_gc = time.monotonic()
         self.is_leader = False
-        self.wake = asyncio.Event()
+        self.wake = wake or asyncio.Event()
 
     async def try_acquire(self) -> bool:
         key = keys.role_key(OPERATOR_ROLE)
@@ -76,6 +78,11 @@ class Operator:
         return leader
 
     async def run(self) -> None:
+        """Work when woken (node or pod changes) or once a second (to notice the role moving).
+
+        Each task is sized by what changed, never by the cluster: nodes and pods come from the
+        intent, and only identity collection lists the store, once per ``gc_interval``.
+        """
         while True:
             if await self.try_acquire():
                 await self.allocate_node_cidrs()
@@ -90,45 +97,51 @@ class Operator:
                 await asyncio.wait_for(self.wake.wait(), timeout=1.0)
             self.wake.clear()
 
-    async def _node_objects(self) -> dict[str, tuple[dict[str, Any], int]]:
-        kvs, _ = await self._store.list(keys.objects_prefix("ciliumnodes"))
-        return {kv.key.rsplit("/", 1)[1]: (json.loads(kv.value), kv.mod_revision) for kv in kvs}
-
     async def allocate_node_cidrs(self) -> None:
         """Every node object without a pod CIDR gets one (claimed by compare-and-swap)."""
-        for name, (obj, revision) in (await self._node_objects()).items():
-            ipam = (obj.get("spec") or {}).get("ipam") or {}
-            if ipam.get("podCIDRs"):
+        for name, obj in list(self._intent.nodes.items()):
+            if ((obj.get("spec") or {}).get("ipam") or {}).get("podCIDRs"):
                 continue
             try:
                 cidr = await claim_node_cidr(self._store, name, self._cluster)
             except MembraneError as exc:
                 log.error("cannot give node %s a pod CIDR: %s", name, exc)
                 continue
-            obj.setdefault("spec", {}).setdefault("ipam", {})["podCIDRs"] = [str(cidr)]
             key = keys.object_key("ciliumnodes", None, name)
-            if (await self._store.txn([Compare(key, revision)], [Put(key, json.dumps(obj).encode())])).succeeded:
+            kv = await self._store.get(key)
+            if kv is None:
+                continue
+            current = json.loads(kv.value)
+            current.setdefault("spec", {}).setdefault("ipam", {})["podCIDRs"] = [str(cidr)]
+            written = await self._store.txn([Compare(key, kv.mod_revision)], [Put(key, json.dumps(current).encode())])
+            if written.succeeded:
                 log.info("node %s: pod CIDR %s", name, cidr)
 
     async def forget_removed_nodes(self) -> None:
-        """A node whose object was deleted loses its CIDR claim, its endpoint records and their addresses."""
-        nodes = await self._node_objects()
-        for cidr, owner in (await node_cidrs(self._store)).items():
-            if owner not in nodes:
-                log.info("node %s was removed: releasing %s", owner, cidr)
-                await self._store.delete(keys.pod_cidr_key(cidr))
-        endpoints, _ = await self._store.list(keys.ENDPOINTS)
-        ips = {kv.value.decode(): kv for kv in (await self._store.list(keys.POD_IPS))[0]}
-        for kv in endpoints:
-            node = kv.key.removeprefix(keys.ENDPOINTS).split("/", 1)[0]
-            if node in nodes:
+        """A node whose object was deleted loses its endpoint records, their addresses, then its CIDR.
+
+        The CIDR claim goes last: while it exists it marks the node as still to be cleaned up,
+        so a crash half-way is finished by the next holder of the role.
+        """
+        claims = await node_cidrs(self._store)
+        for cidr, owner in claims.items():
+            if owner in self._intent.nodes:
                 continue
-            ops: list[Put | Delete] = [Delete(kv.key)]
-            compares = [Compare(kv.key, kv.mod_revision)]
-            if (ip_kv := ips.get(kv.key)) is not None:
-                ops.append(Delete(ip_kv.key))
-                compares.append(Compare(ip_kv.key, ip_kv.mod_revision))
-            await self._store.txn(compares, ops)
+            endpoints, _ = await self._store.list(keys.endpoints_prefix(owner))
+            for kv in endpoints:
+                ops: list[Put | Delete] = [Delete(kv.key)]
+                compares = [Compare(kv.key, kv.mod_revision)]
+                try:
+                    ip_key = keys.pod_ip_key(ipaddress.IPv4Address(json.loads(kv.value)["ipv4"]))
+                except (ValueError, KeyError, TypeError):
+                    ip_key = ""
+                ip_kv = await self._store.get(ip_key) if ip_key else None
+                if ip_kv is not None and ip_kv.value.decode() == kv.key:
+                    ops.append(Delete(ip_kv.key))
+                    compares.append(Compare(ip_kv.key, ip_kv.mod_revision))
+                await self._store.txn(compares, ops)
+            log.info("node %s was removed: released %d endpoints and %s", owner, len(endpoints), cidr)
+            await self._store.delete(keys.pod_cidr_key(cidr))
 
     async def ready_nodes(self) -> list[str]:
         kvs, _ = await self._store.list(keys.HEARTBEATS)

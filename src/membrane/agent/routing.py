@@ -26,6 +26,7 @@ the node objects and every ``resync_interval`` to repair drift; retries with bac
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import ipaddress
 import logging
@@ -114,6 +115,31 @@ def _pod_cidr(obj: Mapping[str, Any]) -> IPv4Network | None:
     return None
 
 
+class _DisjointRanges:
+    """Pairwise-disjoint address ranges with O(log n) overlap checks (sorted by first address).
+
+    Because every range added is disjoint from the others, a new range overlaps some range iff it
+    overlaps its predecessor or its successor in start order.
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def overlaps(self, cidr: IPv4Network) -> bool:
+        first, last = int(cidr.network_address), int(cidr.broadcast_address)
+        i = bisect.bisect_right(self._starts, first)
+        if i > 0 and self._ends[i - 1] >= first:
+            return True
+        return i < len(self._starts) and self._starts[i] <= last
+
+    def add(self, cidr: IPv4Network) -> None:
+        first = int(cidr.network_address)
+        i = bisect.bisect_right(self._starts, first)
+        self._starts.insert(i, first)
+        self._ends.insert(i, int(cidr.broadcast_address))
+
+
 def peers_from_nodes(
     nodes: Mapping[str, Mapping[str, Any]], local: LocalNode, pools: Iterable[IPv4Network]
 ) -> Peers:
@@ -125,7 +151,8 @@ def peers_from_nodes(
     taken already, is skipped and named in ``skipped``.
     """
     pool_list = list(pools)
-    taken_cidrs = [local.pod_cidr]
+    taken_cidrs = _DisjointRanges()
+    taken_cidrs.add(local.pod_cidr)
     taken_ips = {local.node_ip}
     peers: list[PeerNode] = []
     skipped: list[str] = []
@@ -138,14 +165,14 @@ def peers_from_nodes(
             continue
         if not any(cidr.subnet_of(pool) for pool in pool_list):
             skipped.append(f"node {name}: pod CIDR {cidr} is outside the cluster pools")
-        elif any(cidr.overlaps(t) for t in taken_cidrs):
+        elif taken_cidrs.overlaps(cidr):
             skipped.append(f"node {name}: pod CIDR {cidr} overlaps another node's")
         elif node_ip in taken_ips:
             skipped.append(f"node {name}: address {node_ip} is another node's")
         elif cidr.num_addresses < 4:
             skipped.append(f"node {name}: pod CIDR {cidr} has no room for a router address")
         else:
-            taken_cidrs.append(cidr)
+            taken_cidrs.add(cidr)
             taken_ips.add(node_ip)
             peers.append(PeerNode(name, node_ip, cidr))
     return Peers(tuple(peers), tuple(skipped))

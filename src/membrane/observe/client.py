@@ -30,7 +30,7 @@ from membrane.observe.model import (
 from membrane.observe.observer import OBSERVER_SERVICE
 from membrane.observe.pb.health import health_pb2
 from membrane.observe.pb.observer import observer_pb2
-from membrane.observe.server import HEALTH_SERVICE, grpc_target
+from membrane.observe.server import HEALTH_CHECKED_NAME, HEALTH_SERVICE, grpc_target
 
 
 class ObserverError(MembraneError):
@@ -112,7 +112,7 @@ class ObserverClient:
             observer_pb2.GetNamespacesResponse)
         return response
 
-    async def health(self, service: str = OBSERVER_SERVICE) -> str:
+    async def health(self, service: str = HEALTH_CHECKED_NAME) -> str:
         """The gRPC health status name of ``service`` (``SERVING`` when all is well)."""
         response = await self._unary(HEALTH_SERVICE, "Check", health_pb2.HealthCheckRequest(service=service),
                                      health_pb2.HealthCheckResponse)

@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2, json_format
 from membrane.core.errors import InvalidInput
 from membrane.observe.filters import FlowMatcher
 from membrane.observe.jsonpb import parse_json, to_json
-from membrane.observe.model import Flow, FlowFilter, GetFlowsRequest, GetFlowsResponse, flow_response
+from membrane.observe.model import Flow, FlowFilter, GetFlowsRequest, GetFlowsResponse, flow_response, timestamp_ns
 
 NS = 1_000_000_000
 DEFAULT_MAX_SIZE_MB = 10
@@ -121,9 +121,6 @@ class FlowExporter:
         return self._open()
 
 
-def _ts_ns(timestamp: object) -> int:
-    return int(timestamp.seconds) * NS + int(timestamp.nanos)  # type: ignore[attr-defined]
-
 
 def read_flows(lines: Iterable[str], request: GetFlowsRequest,
                warn: Callable[[str], None] = lambda _: None) -> Iterator[GetFlowsResponse]:
@@ -133,21 +130,22 @@ def read_flows(lines: Iterable[str], request: GetFlowsRequest,
     Lines that do not parse are reported through ``warn`` and skipped.
     """
     matcher = FlowMatcher.build(request.whitelist, request.blacklist)
-    since = _ts_ns(request.since) if request.HasField("since") else None
-    until = _ts_ns(request.until) if request.HasField("until") else None
+    since = timestamp_ns(request.since) if request.HasField("since") else None
+    until = timestamp_ns(request.until) if request.HasField("until") else None
+    number = request.number if request.number < 2**63 else 0  # --all asks for 2^64-1: everything
     last: collections.deque[GetFlowsResponse] | None = None
-    if request.number and not request.first:
-        last = collections.deque(maxlen=request.number)
+    if number and not request.first:
+        last = collections.deque(maxlen=number)
     returned = 0
-    for number, line in enumerate(lines, 1):
+    for line_number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             response = parse_json(line, GetFlowsResponse())
         except json_format.ParseError as exc:
-            warn(f"line {number}: not a flow: {exc}")
+            warn(f"line {line_number}: not a flow: {exc}")
             continue
-        when = _ts_ns(response.time) if response.HasField("time") else 0
+        when = timestamp_ns(response.time) if response.HasField("time") else 0
         if since is not None and when < since:
             continue
         if until is not None and when > until:
@@ -162,7 +160,7 @@ def read_flows(lines: Iterable[str], request: GetFlowsRequest,
             continue
         yield response
         returned += 1
-        if request.first and request.number and returned >= request.number:
+        if request.first and number and returned >= number:
             return
     if last is not None:
         yield from last

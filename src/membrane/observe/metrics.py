@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from membrane.core.errors import InvalidInput
+from membrane.core.errors import MembraneError
 from membrane.observe.model import (
     DROPPED,
     FORWARDED,
@@ -249,7 +249,7 @@ class MetricsServer:
         try:
             self._server = await asyncio.start_server(self._handle, host or "127.0.0.1", int(port))
         except OSError as exc:
-            raise InvalidInput([f"metrics: cannot listen on {self.listen}: {exc}"]) from None
+            raise MembraneError(f"metrics: cannot listen on {self.listen}: {exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

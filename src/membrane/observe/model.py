@@ -9,15 +9,16 @@ constructors and the helpers here:
 
 Primitives: the message classes and enum values re-exported from ``pb``; the monitor message types
 (``MSG_*``) and name tables (trace observation points, drop reasons, policy match types, reserved
-identities, DNS types and response codes); :func:`flow_time_ns`, :func:`set_time`, :func:`mark_trace`,
-:func:`mark_drop`, :func:`mark_policy_verdict`, :func:`mark_l7`, :func:`l34_summary`,
-:func:`http_summary`, :func:`dns_summary`, :func:`fill_summary`, :func:`flow_protocol`.
+identities, DNS types and response codes); :func:`timestamp_ns`, :func:`flow_time_ns`,
+:func:`set_time`, :func:`mark_trace`, :func:`mark_drop`, :func:`mark_policy_verdict`, :func:`mark_l7`,
+:func:`set_reply`, :func:`l34_summary`, :func:`http_summary`, :func:`dns_summary`, :func:`fill_summary`,
+:func:`flow_protocol`, :func:`flow_response`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import cast
+from typing import Any, cast
 
 from membrane.observe.pb.flow import flow_pb2
 from membrane.observe.pb.observer import observer_pb2
@@ -228,11 +229,14 @@ RESERVED_IDENTITY_BY_NAME: dict[str, int] = {n: i for i, n in RESERVED_IDENTITY_
 # --- time ------------------------------------------------------------------------------------------
 
 
+def timestamp_ns(timestamp: Any) -> int:
+    """A google.protobuf.Timestamp in ns since the epoch."""
+    return int(timestamp.seconds) * 1_000_000_000 + int(timestamp.nanos)
+
+
 def flow_time_ns(flow: flow_pb2.Flow) -> int | None:
     """The flow's event time in ns since the epoch, or None when it has none."""
-    if not flow.HasField("time"):
-        return None
-    return int(flow.time.seconds) * 1_000_000_000 + int(flow.time.nanos)
+    return timestamp_ns(flow.time) if flow.HasField("time") else None
 
 
 def set_time(flow: flow_pb2.Flow, time_ns: int) -> flow_pb2.Flow:

@@ -39,6 +39,7 @@ from membrane.observe.model import (
     ServerStatusResponse,
     fill_summary,
     flow_response,
+    timestamp_ns,
 )
 from membrane.observe.ring import Ring, RingEvent
 
@@ -52,9 +53,6 @@ def server_version() -> str:
     except metadata.PackageNotFoundError:
         return "0.0.0"
 
-
-def _ts_ns(timestamp: object) -> int:
-    return int(timestamp.seconds) * NS + int(timestamp.nanos)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -96,8 +94,8 @@ def plan_flows(ring: Ring, request: GetFlowsRequest, now_ns: int) -> FlowsPlan:
     if request.first and request.follow:
         raise InvalidInput(["first cannot be specified with follow"])
     matcher = FlowMatcher.build(request.whitelist, request.blacklist)
-    since_ns = _ts_ns(request.since) if request.HasField("since") else None
-    until_ns = _ts_ns(request.until) if request.HasField("until") else None
+    since_ns = timestamp_ns(request.since) if request.HasField("since") else None
+    until_ns = timestamp_ns(request.until) if request.HasField("until") else None
     if since_ns is not None and until_ns is None and not request.follow:
         until_ns = now_ns  # a window that starts in the past ends now
     mask = None

@@ -65,6 +65,7 @@ from membrane.observe.model import (
     enum_name,
     flow_time_ns,
     policy_match_name,
+    timestamp_ns,
     trace_point_name,
 )
 
@@ -420,12 +421,12 @@ class Printer:
         if output is Output.JSONPB:
             self.out.write(to_json(response) + "\n")
             return
-        when = self._time(_ts_ns(response.time) if response.HasField("time") else None)
+        when = self._time(timestamp_ns(response.time) if response.HasField("time") else None)
         source = enum_name(LostEventSourceEnum, lost.source)
         cpu = lost.cpu.value if lost.HasField("cpu") else 0
         window = ""
         if lost.HasField("first") and lost.HasField("last"):
-            window = (f" (first: {self._time(_ts_ns(lost.first))}, last: {self._time(_ts_ns(lost.last))})")
+            window = (f" (first: {self._time(timestamp_ns(lost.first))}, last: {self._time(timestamp_ns(lost.last))})")
         node = response.node_name or "-"
         if output is Output.TABLE:
             self._table_header()
@@ -453,7 +454,7 @@ class Printer:
         if output is Output.JSONPB:
             self.err.write(to_json(response) + "\n")
             return
-        when = self._time(_ts_ns(response.time) if response.HasField("time") else None)
+        when = self._time(timestamp_ns(response.time) if response.HasField("time") else None)
         names = _join_with_cutoff(list(status.node_names), ", ", 50)
         if output is Output.DICT:
             text = ""
@@ -477,9 +478,6 @@ class Printer:
         text = texts.get(state, f"{prefix}: unknown node status event: {enum_name(NodeStateEnum, state)}")
         self.err.write(self.escape(text + "\n"))
 
-
-def _ts_ns(timestamp: object) -> int:
-    return int(timestamp.seconds) * 1_000_000_000 + int(timestamp.nanos)  # type: ignore[attr-defined]
 
 
 # --- server status and nodes ----------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from membrane.observe.model import (
 from membrane.observe.observer import OBSERVER_SERVICE, server_version
 from membrane.observe.pb.health import health_pb2
 from membrane.observe.pb.observer import observer_pb2
-from membrane.observe.server import HEALTH_SERVICE
+from membrane.observe.server import HEALTH_CHECKED_NAME, HEALTH_SERVICE
 from membrane.store import keys
 from membrane.store.base import KeyValue, Store
 from membrane.store.reflector import Reflector
@@ -457,6 +457,6 @@ class RelayServer:
         return await self.relay.get_namespaces()
 
     async def _health(self, request: Any, context: Any) -> Any:
-        if request.service not in ("", OBSERVER_SERVICE):
+        if request.service not in ("", HEALTH_CHECKED_NAME, OBSERVER_SERVICE):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service}")
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from membrane.core.config import DEFAULT_RUN_DIR
-from membrane.core.errors import InvalidInput
+from membrane.core.errors import InvalidInput, MembraneError
 from membrane.observe import observer
 from membrane.observe.model import GetNamespacesResponse, GetNodesResponse, Namespace
 from membrane.observe.pb.health import health_pb2
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "127.0.0.1:4244"
 DEFAULT_SOCKET = DEFAULT_RUN_DIR / "observer.sock"
 HEALTH_SERVICE = "grpc.health.v1.Health"
+# The service name Hubble's CLI asks the health service about.
+HEALTH_CHECKED_NAME = "hubble.server.Observer"
 
 NamespacesProvider = Callable[[], Sequence[Namespace]]
 
@@ -85,7 +87,8 @@ class ObserverServer:
         return f"unix:{self.unix_socket}" if self.unix_socket else ""
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        # gRPC shares ports by default (SO_REUSEPORT): a second agent must fail, not split the traffic.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler(observer.OBSERVER_SERVICE, {
                 "GetFlows": _stream(self._get_flows, observer_pb2.GetFlowsRequest),
@@ -110,7 +113,7 @@ class ObserverServer:
             await server.start()
         except (RuntimeError, OSError) as exc:
             await server.stop(None)
-            raise InvalidInput([f"observer: cannot listen on {self.listen or self.unix_socket}: {exc}"]) from None
+            raise MembraneError(f"observer: cannot listen on {self.listen or self.unix_socket}: {exc}") from None
         if self.unix_socket:
             os.chmod(self.unix_socket, 0o600)  # flows show what every pod talks to
         self._server = server
@@ -166,7 +169,7 @@ class ObserverServer:
         return GetNamespacesResponse(namespaces=list(self._namespaces()))
 
     def _health_status(self, service: str) -> Any:
-        if service in ("", observer.OBSERVER_SERVICE):
+        if service in ("", HEALTH_CHECKED_NAME, observer.OBSERVER_SERVICE):
             return health_pb2.HealthCheckResponse.SERVING
         return None
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from membrane.datapath.nft.objects import Key, key
+from membrane.datapath.nft.objects import Key
 from membrane.identity.ipcache import IpcacheEntry
 
 #: ``cilium-dbg ip list`` SOURCE of prefixes that come from policies.
@@ -40,6 +40,20 @@ class IpcacheInterval:
         if size & (size - 1) == 0 and int(self.first) % size == 0:
             return IPv4Network((self.first, 32 - (size.bit_length() - 1)))
         return (self.first, self.last)
+
+    def token(self) -> str:
+        """:meth:`part` as canonical element text (``a.b.c.d``, ``a.b.c.d/n`` or ``a-b``), built
+        without the ipaddress module: the ipcache holds every pod, so this is a hot path."""
+        first, last = int(self.first), int(self.last)
+        size = last - first + 1
+        if size & (size - 1) == 0 and first % size == 0:
+            length = 32 - (size.bit_length() - 1)
+            return _dotted(first) if length == 32 else f"{_dotted(first)}/{length}"
+        return f"{_dotted(first)}-{_dotted(last)}"
+
+
+def _dotted(value: int) -> str:
+    return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
 
 
 def with_cidr_identities(
@@ -79,7 +93,8 @@ def flatten_ipcache(entries: Iterable[IpcacheEntry | tuple[IPv4Network, int]]) -
     stack: list[tuple[int, int]] = []  # (last address, identity) of the enclosing prefixes
     cursor = 0
     for prefix, identity in ordered:
-        start, end = int(prefix.network_address), int(prefix.broadcast_address)
+        start = int(prefix.network_address)
+        end = start + (1 << (32 - prefix.prefixlen)) - 1
         while stack and stack[-1][0] < start:
             last, enclosing = stack.pop()
             emit(cursor, last, enclosing)
@@ -97,7 +112,7 @@ def flatten_ipcache(entries: Iterable[IpcacheEntry | tuple[IPv4Network, int]]) -
 
 def ipcache_elements(intervals: Iterable[IpcacheInterval]) -> tuple[tuple[Key, str], ...]:
     """Elements of the nft map ``ipcache`` (``ipv4_addr : mark``, flags interval)."""
-    return tuple((key(interval.part()), str(interval.identity)) for interval in intervals)
+    return tuple(((interval.token(),), str(interval.identity)) for interval in intervals)
 
 
 def lookup_identity(intervals: Sequence[IpcacheInterval], address: IPv4Address) -> int | None:

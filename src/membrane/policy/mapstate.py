@@ -235,7 +235,7 @@ class PolicyRepository:
         found: dict[int, list[PolicyRule]] = {i: [] for i in wanted}
         for subject, rules in self._by_subject.items():
             selection = cache.select(subject)
-            for identity in wanted & selection if len(wanted) < len(selection) else selection & wanted:
+            for identity in wanted & selection:
                 found[identity].extend(rules)
         order = {id(rule): i for i, rule in enumerate(self.rules)}
         return {i: tuple(sorted(rules, key=lambda r: order[id(r)])) for i, rules in found.items()}
@@ -247,6 +247,9 @@ class _Context:
     config: EnforcementConfig
     named_by_name: dict[str, dict[int, frozenset[tuple[int, int]]]]
     services: tuple[ServiceInfo, ...]
+    # A rule's entries depend on the rule, the requirements in force and (named ports on
+    # ingress) the endpoint's ports: computed once per combination, shared by all endpoints.
+    entries: dict[tuple[int, tuple[Requirement, ...], object], list[MapEntry]] = field(default_factory=dict)
 
 
 def _service_selectors(ref: ServiceRef, services: Sequence[ServiceInfo]) -> list[Selector]:
@@ -342,16 +345,19 @@ def _direction_policy(
     audit = config.audit or endpoint.namespace in config.audit_namespaces
     if config.mode == "never":
         return DirectionPolicy(direction, config.mode, selected_by, default_deny=False, audit=False)
-    default_deny = config.mode == "always" or any(
-        r.default_deny or not config.non_default_deny_policies for r in mine
-    )
+    default_deny = config.mode == "always" or any(r.default_deny or not config.non_default_deny_policies for r in mine)
     # fromRequires/toRequires of every selecting rule narrow the endpoint selectors of all of them.
     allow_requirements = tuple(req for r in mine if r.action == "allow" for req in r.requires)
     deny_requirements = tuple(req for r in mine if r.action == "deny" for req in r.requires)
     entries: list[MapEntry] = []
+    ports = endpoint.named_ports_signature if direction == "ingress" else ()
     for rule in mine:
         requirements = deny_requirements if rule.action == "deny" else allow_requirements
-        entries.extend(_rule_entries(rule, requirements, endpoint, ctx))
+        memo_key = (id(rule), requirements, ports)
+        found = ctx.entries.get(memo_key)
+        if found is None:
+            found = ctx.entries[memo_key] = _rule_entries(rule, requirements, endpoint, ctx)
+        entries.extend(found)
     if direction == "ingress" and default_deny and config.allow_localhost:
         entries.append(MapEntry(frozenset({HOST.id}), PROTO_ANY, 0, PORT_MAX, Verdict.ALLOW, ALLOW_LOCALHOST))
     return DirectionPolicy(direction, config.mode, selected_by, default_deny, audit, tuple(entries))
@@ -510,11 +516,16 @@ def flatten_entries(entries: Sequence[MapEntry], with_rules: bool = False) -> tu
     same rules decide them). Identities sharing the same set of entries are computed once.
     """
     wild = [e for e in entries if e.identities is None]
-    per_identity: dict[int, list[int]] = defaultdict(list)
-    for index, entry in enumerate(entries):
+    # Entries of one selector share one identity set: expand each distinct set once.
+    groups: dict[frozenset[int], list[MapEntry]] = {}
+    for entry in entries:
         if entry.identities is not None:
-            for identity in entry.identities:
-                per_identity[identity].append(index)
+            groups.setdefault(entry.identities, []).append(entry)
+    members = list(groups.values())
+    per_identity: dict[int, list[int]] = defaultdict(list)
+    for group, identities in enumerate(groups):
+        for identity in identities:
+            per_identity[identity].append(group)
     base = _flatten_protos(wild, with_rules)
     memo: dict[tuple[int, ...], ProtoCells] = {}
 
@@ -523,7 +534,7 @@ def flatten_entries(entries: Sequence[MapEntry], with_rules: bool = False) -> tu
             return base
         signature = tuple(per_identity[identity])
         if signature not in memo:
-            memo[signature] = _flatten_protos(wild + [entries[i] for i in signature], with_rules)
+            memo[signature] = _flatten_protos(wild + [e for g in signature for e in members[g]], with_rules)
         return memo[signature]
 
     boxes: list[FlatEntry] = []
@@ -546,19 +557,21 @@ POLICY_MAP_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
 
 @dataclass(frozen=True)
 class VerdictText:
-    """The nft verdict each outcome renders as. ``redirect`` may name the parser (``{parser}``);
-    until the L7 proxy is wired a redirect is a plain accept (the L4 part of the rule)."""
+    """The nft verdict each outcome renders as. ``audit`` (a deny on an endpoint in audit mode)
+    and ``redirect`` (an L7 rule; may name the parser as ``{parser}``) default to the allow text:
+    until the L7 proxy is wired a redirect passes the L4 part of its rule. An egress map whose
+    allows must not end the chain (the ingress check still follows) uses ``allow="continue"``."""
 
     allow: str = "accept"
     deny: str = "drop"
-    audit: str = "accept"  # an explicit deny on an endpoint in audit mode
-    redirect: str = "accept"
+    audit: str | None = None
+    redirect: str | None = None
 
     def of(self, verdict: Verdict, parser: str, audit: bool) -> str:
         if verdict is Verdict.DENY:
-            return self.audit if audit else self.deny
+            return (self.audit or self.allow) if audit else self.deny
         if verdict is Verdict.REDIRECT:
-            return self.redirect.format(parser=parser)
+            return self.redirect.format(parser=parser) if self.redirect else self.allow
         return self.allow
 
 

@@ -225,9 +225,11 @@ def rendered_probe(model: NetpolModel, compiled: CompiledPolicy, verdicts: Verdi
         found = [
             value
             for (index, ids, protos, ports), value in maps[direction]
-            if index == endpoint and ids[0] <= remote <= ids[1] and protos[0] <= proto <= protos[1]
+            if index == endpoint
+            and ids[0] <= remote <= ids[1]
+            and protos[0] <= proto <= protos[1]
             and ports[0] <= port <= ports[1]
-        ]  # fmt: skip
+        ]
         assert len(found) <= 1, f"overlapping {direction} elements for {endpoint} {remote} {proto} {port}: {found}"
         if found:
             return found[0] != drop

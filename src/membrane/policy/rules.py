@@ -36,6 +36,7 @@ Primitives: :class:`RuleOrigin`, :class:`PortSpec`, :class:`L4Rule`, :class:`Ser
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, ip_network
@@ -258,6 +259,7 @@ def entity_selectors(entity: str, cluster_name: str = "default") -> tuple[Select
     return (_reserved(entity),)
 
 
+@functools.lru_cache(maxsize=4096)
 def _cidr(text: str) -> IPv4Network | None:
     network = ip_network(text, strict=False)
     return network if isinstance(network, IPv4Network) else None
@@ -355,18 +357,42 @@ class _L3:
     @classmethod
     def of(cls, item: CiliumSectionEntry) -> _L3:
         if isinstance(item, cilium.IngressRule | cilium.IngressDenyRule):
-            return cls("from", item.fromEndpoints, item.fromRequires, item.fromCIDR, item.fromCIDRSet,
-                       item.fromEntities, item.fromNodes, item.fromGroups)  # fmt: skip
+            return cls(
+                "from",
+                item.fromEndpoints,
+                item.fromRequires,
+                item.fromCIDR,
+                item.fromCIDRSet,
+                item.fromEntities,
+                item.fromNodes,
+                item.fromGroups,
+            )
         return cls(
-            "to", item.toEndpoints, item.toRequires, item.toCIDR, item.toCIDRSet, item.toEntities, item.toNodes,
-            item.toGroups, item.toServices, item.toFQDNs if isinstance(item, cilium.EgressRule) else None,
-        )  # fmt: skip
+            "to",
+            item.toEndpoints,
+            item.toRequires,
+            item.toCIDR,
+            item.toCIDRSet,
+            item.toEntities,
+            item.toNodes,
+            item.toGroups,
+            item.toServices,
+            item.toFQDNs if isinstance(item, cilium.EgressRule) else None,
+        )
 
     @property
     def absent(self) -> bool:
         """No L3 member at all (``fromRequires`` does not count: it only narrows other rules)."""
-        members = (self.endpoints, self.cidrs, self.cidr_sets, self.entities, self.nodes, self.groups,
-                   self.services, self.fqdns)  # fmt: skip
+        members = (
+            self.endpoints,
+            self.cidrs,
+            self.cidr_sets,
+            self.entities,
+            self.nodes,
+            self.groups,
+            self.services,
+            self.fqdns,
+        )
         return all(m is None for m in members)
 
 
@@ -421,8 +447,9 @@ def _cilium_rule(
     )
 
 
-def _cilium_rules(policy: cilium.CiliumNetworkPolicy | cilium.CiliumClusterwideNetworkPolicy,
-                  cluster_name: str) -> Iterator[PolicyRule]:  # fmt: skip
+def _cilium_rules(
+    policy: cilium.CiliumNetworkPolicy | cilium.CiliumClusterwideNetworkPolicy, cluster_name: str
+) -> Iterator[PolicyRule]:
     clusterwide = isinstance(policy, cilium.CiliumClusterwideNetworkPolicy)
     namespace = None if clusterwide else (policy.namespace or DEFAULT_NAMESPACE)
     paths = (["spec"] if policy.spec is not None else []) + [f"specs[{i}]" for i in range(len(policy.specs or ()))]
@@ -434,7 +461,7 @@ def _cilium_rules(policy: cilium.CiliumNetworkPolicy | cilium.CiliumClusterwideN
         if not host and namespace is not None and not matches_init:
             subject = raw_subject.and_(match_label(SOURCE_K8S, POD_NAMESPACE_LABEL, namespace))
         ingress_deny, egress_deny = rule.default_deny()
-        log = rule.log.value or "" if rule.log is not None else ""
+        log = (rule.log.value or "") if rule.log is not None else ""
         sections: tuple[tuple[Direction, Action, str, bool], ...] = (
             ("ingress", "allow", "ingress", ingress_deny),
             ("ingress", "deny", "ingressDeny", ingress_deny),

@@ -80,9 +80,16 @@ class Requirement:
     key: str
     operator: Operator
     values: tuple[str, ...] = ()
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "values", tuple(sorted(set(self.values))))
+        values = tuple(sorted(set(self.values)))
+        object.__setattr__(self, "values", values)
+        # Selectors are dict keys on every lookup of the compiler: hash once.
+        object.__setattr__(self, "_hash", hash((self.source, self.key, self.operator, values)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def matches_view(self, view: _LabelView) -> bool:
         present = view.values(self.source, self.key)
@@ -116,9 +123,15 @@ class Selector:
     """An endpoint selector over identity labels; the requirements are ANDed. Empty = every identity."""
 
     requirements: tuple[Requirement, ...] = ()
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "requirements", tuple(sorted(set(self.requirements))))
+        requirements = tuple(sorted(set(self.requirements)))
+        object.__setattr__(self, "requirements", requirements)
+        object.__setattr__(self, "_hash", hash(requirements))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def is_wildcard(self) -> bool:
@@ -296,7 +309,7 @@ class SelectorCache:
 
     def _index(self, identity: int, labels: frozenset[Label]) -> None:
         self._labels[identity] = labels
-        self._views[identity] = _LabelView(labels)
+        self._views.pop(identity, None)  # built on demand, for incremental matching only
         self._all.add(identity)
         for label in labels:
             self._exact.setdefault((label.source, label.key, label.value), set()).add(identity)
@@ -309,7 +322,7 @@ class SelectorCache:
 
     def _unindex(self, identity: int) -> None:
         labels = self._labels.pop(identity)
-        del self._views[identity]
+        self._views.pop(identity, None)
         self._all.discard(identity)
         self._prefixes.pop(identity, None)
         for label in labels:
@@ -376,7 +389,10 @@ class SelectorCache:
         if isinstance(selector, CIDRSelector):
             prefix = self._prefixes.get(identity)
             return prefix is not None and selector.contains(prefix)
-        return all(req.matches_view(self._views[identity]) for req in selector.requirements)
+        view = self._views.get(identity)
+        if view is None:
+            view = self._views[identity] = _LabelView(self._labels[identity])
+        return all(req.matches_view(view) for req in selector.requirements)
 
     def _requirement_ids(self, req: Requirement) -> set[int]:
         """The identities having ``key`` (Exists/DoesNotExist) or ``key`` in values (In/NotIn)."""

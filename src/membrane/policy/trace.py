@@ -28,8 +28,9 @@ from membrane.policy.mapstate import PROTOCOLS, DirectionPolicy, EndpointPolicy,
 from membrane.policy.rules import Direction, L7Spec, RuleOrigin
 
 Outcome = Literal["allowed", "denied", "audited"]
-Reason = Literal["not-an-endpoint", "disabled", "not-selected", "rule", "redirect", "deny-rule", "default-deny",
-                 "no-default-deny"]  # fmt: skip
+Reason = Literal[
+    "not-an-endpoint", "disabled", "not-selected", "rule", "redirect", "deny-rule", "default-deny", "no-default-deny"
+]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,124 @@
+"""The agent's observer wiring without a kernel: a fake event source, the store, the real ring,
+Observer API (on a unix socket) and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from membrane.agent.observer import AgentObserver, ObserverSettings
+from membrane.agent.records import EndpointRecord
+from membrane.core.lifecycle import Lifecycle
+from membrane.datapath.ruleset import FlowLog
+from membrane.observe.client import ObserverClient
+from membrane.observe.events import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY
+from membrane.observe.model import PERF_EVENT_RING_BUFFER, GetFlowsRequest
+from membrane.observe.nflog import (
+    HOOK_FORWARD,
+    HOOK_PREROUTING,
+    IPPROTO_TCP,
+    TCP_ACK,
+    TCP_SYN,
+    FakeFlowEventSource,
+    NflogRecord,
+    Packet,
+)
+from membrane.store import keys
+from membrane.store.memory import MemoryStore
+from membrane.testing.netns import async_wait_until
+
+NODE = "node1"
+
+
+def endpoint(container: str, pod: str, ip: str, identity: int, ifindex: int) -> EndpointRecord:
+    return EndpointRecord(container, ifindex, NODE, "default", pod, "eth0", f"/run/netns/{pod}", IPv4Address(ip),
+                          identity, (f"k8s:app={pod}",), "runner", "ready", f"lxc{container:0<11}", ifindex)
+
+
+def record(prefix: str, src: str, dst: str, flags: int, indev: int, outdev: int, seq: int,
+           hook: int = HOOK_FORWARD) -> NflogRecord:
+    return NflogRecord(prefix, 1_700_000_000_000_000_000 + seq, hook, indev, outdev, 0, seq,
+                       Packet(4, src, dst, IPPROTO_TCP, 60, 40000, 80, tcp_flags=flags))
+
+
+@pytest.fixture
+async def observer(tmp_path: Path) -> AsyncIterator[tuple[AgentObserver, FakeFlowEventSource]]:
+    store = MemoryStore()
+    for ep in (endpoint("aaa", "client", "10.244.1.10", 1001, 7), endpoint("bbb", "server", "10.244.1.11", 1002, 9)):
+        await store.put(ep.key, ep.to_json())
+    node = {"metadata": {"name": NODE}, "spec": {"addresses": [{"type": "InternalIP", "ip": "172.31.0.11"}],
+                                                  "ipam": {"podCIDRs": ["10.244.1.0/24"]}}}
+    await store.put(keys.object_key("ciliumnodes", None, NODE), json.dumps(node).encode())
+    source = FakeFlowEventSource()
+    settings = ObserverSettings(listen=None, unix_socket=tmp_path / "observer.sock", metrics_listen="127.0.0.1:0",
+                                capacity=63)
+    agent_observer = AgentObserver(settings, node_name=NODE, store=store, source=source, tunnel_ifindex=lambda: 0)
+    lifecycle = Lifecycle()
+    await agent_observer.start(lifecycle)
+    await async_wait_until(lambda: 9 in agent_observer.state.local_by_ifindex, what="the endpoints in the state")
+    try:
+        yield agent_observer, source
+    finally:
+        await agent_observer.close()
+        await lifecycle.stop()
+        await store.close()
+
+
+async def test_events_become_flows_served_over_the_observer_socket(
+        observer: tuple[AgentObserver, FakeFlowEventSource]) -> None:
+    agent_observer, source = observer
+    source.push([record(TRACE_NEW.prefix(), "10.244.1.10", "10.244.1.11", TCP_SYN, 7, 9, 0),
+                 record(TRACE_TCP_REPLY.prefix(), "10.244.1.11", "10.244.1.10", TCP_SYN | TCP_ACK, 9, 7, 1)])
+    await async_wait_until(lambda: len(agent_observer.ring) == 2, what="two flows in the ring")
+    assert agent_observer.settings.unix_socket is not None
+    async with ObserverClient(str(agent_observer.settings.unix_socket)) as client:
+        flows = [r.flow async for r in client.get_flows(GetFlowsRequest(number=10))]
+        status = await client.server_status()
+    assert [(f.source.pod_name, f.destination.pod_name, f.Summary) for f in flows] == [
+        ("client", "server", "TCP Flags: SYN"), ("server", "client", "TCP Flags: SYN, ACK")]
+    assert all(f.node_name == NODE for f in flows)
+    assert (status.num_flows, status.max_flows, status.seen_flows) == (2, 63, 2)
+    assert agent_observer.advertised() == {"socket": str(agent_observer.settings.unix_socket)}
+    assert agent_observer.status()["flows"] == 2
+
+
+async def test_lost_events_reach_readers_and_metrics(observer: tuple[AgentObserver, FakeFlowEventSource]) -> None:
+    agent_observer, source = observer
+    source.push([record(DROP_SPOOFED_SOURCE.prefix(), "10.244.1.99", "10.244.1.11", TCP_SYN, 7, 0, 5,
+                        hook=HOOK_PREROUTING)], lost=5)
+    await async_wait_until(lambda: agent_observer.ring.seen_flows == 1, what="the drop in the ring")
+    events = [agent_observer.ring.get(p) for p in range(agent_observer.ring.oldest, agent_observer.ring.written)]
+    assert events[0].lost is not None
+    assert (events[0].lost.source, events[0].lost.num_events_lost) == (PERF_EVENT_RING_BUFFER, 5)
+    assert events[1].flow is not None and events[1].flow.source.pod_name == "client"
+    assert agent_observer.metrics_server is not None and agent_observer.metrics_server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent_observer.metrics_server.port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    assert 'hubble_lost_events_total{source="perf_event_ring_buffer"} 5' in body
+    assert 'hubble_drop_total{protocol="TCP",reason="INVALID_SOURCE_IP"} 1' in body
+    assert agent_observer.status()["lostEvents"] == 5
+
+
+async def test_a_prefix_from_a_newer_datapath_is_counted_not_fatal(
+        observer: tuple[AgentObserver, FakeFlowEventSource]) -> None:
+    agent_observer, source = observer
+    source.push([record("mb:t:F:?:1", "10.244.1.10", "10.244.1.11", TCP_SYN, 7, 9, 0),
+                 record(TRACE_NEW.prefix(), "10.244.1.10", "10.244.1.11", TCP_SYN, 7, 9, 1)])
+    await async_wait_until(lambda: agent_observer.ring.seen_flows == 1, what="the good flow")
+    assert agent_observer.malformed == 1
+
+
+def test_turned_off_it_asks_for_no_log_rules() -> None:
+    settings = ObserverSettings(enabled=False)
+    observer = AgentObserver(settings, node_name=NODE, store=MemoryStore(), source=FakeFlowEventSource())
+    assert observer.flow_log is None
+    assert observer.status() == {"summary": "Disabled"}
+    assert AgentObserver(ObserverSettings(), node_name=NODE, store=MemoryStore(),
+                         source=FakeFlowEventSource()).flow_log == FlowLog()
