@@ -28,6 +28,7 @@ from membrane.lab import Lab
 from membrane.lab.host import HostProcesses, HttpAgentProbe
 from membrane.lab.lab import agent_argv, default_agent_command
 from membrane.lab.state import LabDirs
+from membrane.testing.etcd import etcd_skip_reason
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -120,17 +121,21 @@ class Cluster:
         return all(len(self.peer_routes(k)) == len(nodes) - 1 for k in nodes)
 
 
-@pytest.fixture(scope="module", params=["vxlan", "native"])
+@pytest.fixture(scope="module", params=[("vxlan", "sqlite"), ("native", "sqlite"), ("vxlan", "etcd"),
+                                        ("native", "etcd")], ids=lambda p: f"{p[0]}-{p[1]}")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    routing, store = request.param
     if (reason := kernel_test_skip_reason("nft", "nsenter")) is not None:
+        pytest.skip(reason)
+    if store == "etcd" and (reason := etcd_skip_reason()) is not None:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("multinode")
     dirs = LabDirs(state_base=base / "state", run_base=base / "run")
     env = {**os.environ, "MEMBRANE_LAB_STATE_DIR": str(dirs.state_base), "MEMBRANE_LAB_RUN_DIR": str(dirs.run_base)}
     env.pop("MEMBRANE_STORE", None)
     name = "r" + "".join(random.choices(string.ascii_lowercase + string.digits, k=7))
-    with Lab.up(name, len(NODES), routing=request.param, client=True, dirs=dirs) as lab:
-        cluster = Cluster(lab, request.param, env, {})
+    with Lab.up(name, len(NODES), routing=routing, store=store, client=True, dirs=dirs) as lab:
+        cluster = Cluster(lab, routing, env, {})
         for k in NODES:
             cluster.membrane("pod", "run", f"who{k}", "-n", "default", "--node", f"node{k}", "--",
                              sys.executable, "-c", SERVER)
