@@ -11,11 +11,13 @@ The baseline is the topology the membrane agent builds for pods on one node, mad
     mbbn-<id>-b (pod): as a, with 10.250.0.11 behind lxcb
 
 A *place* is where a command runs: a namespace (:class:`NetnsPlace`, through ``nsenter``) or a
-membrane pod (:class:`PodPlace`, through ``membrane pod exec``). The measurements
+membrane pod (:class:`PodPlace`, through ``membrane pod exec``); :class:`PinnedPlace` runs a
+place's commands on one CPU (:func:`traffic_cpu`). The measurements
 (:func:`tcp_stream_gbits`, :func:`tcprr_tps`) run a client in one place against servers
 started in another (:func:`start_servers`).
 
-Primitives: :class:`Place`, :class:`NetnsPlace`, :class:`PodPlace`, :class:`PodPath`,
+Primitives: :class:`Place`, :class:`NetnsPlace`, :class:`PodPlace`, :class:`PinnedPlace`,
+:func:`traffic_cpu`, :class:`PodPath`,
 :func:`hand_wired_pods`, :func:`unique_netns_prefix`, :func:`remove_namespaces`,
 :func:`wait_listening`, :func:`start_servers`, :func:`tcp_stream_gbits`, :func:`tcprr_tps`.
 """
@@ -90,6 +92,32 @@ class PodPlace:
         return membrane_argv(self.lab, "pod", "exec", f"{self.namespace}/{self.pod}", "--", *cmd)
 
 
+@dataclass(frozen=True)
+class PinnedPlace:
+    """``place``, with each command pinned to ``cpu`` (``taskset``; children inherit it).
+
+    On a small VM a wake-up across vCPUs costs an inter-processor interrupt: with client and
+    server on different vCPUs, 1-byte request/response rates drop several-fold, and where the
+    scheduler puts them changes from one run to the next. Pinning both ends to one CPU makes
+    runs comparable, and measures what the path costs rather than the wake-up.
+    """
+
+    place: Place
+    cpu: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.place.label} (cpu {self.cpu})"
+
+    def argv(self, cmd: Sequence[str]) -> list[str]:
+        return self.place.argv(["taskset", "-c", str(self.cpu), *cmd])
+
+
+def traffic_cpu() -> int:
+    """The CPU to pin traffic to: the highest one this process may use."""
+    return max(os.sched_getaffinity(0))
+
+
 def membrane_argv(lab: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "membrane", "--lab", lab, *args]
 
@@ -104,8 +132,9 @@ class PodPath:
     ips: tuple[str, str]
 
 
-def unique_netns_prefix() -> str:
-    return f"{NETNS_PREFIX}{secrets.token_hex(3)}-"
+def unique_netns_prefix(base: str = NETNS_PREFIX) -> str:
+    """``base`` plus a random id: each benchmark names its own namespaces (``mbbn-``, ``mbbx-``)."""
+    return f"{base}{secrets.token_hex(3)}-"
 
 
 def baseline_batches(prefix: str, mtu: int) -> list[IpBatch]:
@@ -201,8 +230,11 @@ def server_commands(tcprr: Path, ip: str) -> list[list[str]]:
 
 
 @contextlib.contextmanager
-def start_servers(place: NetnsPlace, tcprr: Path, ip: str) -> Iterator[None]:
-    """tcprr and iperf3 servers bound to ``ip`` in a namespace, stopped (by PID) on exit."""
+def start_servers(place: Place, tcprr: Path, ip: str) -> Iterator[None]:
+    """tcprr and iperf3 servers bound to ``ip`` in a namespace, stopped (by PID) on exit.
+
+    ``place`` runs its command with ``exec`` (nsenter, taskset), so the PID is the server's.
+    """
     procs = [
         subprocess.Popen(place.argv(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for cmd in server_commands(tcprr, ip)

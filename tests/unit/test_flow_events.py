@@ -36,6 +36,7 @@ from membrane.observe.events import (
     TRACE_TCP_ORIGINAL,
     TRACE_TCP_REPLY,
     CodeVerdict,
+    Direction,
     DropReason,
     EventKind,
     FlowCode,
@@ -79,6 +80,16 @@ def test_the_prefix_carries_event_verdict_reason_and_rule() -> None:
 def test_reply_direction_comes_from_the_trace_reason() -> None:
     assert TRACE_TCP_REPLY.is_reply is True and TRACE_FIRST_REPLY.is_reply is True
     assert TRACE_NEW.is_reply is False and TRACE_TCP_ORIGINAL.is_reply is False
+
+
+def test_rules_that_see_both_pods_name_the_side_they_decide_for() -> None:
+    code = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENIED, 23, Direction.INGRESS)
+    assert code.prefix() == "mb:d:D:133:23:i"
+    assert parse_prefix("mb:d:D:133:23:i") == code
+    assert parse_prefix("mb:p:A:133:24:e") == FlowCode(EventKind.POLICY_VERDICT, CodeVerdict.AUDIT, 133, 24,
+                                                       Direction.EGRESS)
+    with pytest.raises(FlowCodeError):
+        parse_prefix("mb:d:D:133:23:x")
 
 
 def test_a_drop_reason_the_catalogue_does_not_know_still_parses() -> None:

@@ -17,6 +17,11 @@ from membrane.observe.events import (
     TRACE_NEW,
     TRACE_TCP_ORIGINAL,
     TRACE_TCP_REPLY,
+    CodeVerdict,
+    Direction,
+    DropReason,
+    EventKind,
+    FlowCode,
     FlowCodeError,
 )
 from membrane.observe.model import (
@@ -167,6 +172,28 @@ def test_a_spoofed_packet_is_dropped_and_names_its_real_sender() -> None:
     assert not flow.HasField("is_reply")  # unknown for drops, as in Hubble
     assert (flow.interface.index, flow.interface.name) == (7, "lxcaaaaaaaaaaa")
     assert not flow.trace_observation_point
+
+
+@pytest.mark.parametrize(("direction", "decided_at", "traffic"), [
+    (Direction.EGRESS, CLIENT, EGRESS), (Direction.INGRESS, SERVER, INGRESS), (None, CLIENT, EGRESS)])
+def test_a_policy_drop_between_local_pods_belongs_to_the_side_its_rule_names(
+        direction: Direction | None, decided_at: EndpointInfo, traffic: int) -> None:
+    code = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENIED, 23, direction)
+    flow = flow_of(record(code.prefix(), CLIENT.ip, SERVER.ip, flags=TCP_SYN, indev=7, outdev=9))
+    assert flow.drop_reason_desc == flow_pb2.POLICY_DENIED and flow.verdict == DROPPED
+    assert flow.traffic_direction == traffic
+    assert flow.interface.index == decided_at.ifindex
+    assert (flow.source.pod_name, flow.destination.pod_name) == ("client", "server")
+
+
+def test_an_audited_policy_miss_is_a_policy_verdict_event() -> None:
+    code = FlowCode(EventKind.POLICY_VERDICT, CodeVerdict.AUDIT, DropReason.POLICY_DENIED, 25, Direction.INGRESS)
+    flow = flow_of(record(code.prefix(), CLIENT.ip, SERVER.ip, flags=TCP_SYN, indev=7, outdev=9))
+    assert (flow.event_type.type, flow.verdict) == (5, flow_pb2.AUDIT)
+    assert flow.traffic_direction == INGRESS
+    assert flow.is_reply.value is False
+    assert not flow.drop_reason  # let through: not a drop
+    assert flow.Summary == "TCP Flags: SYN"
 
 
 def test_ipv6_from_a_pod_is_an_unsupported_l3_drop() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from collections.abc import Callable
 from typing import Any
 
 from membrane.agent.endpoints import NodeContext, Wired
@@ -18,7 +19,17 @@ from membrane.datapath.netlink.model import EndpointSpec, endpoint_ifname
 from membrane.datapath.netlink.protocol import Netlink
 from membrane.datapath.nft.runner import NftRunner
 from membrane.datapath.reconcilers import NftReconciler, SyncResult
-from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, FlowLog, Masquerade, build_ruleset
+from membrane.datapath.ruleset import (
+    DesiredDatapath,
+    EndpointAddress,
+    FlowLog,
+    Masquerade,
+    PolicyDatapath,
+    build_ruleset,
+)
+
+#: The policy controller's share of a sync: the ready records in, the policy elements out.
+PolicySource = Callable[[list[EndpointRecord]], PolicyDatapath]
 
 
 def _spec(record: EndpointRecord, node: NodeContext) -> EndpointSpec:
@@ -64,6 +75,7 @@ class NodeDatapath:
         nft: NftRunner | None = None,
         masquerade: Masquerade | None = None,
         flow_log: FlowLog | None = None,  # flow observability: the log rules (None: off)
+        policy: PolicySource | None = None,  # policy enforcement (None: no policy section)
     ) -> None:
         if netlink is None:
             from membrane.datapath.netlink.pyroute import PyrouteNetlink
@@ -77,6 +89,7 @@ class NodeDatapath:
         self._netlink = netlink
         self._masquerade = masquerade
         self._flow_log = flow_log
+        self.policy = policy  # set after construction when the controller needs the datapath first
         self.wiring = NetlinkWiring(netlink)
         self._reconciler = NftReconciler(nft)
         self._last: SyncResult | None = None
@@ -93,11 +106,12 @@ class NodeDatapath:
         await self._netlink.ensure_host_device(self._node.router_ip, self._node.mtu)
 
     async def sync(self, records: list[EndpointRecord]) -> None:
-        desired = DesiredDatapath.from_endpoints(
-            (EndpointAddress(r.host_ifindex, r.ipv4) for r in records if r.host_ifindex), self._masquerade,
-            self._flow_log,
-        )
         async with self._lock:
+            # Rendered under the lock: concurrent syncs apply in the order their state was computed.
+            desired = DesiredDatapath.from_endpoints(
+                (EndpointAddress(r.host_ifindex, r.ipv4) for r in records if r.host_ifindex), self._masquerade,
+                self._flow_log, self.policy(records) if self.policy is not None else None,
+            )
             self._last = await self._reconciler.sync(build_ruleset(desired))
             self._last_time = time.time()
             self._syncs += 1

@@ -25,12 +25,14 @@ from typing import Any
 from membrane.agent.api import AgentApiServer
 from membrane.agent.datapath import NodeDatapath
 from membrane.agent.endpoints import EndpointManager, NodeContext
-from membrane.agent.intent import NAMESPACES, NODES, PODS, Intent
+from membrane.agent.intent import ENDPOINTS, IDENTITIES, NAMESPACES, NODES, PODS, POLICY_PREFIXES, Intent
 from membrane.agent.node import NodeRegistration, ensure_cluster_config
 from membrane.agent.observer import AgentObserver, ObserverSettings
 from membrane.agent.operator import Operator
+from membrane.agent.policy import PolicyController
 from membrane.agent.routing import LocalNode, RoutingController, RoutingReconciler, masquerade_for
 from membrane.agent.runner import PodRunner
+from membrane.api.objects import ObjectClient
 from membrane.cni.queue import drain_del_queue
 from membrane.core.config import AgentConfig
 from membrane.core.lifecycle import Lifecycle
@@ -61,13 +63,17 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         changed = asyncio.Event()
         nodes_changed = asyncio.Event()  # routing: wakes on CiliumNode changes only
         operator_wake = asyncio.Event()  # the operator: wakes on node and pod changes
-        for prefix in (PODS, NAMESPACES, NODES):
+        policy_wake = asyncio.Event()  # policy enforcement: wakes on any of its inputs
+        for prefix in (PODS, NAMESPACES, NODES, *POLICY_PREFIXES, IDENTITIES, ENDPOINTS):
             reflector = Reflector(store, prefix)
             subscription = reflector.subscribe()
             lifecycle.start(f"reflector {prefix}", reflector.run)
             first = await anext(subscription)  # the initial list: intent is synced after it
-            intent.apply(prefix, first.events)
-            wakes = (nodes_changed, operator_wake) if prefix == NODES else (changed, operator_wake)
+            intent.apply(prefix, first.events, first.revision)
+            wakes: tuple[asyncio.Event, ...] = (
+                (nodes_changed, operator_wake) if prefix == NODES
+                else (changed, operator_wake) if prefix in (PODS, NAMESPACES) else ())
+            wakes += (policy_wake,)  # policy enforcement
             lifecycle.start(f"intent {prefix}", functools.partial(_follow, intent, prefix, subscription, wakes))
 
         # The operator role may be ours: run it before waiting for the pod CIDR it hands out.
@@ -90,6 +96,14 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         datapath = NodeDatapath(context, masquerade=masquerade_for(cluster, node.pod_cidr),
                                 flow_log=observer.flow_log)
         await datapath.start()
+        # -- policy enforcement (agent/policy.py): compiled before the first sync, so restored
+        # endpoints are never programmed without their policy --
+        policy = PolicyController(intent, node.name, cluster_name=cluster.clusterName,
+                                  sync_datapath=lambda: datapath.sync(endpoints.ready_records()),
+                                  write_status=ObjectClient(store).modify_status, wake=policy_wake)
+        policy.refresh()
+        datapath.policy = policy.policy_datapath
+        # -- end policy enforcement --
         # -- routing between nodes (agent/routing.py): peers' pod CIDRs via VXLAN or native routes --
         routing = RoutingController(
             RoutingReconciler(datapath.netlink, LocalNode(node.name, node.uplink.address, node.uplink.device,
@@ -101,6 +115,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
                                     lambda: datapath.sync(endpoints.ready_records()))
         await endpoints.restore()
         await datapath.sync(endpoints.ready_records())
+        lifecycle.start("policy", policy.run)  # policy enforcement
 
         runner = PodRunner(store, node.name, str(node.uplink.address), intent, endpoints,
                            config.stateDir, config.netnsPrefix)
@@ -124,6 +139,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
                 "datapath": datapath.status(),
                 "peerRouting": routing.status(),
                 "hubble": observer.status(),  # flow observability
+                "policy": policy.status(),  # policy enforcement
                 "controllers": {name: {"healthy": h.healthy, "restarts": h.restarts, "lastError": h.last_error}
                                 for name, h in lifecycle.health.items()},
             }
@@ -171,6 +187,6 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
 
 async def _follow(intent: Intent, prefix: str, subscription: Any, wakes: tuple[asyncio.Event, ...]) -> None:
     async for batch in subscription:
-        intent.apply(prefix, batch.events)
+        intent.apply(prefix, batch.events, batch.revision)
         for wake in wakes:
             wake.set()

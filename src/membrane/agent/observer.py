@@ -85,20 +85,45 @@ def _node_address(obj: Mapping[str, Any]) -> NodeAddress | None:
     return NodeAddress(name=name, node_ip=str(ips[0]), router_ip=router)
 
 
+def _endpoint_info(kv: KeyValue, node_name: str) -> EndpointInfo | None:
+    try:
+        record = EndpointRecord.from_json(kv.value)
+    except (ValueError, TypeError, KeyError):
+        return None
+    local = record.node == node_name
+    return EndpointInfo(
+        ip=str(record.ipv4), identity=record.identity, namespace=record.namespace, pod_name=record.pod,
+        labels=record.labels, endpoint_id=record.endpoint_id if local else 0, node=record.node,
+        ifindex=record.host_ifindex if local else 0, ifname=record.host_ifname if local else "")
+
+
+class EndpointInfoCache:
+    """Decoded endpoint records by key and revision: a change re-decodes only what changed.
+
+    Decoding is what costs when the cluster is large (50,000 records take about a second), and
+    one endpoint changing must not cost the whole cluster.
+    """
+
+    def __init__(self, node_name: str) -> None:
+        self._node_name = node_name
+        self._decoded: dict[str, tuple[int, EndpointInfo | None]] = {}
+
+    def infos(self, endpoints: Sequence[KeyValue]) -> list[EndpointInfo]:
+        decoded: dict[str, tuple[int, EndpointInfo | None]] = {}
+        for kv in endpoints:
+            cached = self._decoded.get(kv.key)
+            if cached is None or cached[0] != kv.mod_revision:
+                cached = (kv.mod_revision, _endpoint_info(kv, self._node_name))
+            decoded[kv.key] = cached
+        self._decoded = decoded
+        return [info for _, info in decoded.values() if info is not None]
+
+
 def state_from_store(node_name: str, endpoints: Sequence[KeyValue], nodes: Sequence[KeyValue], *,
-                     cluster_name: str = "default", tunnel_ifindex: int = 0) -> EnrichmentState:
+                     cluster_name: str = "default", tunnel_ifindex: int = 0,
+                     cache: EndpointInfoCache | None = None) -> EnrichmentState:
     """The enrichment state from the store's endpoint records (every node's) and CiliumNodes."""
-    infos: list[EndpointInfo] = []
-    for kv in endpoints:
-        try:
-            record = EndpointRecord.from_json(kv.value)
-        except (ValueError, TypeError, KeyError):
-            continue
-        local = record.node == node_name
-        infos.append(EndpointInfo(
-            ip=str(record.ipv4), identity=record.identity, namespace=record.namespace, pod_name=record.pod,
-            labels=record.labels, endpoint_id=record.endpoint_id if local else 0, node=record.node,
-            ifindex=record.host_ifindex if local else 0, ifname=record.host_ifname if local else ""))
+    infos = (cache or EndpointInfoCache(node_name)).infos(endpoints)
     addresses: list[NodeAddress] = []
     for kv in nodes:
         try:
@@ -128,6 +153,7 @@ class AgentObserver:
         self.node_name = node_name
         self.cluster_name = cluster_name
         self._store = store
+        self._info_cache = EndpointInfoCache(node_name)
         self._source = source or NflogReader(settings.flow_log.group)
         self._tunnel_ifindex = tunnel_ifindex
         self.ring = Ring(settings.capacity)
@@ -176,12 +202,10 @@ class AgentObserver:
         lifecycle.start("observer nodes reflector", self._nodes.run)
         lifecycle.start("observer state", self._follow_state)
         lifecycle.start("flow events", self._read_events)
-        bound = getattr(self._source, "bound", None)
-        if isinstance(bound, asyncio.Event):
-            # The group is ours before the log rules exist; a bind that fails is retried by the
-            # lifecycle, and the node comes up regardless.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(bound.wait(), 5)
+        # The group is ours before the log rules exist; a bind that fails is retried by the
+        # lifecycle, and the node comes up regardless.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._source.bound.wait(), 5)
         s = self.settings
         self.server = ObserverServer(self.ring, self.node_name, namespaces=self.namespaces.namespaces,
                                      listen=s.listen, unix_socket=s.unix_socket, cluster_name=self.cluster_name)
@@ -256,7 +280,7 @@ class AgentObserver:
     def rebuild_state(self) -> None:
         self.state = state_from_store(
             self.node_name, list(self._endpoints.snapshot.values()), list(self._nodes.snapshot.values()),
-            cluster_name=self.cluster_name, tunnel_ifindex=self._tunnel_ifindex())
+            cluster_name=self.cluster_name, tunnel_ifindex=self._tunnel_ifindex(), cache=self._info_cache)
         self.state_changed.set()
 
     def status(self) -> dict[str, Any]:
@@ -271,5 +295,6 @@ class AgentObserver:
             "seenFlows": self.ring.seen_flows, "events": stats.received, "lostEvents": stats.lost,
             "malformedEvents": self.malformed + stats.malformed, "group": self.settings.flow_log.group,
             "listen": self.server.address if self.server else "", "errors": list(self.errors),
-            "metrics": f"127.0.0.1:{self.metrics_server.port}" if self.metrics_server else "",
+            "metrics": (f"{self.metrics_server.listen.rpartition(':')[0]}:{self.metrics_server.port}"
+                        if self.metrics_server else ""),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def agent(
     log_level: str,
 ) -> None:
     """Run the agent of this node (as root): endpoints, identities, datapath, pods."""
+    # The agent forks pod processes; gRPC's fork handlers only log noise for each (set before grpc loads).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from membrane.agent.main import run_agent
 
     setup_logging(log_level)

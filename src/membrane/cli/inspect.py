@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,13 +102,17 @@ def _label_lines(labels: list[str] | tuple[str, ...]) -> str:
     return "\n".join(labels) if labels else "no labels"
 
 
-def format_endpoint_list(view: ClusterView, node: str | None) -> str:
+def format_endpoint_list(view: ClusterView, node: str | None,
+                         enforcement: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """``enforcement``: ``NS/POD`` → (ingress, egress) policy enforcement (``policy_cmd.enforcement_columns``);
+    endpoints missing from it (not ready) show Disabled."""
     rows = []
     endpoints = sorted(view.endpoints, key=lambda e: (e.node, e.endpoint_id))
     for ep in endpoints:
         if node and ep.node != node:
             continue
-        rows.append([str(ep.endpoint_id), "Disabled", "Disabled", str(ep.identity), _label_lines(ep.labels),
+        ingress, egress = (enforcement or {}).get(f"{ep.namespace}/{ep.pod}", ("Disabled", "Disabled"))
+        rows.append([str(ep.endpoint_id), ingress, egress, str(ep.identity), _label_lines(ep.labels),
                      "", str(ep.ipv4), ep.state, ep.node, f"{ep.namespace}/{ep.pod}"])
     headers = ["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY", "LABELS (source:key[=value])",
                "IPv6", "IPv4", "STATUS", "NODE", "POD"]
@@ -263,10 +268,14 @@ def endpoint_group() -> None:
 @pass_cli
 @run_async
 async def endpoint_list(cli: CliContext, node: str | None) -> None:
-    """Endpoints with identity, labels, address and state."""
+    """Endpoints with policy enforcement, identity, labels, address and state."""
+    from membrane.cli.policy_cmd import enforcement_columns, load_policy_view
+
     store = await cli.open_store()
     try:
-        click.echo(format_endpoint_list(await load_cluster_view(store), node))
+        # Enforcement is computed from the same store state with the agents' compiler.
+        enforcement = enforcement_columns(await load_policy_view(store))
+        click.echo(format_endpoint_list(await load_cluster_view(store), node, enforcement))
     finally:
         await store.close()
 

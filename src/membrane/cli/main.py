@@ -19,7 +19,8 @@ def cli(ctx: click.Context, store_flag: str | None, lab_flag: str | None) -> Non
 
 
 # Command modules, imported when the command line is parsed (each exports COMMANDS).
-COMMAND_MODULES = ("resources", "pods", "inspect", "agent_cmd", "lab_cmd", "observe_cmd", "relay_cmd")
+COMMAND_MODULES = ("resources", "pods", "inspect", "agent_cmd", "lab_cmd", "observe_cmd", "relay_cmd",
+                   "policy_cmd")
 
 
 def _register() -> None:

@@ -65,6 +65,14 @@ packets that go through; each sends pod traffic to one fixed chain::
 
 The rule count is fixed: nothing in this path grows with pods or policies. ``flow_log`` None (the
 default of :class:`DesiredDatapath`) leaves every log statement out, so the cost can be measured.
+
+Policy enforcement (:class:`PolicyDatapath`; sections :func:`ipcache`, :func:`policy_maps`,
+:func:`policy_enforcement`; ``docs/policy.md``): ``ct state established,related accept`` first in
+``filter_forward``/``filter_input``/``filter_output``, then egress for packets from a pod's veth
+(destination identity from ``ipcache`` on daddr, ``host`` for the node itself) and ingress for
+packets to one (source identity on saddr, ``host`` from the node), each a lookup of
+``iif|oif . ct mark . l4proto . port`` in ``pol_out``/``pol_in`` and a drop for misses of endpoints
+in ``enforced_*``; deny-rule drops and audit verdicts go through ``pol_denied_*``/``pol_audit_*``.
 """
 
 from __future__ import annotations
@@ -81,6 +89,7 @@ from membrane.datapath.nft.objects import (
     PRIORITY_SRCNAT,
     BaseChain,
     Chain,
+    Key,  # policy enforcement
     Map,
     Rule,
     Ruleset,
@@ -94,6 +103,10 @@ from membrane.observe.events import (
     TRACE_NEW,
     TRACE_TCP_ORIGINAL,
     TRACE_TCP_REPLY,
+    CodeVerdict,  # policy enforcement
+    Direction,  # policy enforcement
+    DropReason,  # policy enforcement
+    EventKind,  # policy enforcement
     FlowCode,
 )
 
@@ -106,6 +119,7 @@ RAW_PREROUTING = "raw_prerouting"
 NAT_PREROUTING = "nat_prerouting"
 FILTER_INPUT = "filter_input"
 FILTER_FORWARD = "filter_forward"
+FILTER_OUTPUT = "filter_output"  # policy enforcement: this node to its pods
 NAT_POSTROUTING = "nat_postrouting"
 FLOW_FORWARD = "flow_forward"
 FLOW_INPUT = "flow_input"
@@ -121,6 +135,7 @@ BASE_CHAINS: dict[str, BaseChain] = {
     NAT_PREROUTING: BaseChain(type="nat", hook="prerouting", priority=PRIORITY_DSTNAT),
     FILTER_INPUT: BaseChain(type="filter", hook="input", priority=PRIORITY_FILTER),
     FILTER_FORWARD: BaseChain(type="filter", hook="forward", priority=PRIORITY_FILTER),
+    FILTER_OUTPUT: BaseChain(type="filter", hook="output", priority=PRIORITY_FILTER),  # policy enforcement
     NAT_POSTROUTING: BaseChain(type="nat", hook="postrouting", priority=PRIORITY_SRCNAT),
     FLOW_FORWARD: BaseChain(type="filter", hook="forward", priority=PRIORITY_FLOW),
     FLOW_INPUT: BaseChain(type="filter", hook="input", priority=PRIORITY_FLOW),
@@ -197,18 +212,20 @@ class DesiredDatapath:
     only let both veths send from that address, where refusing would stop every sync of the node).
     ``masquerade`` None: pods' traffic leaves with their own addresses (masquerade off).
     ``flow_log`` None: no log rules (observability off).
+    ``policy`` None: no policy section (nothing enforced); see :class:`PolicyDatapath`.
     """
 
     endpoints: frozenset[EndpointAddress] = frozenset()
     masquerade: Masquerade | None = None
     flow_log: FlowLog | None = None
+    policy: PolicyDatapath | None = None  # policy enforcement
 
     @classmethod
     def from_endpoints(
         cls, endpoints: Iterable[EndpointAddress], masquerade: Masquerade | None = None,
-        flow_log: FlowLog | None = None,
+        flow_log: FlowLog | None = None, policy: PolicyDatapath | None = None,
     ) -> DesiredDatapath:
-        return cls(endpoints=frozenset(endpoints), masquerade=masquerade, flow_log=flow_log)
+        return cls(endpoints=frozenset(endpoints), masquerade=masquerade, flow_log=flow_log, policy=policy)
 
 
 @dataclass(frozen=True)
@@ -324,8 +341,232 @@ def flow_logging(settings: FlowLog) -> Section:
     )
 
 
+# -- policy enforcement (identity-based verdict maps) ---------------------------------------------
+# Chains and maps of the policy section; "policy" itself is an nft keyword, hence the pol_ prefix.
+IPCACHE = "ipcache"
+POL_IN = "pol_in"
+POL_OUT = "pol_out"
+ENFORCED_IN = "enforced_in"
+ENFORCED_OUT = "enforced_out"
+AUDITED_IN = "audited_in"
+AUDITED_OUT = "audited_out"
+POL_EGRESS = "pol_egress"
+POL_EGRESS_TO_HOST = "pol_egress_to_host"
+POL_EGRESS_CHECK = "pol_egress_check"
+POL_INGRESS = "pol_ingress"
+POL_INGRESS_FROM_HOST = "pol_ingress_from_host"
+POL_INGRESS_CHECK = "pol_ingress_check"
+POL_DENIED_OUT = "pol_denied_out"
+POL_DENIED_IN = "pol_denied_in"
+#: Would-be drops of endpoints in audit mode go through these chains (and are let through): the
+#: place where audit verdicts are logged.
+POL_AUDIT_OUT = "pol_audit_out"
+POL_AUDIT_IN = "pol_audit_in"
+
+#: The policy map key (``membrane.policy.POLICY_MAP_TYPE``) and the identity the node itself has.
+POLICY_KEY_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
+HOST_IDENTITY = 1
+WORLD_IDENTITY = 2
+_ICMP_TOKEN = "icmp"
+_ALL_PORTS = "0-65535"
+
+# Flow codes of the policy section (rule ids 20-25): drops by a deny rule (Cilium's POLICY_DENY),
+# by default deny (POLICY_DENIED), and audited would-be drops.
+RULE_POLICY_DENY_EGRESS = 20
+RULE_POLICY_DENY_INGRESS = 21
+RULE_POLICY_DENIED_EGRESS = 22
+RULE_POLICY_DENIED_INGRESS = 23
+RULE_POLICY_AUDIT_EGRESS = 24
+RULE_POLICY_AUDIT_INGRESS = 25
+_EGRESS, _INGRESS = Direction.EGRESS, Direction.INGRESS
+DROP_POLICY_DENY_EGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENY,
+                                   RULE_POLICY_DENY_EGRESS, _EGRESS)
+DROP_POLICY_DENY_INGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENY,
+                                    RULE_POLICY_DENY_INGRESS, _INGRESS)
+DROP_POLICY_DENIED_EGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENIED,
+                                     RULE_POLICY_DENIED_EGRESS, _EGRESS)
+DROP_POLICY_DENIED_INGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENIED,
+                                      RULE_POLICY_DENIED_INGRESS, _INGRESS)
+AUDIT_POLICY_EGRESS = FlowCode(EventKind.POLICY_VERDICT, CodeVerdict.AUDIT, DropReason.POLICY_DENIED,
+                               RULE_POLICY_AUDIT_EGRESS, _EGRESS)
+AUDIT_POLICY_INGRESS = FlowCode(EventKind.POLICY_VERDICT, CodeVerdict.AUDIT, DropReason.POLICY_DENIED,
+                                RULE_POLICY_AUDIT_INGRESS, _INGRESS)
+
+#: The verdict texts the policy engine renders map elements with (``membrane.policy.VerdictText``
+#: takes them as ``allow``/``deny``/``audit``): an allow returns to the base chain, so the egress
+#: check of a pod-to-pod packet is followed by the ingress check of its destination.
+VERDICT_RETURN = "return"
+EGRESS_DENY = f"goto {POL_DENIED_OUT}"
+INGRESS_DENY = f"goto {POL_DENIED_IN}"
+EGRESS_AUDIT = f"goto {POL_AUDIT_OUT}"
+INGRESS_AUDIT = f"goto {POL_AUDIT_IN}"
+
+Element = tuple[Key, str]
+
+
+@dataclass(frozen=True)
+class PolicyDatapath:
+    """The policy engine's output for this node, as map and set elements (see ``docs/policy.md``):
+
+    - ``ipcache``: disjoint address intervals → identity (``flatten_ipcache``/``ipcache_elements``),
+      covering ``0.0.0.0/0`` (world) so every lookup finds an identity;
+    - ``ingress`` / ``egress``: the elements of ``pol_in`` / ``pol_out`` keyed
+      ``host veth index . remote identity . protocol . port`` (``policy_map_elements`` with the
+      verdict texts above); for ICMP the port is the ICMP type, as the engine renders it;
+    - ``enforced_*``: endpoints whose misses drop; ``audited_*``: endpoints whose misses are only
+      reported (audit mode).
+    """
+
+    ipcache: tuple[Element, ...] = ()
+    ingress: tuple[Element, ...] = ()
+    egress: tuple[Element, ...] = ()
+    enforced_ingress: frozenset[Key] = frozenset()
+    enforced_egress: frozenset[Key] = frozenset()
+    audited_ingress: frozenset[Key] = frozenset()
+    audited_egress: frozenset[Key] = frozenset()
+
+
+def _icmp_port(port: str) -> str:
+    """An ICMP type (range) as the key the datapath looks up: the first 16 bits of the ICMP header,
+    type * 256 + code, so type T is the range T*256 to T*256+255 (every code)."""
+    if port == _ALL_PORTS:
+        return port
+    low, _, high = port.partition("-")
+    first, last = int(low) * 256, int(high or low) * 256 + 255
+    return f"{first}-{last}"
+
+
+def _policy_elements(elements: Iterable[Element]) -> tuple[Element, ...]:
+    """Engine elements as the datapath keys them: ICMP types widened to type and code, and a single
+    port written as a range (``80-80``): nft 1.0.6 cannot delete an element of a concatenated
+    interval map whose components are all single values ("No such file or directory"), so partial
+    syncs would fall back to replacing the table."""
+    out = []
+    for element_key, value in elements:
+        port = element_key[3]
+        if element_key[2] == _ICMP_TOKEN:
+            port = _icmp_port(port)
+        elif "-" not in port:
+            port = f"{port}-{port}"
+        out.append(((*element_key[:3], port), value))
+    return tuple(out)
+
+
+def _lookups(direction_map: str, iface: str) -> tuple[Rule, ...]:
+    """The verdict map lookups of one direction: ports for everything but ICMP, whose type and code
+    (the first 16 bits of its header, which nft reads as ``th sport``) take the port's place."""
+    concat = f"{iface} . ct mark . meta l4proto"
+    return (
+        Rule(f"meta l4proto != icmp {concat} . th dport vmap @{direction_map}", comment="ports"),
+        Rule(f"meta l4proto icmp {concat} . th sport vmap @{direction_map}",
+             comment="ICMP: type and code, the first 16 bits of its header"),
+    )
+
+
+def ipcache(policy: PolicyDatapath) -> Section:
+    """The map from address to security identity (for policy, and for anyone who needs a peer's
+    identity in the packet path)."""
+    return Section(maps=(
+        Map(name=IPCACHE, type=("ipv4_addr",), value_type="mark", flags=("interval",),
+            comment="address -> security identity: disjoint intervals, the most specific prefix wins",
+            elements=policy.ipcache),
+    ))
+
+
+def policy_maps(policy: PolicyDatapath) -> Section:
+    """Per-endpoint verdict maps and the sets of isolated and audited endpoints."""
+    interval = ("interval",)
+    maps = (
+        Map(name=POL_IN, type=POLICY_KEY_TYPE, value_type="verdict", flags=interval,
+            comment="ingress: host veth . source identity . protocol . port (ICMP: type*256+code)",
+            elements=_policy_elements(policy.ingress)),
+        Map(name=POL_OUT, type=POLICY_KEY_TYPE, value_type="verdict", flags=interval,
+            comment="egress: host veth . destination identity . protocol . port (ICMP: type*256+code)",
+            elements=_policy_elements(policy.egress)),
+    )
+    sets = (
+        Set(name=ENFORCED_IN, type=("iface_index",), comment="ingress default deny: a miss drops",
+            elements=policy.enforced_ingress),
+        Set(name=ENFORCED_OUT, type=("iface_index",), comment="egress default deny: a miss drops",
+            elements=policy.enforced_egress),
+        Set(name=AUDITED_IN, type=("iface_index",), comment="ingress audit mode: a miss is reported, not dropped",
+            elements=policy.audited_ingress),
+        Set(name=AUDITED_OUT, type=("iface_index",), comment="egress audit mode: a miss is reported, not dropped",
+            elements=policy.audited_egress),
+    )
+    return Section(maps=maps, sets=sets)
+
+
+def policy_enforcement(desired: DesiredDatapath) -> Section:
+    """Identity-based policy for local pods: egress where a packet enters from a pod's veth,
+    ingress where it leaves through one, with the remote identity from the ipcache; uses the
+    objects of :func:`ipcache` and :func:`policy_maps`.
+
+    Established and related traffic is accepted first, so only a connection's first packet meets
+    the maps, and a policy change never cuts a connection. The remote identity lands in ``ct mark``
+    (no packet mark: routing and the tunnel never see it). The rule count is fixed: policies, pods
+    and identities only change set and map elements.
+    """
+
+    def audit(code: FlowCode) -> Rule:
+        log = f" {desired.flow_log.statement(code)}" if desired.flow_log is not None else ""
+        return Rule(f"counter{log} return", comment="would be dropped: audit mode lets it through")
+
+    chains = (
+        Chain(name=POL_EGRESS, comment="egress of a local pod to a routed destination",
+              rules=(Rule(f"ct mark set {WORLD_IDENTITY}", comment="world unless the ipcache knows better"),
+                     Rule(f"ct mark set ip daddr map @{IPCACHE}", comment="destination identity"),
+                     Rule(f"goto {POL_EGRESS_CHECK}"))),
+        Chain(name=POL_EGRESS_TO_HOST, comment="egress of a local pod to this node",
+              rules=(Rule(f"ct mark set {HOST_IDENTITY} goto {POL_EGRESS_CHECK}", comment="the host identity"),)),
+        Chain(name=POL_EGRESS_CHECK, comment="pol_out: allow returns, deny drops, a miss drops when enforced",
+              rules=(*_lookups(POL_OUT, "iif"),
+                     Rule(f"iif @{ENFORCED_OUT} {drop_statement(desired, DROP_POLICY_DENIED_EGRESS)}",
+                          comment="egress default deny"),
+                     Rule(f"iif @{AUDITED_OUT} goto {POL_AUDIT_OUT}", comment="egress audit"))),
+        Chain(name=POL_INGRESS, comment="ingress of a local pod from a routed source (local pod, tunnel, outside)",
+              rules=(Rule(f"ct mark set {WORLD_IDENTITY}", comment="world unless the ipcache knows better"),
+                     Rule(f"ct mark set ip saddr map @{IPCACHE}", comment="source identity"),
+                     Rule(f"goto {POL_INGRESS_CHECK}"))),
+        Chain(name=POL_INGRESS_FROM_HOST, comment="ingress of a local pod from this node",
+              rules=(Rule(f"ct mark set {HOST_IDENTITY} goto {POL_INGRESS_CHECK}", comment="the host identity"),)),
+        Chain(name=POL_INGRESS_CHECK, comment="pol_in: allow returns, deny drops, a miss drops when enforced",
+              rules=(*_lookups(POL_IN, "oif"),
+                     Rule(f"oif @{ENFORCED_IN} {drop_statement(desired, DROP_POLICY_DENIED_INGRESS)}",
+                          comment="ingress default deny"),
+                     Rule(f"oif @{AUDITED_IN} goto {POL_AUDIT_IN}", comment="ingress audit"))),
+        Chain(name=POL_DENIED_OUT, comment="egress denied by a deny rule",
+              rules=(Rule(drop_statement(desired, DROP_POLICY_DENY_EGRESS)),)),
+        Chain(name=POL_DENIED_IN, comment="ingress denied by a deny rule",
+              rules=(Rule(drop_statement(desired, DROP_POLICY_DENY_INGRESS)),)),
+        Chain(name=POL_AUDIT_OUT, comment="egress audit verdicts", rules=(audit(AUDIT_POLICY_EGRESS),)),
+        Chain(name=POL_AUDIT_IN, comment="ingress audit verdicts", rules=(audit(AUDIT_POLICY_INGRESS),)),
+    )
+    established = Rule("ct state established,related accept", comment="replies and connections already allowed")
+    from_pod = f'iifname "{ENDPOINT_IFNAME_GLOB}"'
+    to_pod = f'oifname "{ENDPOINT_IFNAME_GLOB}"'
+    return Section(
+        dispatch=(
+            (FILTER_FORWARD, established),
+            # A pod-to-pod packet takes both: egress at its source, then ingress at its destination.
+            (FILTER_FORWARD, Rule(f"{from_pod} jump {POL_EGRESS}", comment="from a local pod")),
+            (FILTER_FORWARD, Rule(f"{to_pod} jump {POL_INGRESS}", comment="to a local pod")),
+            (FILTER_INPUT, established),
+            (FILTER_INPUT, Rule(f"{from_pod} jump {POL_EGRESS_TO_HOST}", comment="from a local pod to this node")),
+            (FILTER_OUTPUT, established),
+            (FILTER_OUTPUT, Rule(f"{to_pod} jump {POL_INGRESS_FROM_HOST}", comment="from this node to a local pod")),
+        ),
+        chains=chains,
+    )
+
+
+# -- end policy enforcement -----------------------------------------------------------------------
+
+
 def build_ruleset(desired: DesiredDatapath) -> Ruleset:
     sections = [anti_spoofing(desired)]
+    if desired.policy is not None:  # policy enforcement
+        sections += [ipcache(desired.policy), policy_maps(desired.policy), policy_enforcement(desired)]
     if desired.masquerade is not None:
         sections.append(masquerade(desired.masquerade))
     if desired.flow_log is not None:

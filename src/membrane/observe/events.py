@@ -4,7 +4,7 @@ Every nft rule that reports a packet carries a compact log prefix; the NFLOG par
 with the packet and :func:`parse_prefix` expands it. The prefix is short (NFLOG copies it with
 every event) and versioned by its leading tag::
 
-    mb:<event>:<verdict>:<reason>:<rule>          e.g.  mb:t:F:n:1     mb:d:D:132:10
+    mb:<event>:<verdict>:<reason>:<rule>[:<direction>]   e.g.  mb:t:F:n:1   mb:d:D:133:22:e
 
     event    t trace · d drop · p policy verdict (reserved)
     verdict  F forwarded · D dropped · A audit · R redirected (the flow's Verdict)
@@ -12,8 +12,11 @@ every event) and versioned by its leading tag::
              drop:  the Cilium drop reason code (132 invalid source IP, 133 policy denied, …)
     rule     which rule logged it: static ids < 1024 are named in :data:`RULES`; sections that
              number their own rules (policy entries) use ids from :data:`DYNAMIC_RULE_BASE` up
+    direction (optional) e egress · i ingress: on whose side a drop or verdict was decided, for
+             rules that see both pods of a connection (policy); without it the parser infers it
 
-Primitives: :class:`EventKind`, :class:`CodeVerdict`, :class:`TraceReason`, :class:`DropReason`
+Primitives: :class:`EventKind`, :class:`CodeVerdict`, :class:`TraceReason`, :class:`Direction`,
+:class:`DropReason`
 (Cilium's codes with the proto enum name and the monitor text), :class:`FlowCode` (one prefix,
 :meth:`FlowCode.prefix` / :func:`parse_prefix`), the rule catalogue :data:`RULES` and the codes the
 datapath uses today (:data:`TRACE_NEW`, :data:`TRACE_TCP_ORIGINAL`, :data:`TRACE_TCP_REPLY`,
@@ -51,6 +54,13 @@ class TraceReason(enum.Enum):
     NEW = "n"
     ESTABLISHED = "e"
     REPLY = "r"
+
+
+class Direction(enum.Enum):
+    """The side of the connection a rule decides for (names as flow.proto's TrafficDirection)."""
+
+    EGRESS = "e"
+    INGRESS = "i"
 
 
 class DropReason(enum.IntEnum):
@@ -96,6 +106,7 @@ class FlowCode:
     verdict: CodeVerdict
     reason: TraceReason | int
     rule: int
+    direction: Direction | None = None
 
     def __post_init__(self) -> None:
         if self.kind is EventKind.TRACE and not isinstance(self.reason, TraceReason):
@@ -110,6 +121,8 @@ class FlowCode:
     def prefix(self) -> str:
         reason = self.reason.value if isinstance(self.reason, TraceReason) else str(int(self.reason))
         text = f"{PREFIX_TAG}:{self.kind.value}:{self.verdict.value}:{reason}:{self.rule}"
+        if self.direction is not None:
+            text += f":{self.direction.value}"
         assert len(text) <= MAX_PREFIX_LEN
         return text
 
@@ -133,6 +146,7 @@ class FlowCode:
 _KINDS = {k.value: k for k in EventKind}
 _VERDICTS = {v.value: v for v in CodeVerdict}
 _TRACE_REASONS = {r.value: r for r in TraceReason}
+_DIRECTIONS = {d.value: d for d in Direction}
 _CACHE: dict[str, FlowCode | None] = {}
 
 
@@ -156,9 +170,12 @@ def _parse(prefix: str) -> FlowCode | None:
     parts = prefix.split(":")
     if parts[0] != PREFIX_TAG:
         return None
-    if len(parts) != 5:
-        raise FlowCodeError(f"log prefix {prefix!r}: expected mb:<event>:<verdict>:<reason>:<rule>")
-    _, kind_s, verdict_s, reason_s, rule_s = parts
+    if len(parts) not in (5, 6):
+        raise FlowCodeError(f"log prefix {prefix!r}: expected mb:<event>:<verdict>:<reason>:<rule>[:<direction>]")
+    _, kind_s, verdict_s, reason_s, rule_s = parts[:5]
+    direction = _DIRECTIONS.get(parts[5]) if len(parts) == 6 else None
+    if len(parts) == 6 and direction is None:
+        raise FlowCodeError(f"log prefix {prefix!r}: unknown direction {parts[5]!r}")
     kind = _KINDS.get(kind_s)
     verdict = _VERDICTS.get(verdict_s)
     if kind is None or verdict is None or not rule_s.isdigit():
@@ -175,7 +192,7 @@ def _parse(prefix: str) -> FlowCode | None:
         number = int(reason_s)
         reason = DropReason(number) if number in DropReason._value2member_map_ else number
     try:
-        return FlowCode(kind, verdict, reason, int(rule_s))
+        return FlowCode(kind, verdict, reason, int(rule_s), direction)
     except ValueError as exc:
         raise FlowCodeError(f"log prefix {prefix!r}: {exc}") from None
 

@@ -1,0 +1,421 @@
+"""Policy in the datapath, without a kernel: the ruleset's policy section (golden text), the agent's
+policy compiler and renderer, status write-back, and the ``membrane policy`` CLI computations.
+
+Regenerate the golden file after an intended change with
+``MEMBRANE_UPDATE_GOLDEN=1 pytest tests/unit/test_policy_datapath.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from membrane.agent.intent import Intent
+from membrane.agent.policy import (
+    EGRESS_VERDICTS,
+    INGRESS_VERDICTS,
+    PolicyCompiler,
+    PolicyController,
+    PolicyRenderer,
+    desired_status,
+    import_policy,
+    policy_endpoint,
+    render_policy,
+)
+from membrane.agent.records import EndpointRecord
+from membrane.api.manifest import parse_manifest_text
+from membrane.api.objects import ObjectClient, encode
+from membrane.cli.policy_cmd import (
+    enforcement_columns,
+    format_selectors,
+    imported_rules,
+    load_policy_view,
+    trace_text,
+)
+from membrane.datapath.nft import full_sync, plan_sync, render_transaction
+from membrane.datapath.ruleset import (
+    AUDITED_IN,
+    ENFORCED_IN,
+    ENFORCED_OUT,
+    FILTER_FORWARD,
+    FILTER_INPUT,
+    FILTER_OUTPUT,
+    IPCACHE,
+    POL_IN,
+    DesiredDatapath,
+    EndpointAddress,
+    FlowLog,
+    PolicyDatapath,
+    build_ruleset,
+)
+from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
+from membrane.policy import EnforcementConfig
+from membrane.policy.reachability import default_model, probe_matrix, rendered_probe
+from membrane.store import keys
+from membrane.store.memory import MemoryStore
+
+GOLDEN = Path(__file__).parent / "golden" / "nft"
+
+NAMESPACES = {"x": {"ns": "x"}, "y": {"ns": "y"}}
+PODS = {("x", "a"): {"pod": "a"}, ("x", "b"): {"pod": "b"}, ("y", "a"): {"pod": "a"}}
+NODE = {"metadata": {"name": "node1"}, "spec": {"addresses": [{"type": "InternalIP", "ip": "172.31.0.11"}],
+                                                 "ipam": {"podCIDRs": ["10.244.1.0/24"]}}}
+NODE2 = {"metadata": {"name": "node2"}, "spec": {"addresses": [{"type": "InternalIP", "ip": "172.31.0.12"}],
+                                                  "ipam": {"podCIDRs": ["10.244.2.0/24"]}}}
+
+NAMESPACE_OBJECTS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {ns: x}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {ns: y}}
+"""
+
+POLICIES = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{port: serve-80-tcp}]
+  - from: [{ipBlock: {cidr: 198.51.100.0/24, except: [198.51.100.128/25]}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ping, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress:
+  - icmps: [{fields: [{type: EchoRequest}]}]
+  ingressDeny:
+  - fromEntities: [world]
+    toPorts: [{ports: [{port: "81", protocol: TCP}]}]
+  egress:
+  - toEndpoints: [{}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: audited, namespace: y}
+spec:
+  endpointSelector: {}
+  ingress:
+  - fromEndpoints: [{matchLabels: {pod: nobody}}]
+"""
+
+
+def assert_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("MEMBRANE_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def pod(namespace: str, name: str) -> dict[str, Any]:
+    ports = [{"name": f"serve-{p}-tcp", "containerPort": p, "protocol": "TCP"} for p in (80, 81)]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": PODS[(namespace, name)]},
+            "spec": {"nodeName": "node1", "containers": [{"name": "c", "image": "i", "ports": ports}]}}
+
+
+def labels(namespace: str, name: str) -> tuple[str, ...]:
+    return tuple(canonical(identity_labels_for_pod(namespace, PODS[(namespace, name)], NAMESPACES[namespace])))
+
+
+def record(namespace: str, name: str, identity: int, index: int, node: str = "node1") -> EndpointRecord:
+    subnet = 1 if node == "node1" else 2
+    return EndpointRecord(f"c-{namespace}-{name}", index, node, namespace, name, "eth0", f"/run/netns/{name}",
+                          IPv4Address(f"10.244.{subnet}.{10 + index}"), identity, labels(namespace, name), "runner",
+                          "ready", f"lxc{index:011x}", 100 + index, "")
+
+
+RECORDS = [record("x", "a", 256, 1), record("x", "b", 257, 2), record("y", "a", 258, 3)]
+IDENTITIES = {r.identity: parse_labels(r.labels) for r in RECORDS}
+
+
+def policy_objects(text: str = POLICIES) -> dict[str, dict[str, Any]]:
+    objects = {}
+    for obj in parse_manifest_text(text):
+        key = keys.object_key({"NetworkPolicy": "networkpolicies", "CiliumNetworkPolicy": "ciliumnetworkpolicies"}[
+            obj.kind], obj.namespace, obj.name)
+        data = json.loads(encode(obj))
+        data["metadata"].update(uid=f"uid-{obj.name}", generation=1)
+        objects[key] = data
+    return objects
+
+
+def intent(text: str = POLICIES) -> Intent:
+    state = Intent()
+    state.policies = policy_objects(text)
+    state.identities = dict(IDENTITIES)
+    state.endpoints = {r.key: r for r in RECORDS}
+    state.pods = {key: pod(*key) for key in PODS}
+    state.nodes = {"node1": NODE, "node2": NODE2}
+    return state
+
+
+def controller(text: str = POLICIES, config: EnforcementConfig | None = None) -> PolicyController:
+    ctl = PolicyController(intent(text), "node1", config=config)
+    ctl.refresh()
+    return ctl
+
+
+# --- the ruleset ------------------------------------------------------------------------------------------
+
+
+def test_policy_section_golden() -> None:
+    ctl = controller(config=EnforcementConfig(audit_namespaces=frozenset({"y"})))
+    policy = ctl.policy_datapath(RECORDS)
+    desired = DesiredDatapath.from_endpoints((EndpointAddress(r.host_ifindex, r.ipv4) for r in RECORDS),
+                                             flow_log=FlowLog(), policy=policy)
+    assert_golden("policy.nft", render_transaction(full_sync(build_ruleset(desired))))
+
+
+def test_enforced_and_audited_endpoints_and_what_the_maps_hold() -> None:
+    ctl = controller(config=EnforcementConfig(audit_namespaces=frozenset({"y"})))
+    ruleset = build_ruleset(DesiredDatapath(policy=ctl.policy_datapath(RECORDS)))
+    xa, _, ya = (str(r.host_ifindex) for r in RECORDS)
+    assert ruleset.get_set(ENFORCED_IN).elements == {(xa,)}  # x/b is selected by nothing
+    assert ruleset.get_set(ENFORCED_OUT).elements == {(xa,)}
+    assert ruleset.get_set(AUDITED_IN).elements == {(ya,)}  # y/a would drop, but y is audited
+    pol_in = ruleset.get_map(POL_IN).mapping()
+    # x/b (257) to x/a on the named port 80 only; single ports are written as ranges.
+    assert pol_in[(xa, "257", "tcp", "80-80")] == "return"
+    assert not any(k[0] == xa and k[1] == "257" and k[2] == "tcp" and k[3] == "81-81" for k in pol_in)
+    # ICMP echo request (type 8): type and code, the first 16 bits of the header.
+    assert pol_in[(xa, "257", "icmp", "2048-2303")] == "return"
+    # The deny from the world on TCP 81 goes to the drop chain; the except half of the block is world.
+    assert pol_in[(xa, "2", "tcp", "81-81")] == "goto pol_denied_in"
+    ipcache = dict(ruleset.get_map(IPCACHE).elements)
+    assert ipcache[("10.244.1.11",)] == "256" and ipcache[("172.31.0.11",)] == "1"
+    assert ipcache[("172.31.0.12",)] == "6" and ipcache[("198.51.100.128/25",)] == "16777218"
+    assert {k for k, v in ipcache.items() if v == "2"}  # the world covers the rest
+
+
+def test_rule_count_does_not_grow_with_endpoints_policies_or_identities() -> None:
+    small = build_ruleset(DesiredDatapath(policy=controller(POLICIES.split("---")[0]).policy_datapath(RECORDS[:1])))
+    ctl = controller()
+    many = [dataclasses.replace(RECORDS[i % 3], container_id=f"c{i}", pod=RECORDS[i % 3].pod,
+                                host_ifindex=200 + i, ipv4=IPv4Address(f"10.244.1.{50 + i}")) for i in range(40)]
+    large = build_ruleset(DesiredDatapath(policy=ctl.policy_datapath(many)))
+    assert small.structure() == large.structure()  # same chains, rules and declarations
+    assert len(large.get_map(POL_IN).elements) > len(small.get_map(POL_IN).elements)
+
+
+def test_policy_dispatch_order_and_hooks() -> None:
+    ruleset = build_ruleset(DesiredDatapath(policy=PolicyDatapath()))
+    chains = {c.name: [r.text for r in c.rules] for c in ruleset.chains}
+    assert chains[FILTER_FORWARD] == ["ct state established,related accept", 'iifname "lxc*" jump pol_egress',
+                                      'oifname "lxc*" jump pol_ingress']
+    assert chains[FILTER_INPUT][0] == chains[FILTER_OUTPUT][0] == "ct state established,related accept"
+    assert build_ruleset(DesiredDatapath()).chains == build_ruleset(DesiredDatapath(policy=None)).chains
+    assert FILTER_FORWARD not in {c.name for c in build_ruleset(DesiredDatapath()).chains}
+
+
+def test_a_policy_change_is_an_element_sync_of_the_maps_only() -> None:
+    before = build_ruleset(DesiredDatapath(policy=controller().policy_datapath(RECORDS)))
+    changed = POLICIES.replace("serve-80-tcp", "serve-81-tcp")
+    after = build_ruleset(DesiredDatapath(policy=controller(changed).policy_datapath(RECORDS)))
+    tx = plan_sync(before, after)
+    assert tx is not None and not tx.full
+    assert {op.name for op in tx.ops} == {POL_IN}  # type: ignore[union-attr]
+
+
+def test_verdict_texts_keep_the_engines_truth_table() -> None:
+    # The map verdicts as the agent renders them, looked up the way the kernel does.
+    model = default_model(protocols=("TCP",))
+    compiled = model.compile(parse_manifest_text(POLICIES.split("---")[0]))
+    for verdicts in (INGRESS_VERDICTS, EGRESS_VERDICTS):
+        table = probe_matrix(rendered_probe(model, compiled, verdicts), model.pod_keys, model.pod_keys, "TCP", 80)
+        assert {s for (s, d), ok in table.cells.items() if d == "x/a" and ok} == {"x/b"}
+
+
+# --- the compiler -----------------------------------------------------------------------------------------
+
+
+def test_status_writes_and_unrelated_changes_do_not_recompile() -> None:
+    compiler = PolicyCompiler()
+    state = intent()
+    assert compiler.update(state.policies, state.identities, RECORDS, state.pods)
+    compiled, revision = compiler.compiled, compiler.revision
+    for data in state.policies.values():
+        data["status"] = {"conditions": [{"type": "Valid", "status": "True"}]}
+        data["metadata"]["resourceVersion"] = "99"
+    state.pods[("x", "a")]["status"] = {"phase": "Running"}
+    assert not compiler.update(state.policies, state.identities, RECORDS, state.pods)
+    assert compiler.compiled is compiled and compiler.revision == revision
+
+
+def test_new_identity_updates_the_cache_without_recompiling() -> None:
+    compiler = PolicyCompiler()
+    state = intent()
+    compiler.update(state.policies, state.identities, RECORDS, state.pods)
+    compiled = compiler.compiled
+    xb = policy_endpoint(RECORDS[0], state.pods)
+    before = compiler.endpoint_policies([(xb, parse_labels(RECORDS[0].labels))])["x/a"]
+    # A second pod=b identity in x (another label): it is allowed in as well.
+    other = parse_labels(labels("x", "b")) | parse_labels(["k8s:tier=2"])
+    assert compiler.update(state.policies, {**state.identities, 300: other}, RECORDS, state.pods)
+    assert compiler.compiled is compiled
+    after = compiler.endpoint_policies([(xb, parse_labels(RECORDS[0].labels))])["x/a"]
+    assert before.ingress.lookup(300, 6, 80).verdict is None
+    assert after.ingress.lookup(300, 6, 80).verdict is not None
+
+
+def test_a_changed_policy_recompiles_and_keeps_cidr_identity_numbers() -> None:
+    compiler = PolicyCompiler()
+    state = intent()
+    compiler.update(state.policies, state.identities, RECORDS, state.pods)
+    numbers = dict(compiler.compiled.cidr_identities)
+    key = keys.object_key("networkpolicies", "x", "web")
+    state.policies[key]["spec"]["ingress"][0]["ports"] = [{"port": 8080, "protocol": "TCP"}]
+    assert compiler.update(state.policies, state.identities, RECORDS, state.pods)
+    assert dict(compiler.compiled.cidr_identities) == numbers
+
+
+def test_an_endpoint_unknown_to_the_intent_gets_its_policy_at_once() -> None:
+    ctl = controller()
+    ctl.intent.identities.pop(257)  # x/b: its identity has not reached the intent yet
+    ctl.intent.endpoints.pop(RECORDS[1].key)
+    ctl.refresh()
+    policy = ctl.policy_datapath(RECORDS)
+    assert ((str(RECORDS[0].host_ifindex), "257", "tcp", "80"), "return") in policy.ingress
+    assert (("10.244.1.12",), "257") in policy.ipcache
+
+
+def test_an_invalid_policy_is_reported_and_not_enforced() -> None:
+    data = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "bad", "namespace": "x", "generation": 3}, "spec": {"ingress": "nope"}}
+    imported = import_policy("k", data)
+    assert not imported.ok and imported.rules == () and "ingress" in imported.error
+    status = desired_status(None, imported, "node1", True, 4, "T1")
+    assert status["conditions"][0]["status"] == "False" and status["conditions"][0]["reason"] == "Invalid"
+    assert status["nodes"]["node1"] == {"ok": False, "enforcing": False, "localPolicyRevision": 4,
+                                        "error": imported.error, "lastUpdated": "T1"}
+
+
+def test_status_keeps_other_nodes_and_times_when_nothing_changed() -> None:
+    imported = import_policy("k", policy_objects()[keys.object_key("ciliumnetworkpolicies", "x", "ping")])
+    first = desired_status({"nodes": {"node2": {"ok": True}}}, imported, "node1", True, 2, "T1")
+    again = desired_status(first, imported, "node1", True, 2, "T2")
+    assert again == first and again["nodes"]["node2"] == {"ok": True}
+    assert first["conditions"][0] == {"type": "Valid", "status": "True", "reason": "Valid",
+                                      "message": "Policy validation succeeded", "observedGeneration": 1,
+                                      "lastTransitionTime": "T1"}
+    moved = desired_status(first, imported, "node1", False, 2, "T3")
+    assert moved["nodes"]["node1"]["lastUpdated"] == "T3" and moved["conditions"] == first["conditions"]
+
+
+def test_unsupported_parts_are_named_in_the_valid_condition() -> None:
+    text = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn, namespace: x}
+spec:
+  endpointSelector: {}
+  egress:
+  - toFQDNs: [{matchName: example.com}]
+"""
+    imported = import_policy("k", next(iter(policy_objects(text).values())))
+    condition = desired_status(None, imported, "n", False, 1, "T")["conditions"][0]
+    assert (condition["status"], condition["reason"]) == ("True", "Unsupported")
+    assert "spec.egress[0]: toFQDNs" in condition["message"]
+
+
+async def test_controller_syncs_the_datapath_and_writes_status_once() -> None:
+    store = MemoryStore()
+    client = ObjectClient(store)
+    await client.apply(parse_manifest_text(NAMESPACE_OBJECTS + "---" + POLICIES))
+    state = intent()
+    state.policies = {}
+    for kv in (await store.list(keys.objects_prefix("ciliumnetworkpolicies")))[0]:
+        state.policies[kv.key] = json.loads(kv.value)
+    syncs: list[PolicyDatapath] = []
+
+    async def sync() -> None:
+        syncs.append(ctl.policy_datapath(RECORDS))
+
+    ctl = PolicyController(state, "node1", sync_datapath=sync, write_status=client.modify_status, debounce=0)
+    task = asyncio.create_task(ctl.run())
+    try:
+        ctl.wake.set()
+        while len(syncs) < 1 or ctl._status_wake.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        ping = await client.get("cnp", "x", "ping")
+        status = ping.status  # type: ignore[attr-defined]
+        assert status.nodes["node1"].enforcing and status.nodes["node1"].ok
+        audited = await client.get("cnp", "y", "audited")
+        assert audited.status.nodes["node1"].enforcing  # type: ignore[attr-defined]
+        assert await ctl.write_statuses() == 0  # nothing changed: no write
+        assert ctl.status()["policies"] == 2
+    finally:
+        task.cancel()
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------
+
+
+async def _store_with_cluster() -> MemoryStore:
+    store = MemoryStore()
+    await ObjectClient(store).apply(parse_manifest_text(NAMESPACE_OBJECTS + "---" + POLICIES))
+    remote = record("x", "b", 257, 4, node="node2")
+    for rec in [*RECORDS[:1], remote, RECORDS[2]]:
+        await store.put(rec.key, rec.to_json())
+    for identity, label_set in IDENTITIES.items():
+        await store.put(keys.identity_id_key(identity), json.dumps(canonical(label_set)).encode())
+    for (namespace, name) in PODS:
+        await store.put(keys.object_key("pods", namespace, name), json.dumps(pod(namespace, name)).encode())
+    for node in (NODE, NODE2):
+        await store.put(keys.object_key("ciliumnodes", None, node["metadata"]["name"]), json.dumps(node).encode())
+    return store
+
+
+async def test_trace_names_the_deciding_rules() -> None:
+    view = await load_policy_view(await _store_with_cluster())
+    text = trace_text(view, "x/b", "x/a", "80/TCP")
+    assert text.splitlines()[-1] == "Final verdict: ALLOWED"
+    assert "NetworkPolicy x/web rule 0 (spec.ingress[0])" in text
+    denied = trace_text(view, "y/a", "x/a", "80/TCP")
+    assert denied.splitlines()[-1] == "Final verdict: DENIED" and "default deny" in denied
+    world = trace_text(view, "198.51.100.7", "x/a", "81/TCP")
+    assert "denied by" in world and "CiliumNetworkPolicy x/ping rule 0 (spec.ingressDeny[0])" in world
+    # The remote pod's address resolves to its identity through the cluster-wide ipcache.
+    assert trace_text(view, "10.244.2.14", "x/a", "80/TCP").splitlines()[-1] == "Final verdict: ALLOWED"
+
+
+async def test_policy_get_selectors_and_endpoint_enforcement() -> None:
+    view = await load_policy_view(await _store_with_cluster())
+    rules = imported_rules(view.compiler.rules, "x")
+    web = next(r for r in rules if {"key": "io.cilium.k8s.policy.name", "value": "web", "source": "k8s"}
+               in r["labels"])
+    assert web["endpointSelector"] == {"matchLabels": {"k8s:io.kubernetes.pod.namespace": "x", "k8s:pod": "a"}}
+    assert web["ingress"][0]["toPorts"] == [{"ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}]
+    assert web["ingress"][1]["fromCIDRSet"] == [{"cidr": "198.51.100.0/24", "except": ["198.51.100.128/25"]}]
+    assert all(r["labels"][-1]["value"] == "x" for r in rules)
+    table = format_selectors(view).splitlines()
+    assert table[0].split() == ["SELECTOR", "LABELS", "USERS", "IDENTITIES"]
+    assert any(line.startswith("k8s:io.kubernetes.pod.namespace=x,k8s:pod=b ") and line.split()[-1] == "257"
+               for line in table)
+    assert enforcement_columns(view) == {"x/a": ("Enabled", "Enabled"), "x/b": ("Disabled", "Disabled"),
+                                         "y/a": ("Enabled", "Disabled")}
+
+
+def test_renderer_reuses_unchanged_endpoints() -> None:
+    ctl = controller()
+    renderer = PolicyRenderer()
+    policies = ctl.compiler.endpoint_policies(
+        [(policy_endpoint(r, ctl.intent.pods), parse_labels(r.labels)) for r in RECORDS])
+    first = render_policy({r.host_ifindex: policies[f"{r.namespace}/{r.pod}"] for r in RECORDS}, (), renderer)
+    cached = renderer.direction(101, policies["x/a"].ingress)
+    assert renderer.direction(101, policies["x/a"].ingress) is cached
+    assert first.ingress == render_policy(
+        {r.host_ifindex: policies[f"{r.namespace}/{r.pod}"] for r in RECORDS}, (), renderer).ingress
