@@ -16,6 +16,7 @@ from bench.harness import BenchContext, BenchResult, Metric, measure
 from bench.netpath import (
     IPERF_PORT,
     TCPRR_PORT,
+    PinnedPlace,
     Place,
     PodPlace,
     hand_wired_pods,
@@ -23,6 +24,7 @@ from bench.netpath import (
     start_servers,
     tcp_stream_gbits,
     tcprr_tps,
+    traffic_cpu,
     wait_listening,
 )
 
@@ -37,9 +39,12 @@ def run(ctx: BenchContext) -> BenchResult:
     require_tools("nsenter", "ip", "ss", "iperf3", "sysctl")
     require_membrane("agent", "pod")
     tcprr = ctx.tool("tcprr")
+    # Both ends on one CPU on both sides: otherwise the scheduler's placement of the two ends on
+    # the two vCPUs, not the datapath, decides TCP_RR (see PinnedPlace).
+    cpu = traffic_cpu()
     with bench_lab(ctx) as lab:
         server_cmd = f"{tcprr} -s -b 0.0.0.0 -p {TCPRR_PORT} & exec iperf3 -s -p {IPERF_PORT}"
-        run_pod(lab, NAMESPACE, "bench-server", ["sh", "-c", server_cmd])
+        run_pod(lab, NAMESPACE, "bench-server", ["taskset", "-c", str(cpu), "sh", "-c", server_cmd])
         run_pod(lab, NAMESPACE, "bench-client", ["sleep", "infinity"])
         server_ip = wait_pod_ip(lab, NAMESPACE, "bench-server")
         wait_pod_ip(lab, NAMESPACE, "bench-client")
@@ -50,10 +55,10 @@ def run(ctx: BenchContext) -> BenchResult:
         mtu = int(link[0]["mtu"])
         ctx.log(f"membrane pods up: server {server_ip}, pod MTU {mtu}")
 
-        with hand_wired_pods(mtu) as path, start_servers(path.pods[1], tcprr, path.ips[1]):
+        with hand_wired_pods(mtu) as path, start_servers(PinnedPlace(path.pods[1], cpu), tcprr, path.ips[1]):
             sides: dict[str, tuple[Place, str]] = {
-                "baseline": (path.pods[0], path.ips[1]),
-                "membrane": (client, server_ip),
+                "baseline": (PinnedPlace(path.pods[0], cpu), path.ips[1]),
+                "membrane": (PinnedPlace(client, cpu), server_ip),
             }
             samples: dict[str, dict[str, list[float]]] = {m: {s: [] for s in sides} for m, _ in METRICS}
             for i in range(ctx.runs):

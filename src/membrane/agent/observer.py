@@ -71,7 +71,10 @@ class ObserverSettings:
 
     @classmethod
     def for_agent(cls, config: AgentConfig) -> ObserverSettings:
-        return cls(unix_socket=config.runDir / "observer.sock")
+        hubble = config.hubble
+        return cls(enabled=hubble.enabled, listen=hubble.listenAddress or None,
+                   unix_socket=config.runDir / "observer.sock", metrics_listen=hubble.metricsServer or None,
+                   capacity=hubble.eventBufferCapacity)
 
 
 def _node_address(obj: Mapping[str, Any]) -> NodeAddress | None:

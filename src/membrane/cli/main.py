@@ -1,4 +1,8 @@
-"""The ``membrane`` command: resources, workloads, inspection, flows, daemons, lab."""
+"""The ``membrane`` command: resources, workloads, inspection, flows, daemons, lab.
+
+Subcommands are loaded lazily: ``membrane get pods`` imports the resource commands only, not the
+agent, the policy engine or gRPC, so every invocation starts in a fraction of the time.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,35 @@ import click
 
 from membrane.cli.context import CliContext
 
+# Command name -> the module that defines it (each module exports COMMANDS).
+COMMAND_MODULES: dict[str, str] = {
+    "apply": "resources", "get": "resources", "delete": "resources", "label": "resources",
+    "pod": "pods",
+    "status": "inspect", "node": "inspect", "endpoint": "inspect", "identity": "inspect", "ip": "inspect",
+    "tunnel": "inspect",
+    "policy": "policy_cmd",
+    "observe": "observe_cmd", "flows": "observe_cmd",
+    "agent": "agent_cmd", "relay": "relay_cmd",
+    "lab": "lab_cmd",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module_name = COMMAND_MODULES.get(cmd_name)
+        if module_name is None:
+            return None
+        module = importlib.import_module(f"membrane.cli.{module_name}")
+        for command in module.COMMANDS:
+            if command.name == cmd_name:
+                return command  # type: ignore[no-any-return]
+        return None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", "store_flag", metavar="URL", help="Cluster store (sqlite:///PATH or etcd://HOST:PORT).")
 @click.option("--lab", "lab_flag", metavar="NAME", help="Talk to the lab of this name.")
 @click.pass_context
@@ -18,18 +49,5 @@ def cli(ctx: click.Context, store_flag: str | None, lab_flag: str | None) -> Non
     ctx.obj = CliContext(store_flag=store_flag, lab_flag=lab_flag)
 
 
-# Command modules, imported when the command line is parsed (each exports COMMANDS).
-COMMAND_MODULES = ("resources", "pods", "inspect", "agent_cmd", "lab_cmd", "observe_cmd", "relay_cmd",
-                   "policy_cmd")
-
-
-def _register() -> None:
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f"membrane.cli.{name}")
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
 def main() -> None:
-    _register()
     cli(prog_name="membrane")

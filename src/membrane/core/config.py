@@ -47,6 +47,26 @@ class ClusterConfig(BaseModel):
         return [ipaddress.IPv4Network(c) for c in self.clusterPoolIPv4PodCIDRList]
 
 
+class HubbleConfig(BaseModel):
+    """Flow observability of one agent (Cilium's ``hubble.*`` settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # Observer gRPC API on TCP (empty: unix socket only); Prometheus metrics (empty: off).
+    listenAddress: str = "127.0.0.1:4244"
+    metricsServer: str = "127.0.0.1:9965"
+    # Flows kept per node: 2^n - 1, at most 65535 (Hubble's eventBufferCapacity).
+    eventBufferCapacity: int = 4095
+
+    @field_validator("eventBufferCapacity")
+    @classmethod
+    def _capacity(cls, value: int) -> int:
+        if value < 1 or value > 65535 or (value + 1) & value:
+            raise ValueError("must be 2^n - 1 and at most 65535 (e.g. 4095, 16383, 65535)")
+        return value
+
+
 class AgentConfig(BaseModel):
     """Settings of one node's agent."""
 
@@ -65,6 +85,7 @@ class AgentConfig(BaseModel):
     # Device facing the underlay; empty picks the default route's device.
     device: str = ""
     heartbeatTTL: float = Field(default=10.0, gt=0)
+    hubble: HubbleConfig = Field(default_factory=HubbleConfig)
     # Settings the first agent of a cluster writes to the store.
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
