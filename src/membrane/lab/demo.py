@@ -62,6 +62,8 @@ async def run_demo(lab: Lab, scenario: str, say: Callable[[str], None]) -> None:
             f"{prefix} endpoint list",
             f"{prefix} identity list",
             f"{prefix} ip list",
+            f"{prefix} observe --last 20",
+            f"{prefix} observe --from-pod default/tiefighter -o json",
             f"{prefix} pod exec default/xwing -- ip route",
             f"{prefix} lab exec node1 -- nft list table inet membrane",
             f"membrane lab down --name {lab.record.name}",
