@@ -273,9 +273,8 @@ async def test_a_bad_request_is_refused_as_by_an_agent(relay_setup: tuple[Cluste
 def test_the_relay_command_is_registered() -> None:
     from click.testing import CliRunner
 
-    from membrane.cli.main import _register, cli
+    from membrane.cli.main import cli
 
-    _register()
     result = CliRunner().invoke(cli, ["relay", "--help"])
     assert result.exit_code == 0
     assert "--listen" in result.output and "127.0.0.1:4245" in result.output
