@@ -28,3 +28,11 @@ def test_bad_settings_name_file_and_field(tmp_path: Path, text: str, message: st
     with pytest.raises(InvalidInput) as info:
         load_agent_config(path)
     assert info.value.problems[0].startswith(f"{path}: {message}")
+
+
+def test_cluster_policy_modes_reach_the_engine() -> None:
+    from membrane.agent.policy import enforcement_config
+    from membrane.core.config import ClusterConfig
+
+    config = enforcement_config(ClusterConfig(policyEnforcementMode="always", policyAuditNamespaces=("dev",)))
+    assert (config.mode, config.audit, config.audit_namespaces) == ("always", False, frozenset({"dev"}))

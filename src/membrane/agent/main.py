@@ -29,7 +29,7 @@ from membrane.agent.intent import ENDPOINTS, IDENTITIES, NAMESPACES, NODES, PODS
 from membrane.agent.node import NodeRegistration, ensure_cluster_config
 from membrane.agent.observer import AgentObserver, ObserverSettings
 from membrane.agent.operator import Operator
-from membrane.agent.policy import PolicyController
+from membrane.agent.policy import PolicyController, enforcement_config
 from membrane.agent.routing import LocalNode, RoutingController, RoutingReconciler, masquerade_for
 from membrane.agent.runner import PodRunner
 from membrane.api.objects import ObjectClient
@@ -99,6 +99,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         # -- policy enforcement (agent/policy.py): compiled before the first sync, so restored
         # endpoints are never programmed without their policy --
         policy = PolicyController(intent, node.name, cluster_name=cluster.clusterName,
+                                  config=enforcement_config(cluster),
                                   sync_datapath=lambda: datapath.sync(endpoints.ready_records()),
                                   write_status=ObjectClient(store).modify_status, wake=policy_wake)
         policy.refresh()

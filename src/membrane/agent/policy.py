@@ -52,6 +52,7 @@ from membrane.agent.records import EndpointRecord
 from membrane.api.meta import ApiObject, Condition
 from membrane.api.objects import now_rfc3339
 from membrane.api.registry import kind_info
+from membrane.core.config import ClusterConfig
 from membrane.core.errors import InvalidInput, MembraneError, NotFound
 from membrane.datapath.nft.objects import Key
 from membrane.datapath.ruleset import (
@@ -493,6 +494,12 @@ def desired_status(
 
 
 StatusWriter = Callable[[str, str | None, str, Callable[[ApiObject], Any]], Awaitable[Any]]
+
+
+def enforcement_config(cluster: ClusterConfig) -> EnforcementConfig:
+    """The cluster's policy settings as the engine takes them (agents and ``policy trace`` alike)."""
+    return EnforcementConfig(mode=cluster.policyEnforcementMode, audit=cluster.policyAuditMode,
+                             audit_namespaces=frozenset(cluster.policyAuditNamespaces))
 
 
 class PolicyController:

@@ -20,10 +20,11 @@ from typing import Any
 
 import click
 
-from membrane.agent.policy import PolicyCompiler, ipcache_entries, policy_endpoint
+from membrane.agent.policy import PolicyCompiler, enforcement_config, ipcache_entries, policy_endpoint
 from membrane.agent.records import EndpointRecord
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
+from membrane.core.config import ClusterConfig
 from membrane.core.errors import InvalidInput
 from membrane.identity.allocator import decode_identity
 from membrane.identity.labels import Label, parse_labels
@@ -74,14 +75,14 @@ class StorePolicyView:
         return None
 
 
-async def _cluster_name(store: Store) -> str:
+async def _cluster_config(store: Store) -> ClusterConfig:
     kv = await store.get(keys.CLUSTER_CONFIG)
     if kv is None:
-        return "default"
+        return ClusterConfig()
     try:
-        return str(json.loads(kv.value).get("clusterName") or "default")
+        return ClusterConfig.model_validate_json(kv.value)
     except ValueError:
-        return "default"
+        return ClusterConfig()
 
 
 async def load_policy_view(store: Store) -> StorePolicyView:
@@ -114,7 +115,8 @@ async def load_policy_view(store: Store) -> StorePolicyView:
         pods[(meta.get("namespace", "default"), meta.get("name", ""))] = obj
     nodes = {kv.key.removeprefix(keys.objects_prefix("ciliumnodes")): json.loads(kv.value)
              for kv in (await store.list(keys.objects_prefix("ciliumnodes")))[0]}
-    compiler = PolicyCompiler(cluster_name=await _cluster_name(store))
+    cluster = await _cluster_config(store)
+    compiler = PolicyCompiler(cluster_name=cluster.clusterName, config=enforcement_config(cluster))
     compiler.update(policies, identities, records, pods)
     return StorePolicyView(compiler, records, pods, nodes, revision)
 

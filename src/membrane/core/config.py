@@ -35,6 +35,12 @@ class ClusterConfig(BaseModel):
     # Destinations that pod traffic reaches without masquerade (the pod pools are always included).
     nonMasqueradeCIDRs: tuple[str, ...] = ()
     enableIPv4Masquerade: bool = True
+    # Cilium's policy-enforcement mode: "default" enforces on endpoints a policy selects, "always" on
+    # every endpoint (default deny), "never" on none.
+    policyEnforcementMode: Literal["default", "always", "never"] = "default"
+    # Audit: would-be drops are forwarded and reported as AUDIT, everywhere or in these namespaces.
+    policyAuditMode: bool = False
+    policyAuditNamespaces: tuple[str, ...] = ()
 
     @field_validator("clusterPoolIPv4PodCIDRList", "nonMasqueradeCIDRs")
     @classmethod
