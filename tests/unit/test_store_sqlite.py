@@ -278,3 +278,42 @@ async def test_a_killed_writer_leaves_whole_txns_only(tmp_path: Path) -> None:
         finally:
             await store.close()
     assert revisions == sorted(revisions) and revisions[-1] > 1, "the writer made progress"
+
+
+def _open_store(path: str) -> None:
+    from membrane.store.sqlite import SqliteStore
+
+    SqliteStore(Path(path))
+
+
+def _write_for(path: str, seconds: float) -> None:
+    import time as _time
+
+    from membrane.store.sqlite import SqliteStore
+
+    store = SqliteStore(Path(path))
+    deadline = _time.monotonic() + seconds
+    while _time.monotonic() < deadline:
+        asyncio.run(store.put("/k", os.urandom(64)))
+
+
+def test_processes_open_the_store_while_another_one_writes(tmp_path: Path) -> None:
+    """Agents of a lab start together on one file while the first already writes: none may fail
+    with "database is locked"."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    path = str(tmp_path / "s.db")
+    _open_store(path)
+    writer = context.Process(target=_write_for, args=(path, 3.0))
+    writer.start()
+    try:
+        for _ in range(10):
+            openers = [context.Process(target=_open_store, args=(path,)) for _ in range(3)]
+            for opener in openers:
+                opener.start()
+            for opener in openers:
+                opener.join(timeout=30)
+            assert [o.exitcode for o in openers] == [0, 0, 0]
+    finally:
+        writer.join(timeout=30)

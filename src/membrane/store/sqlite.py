@@ -197,14 +197,25 @@ class SqliteStore:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open store {self.url}: {_reason(exc)}") from exc
-        try:
-            self._init(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StoreError(f"cannot open store {self.url}: {_reason(exc)}") from exc
-        except StoreError:
-            conn.close()
-            raise
+        # Switching to WAL takes an exclusive lock without consulting the busy handler, so two
+        # processes opening a new store at once (agents of a lab starting together) can meet
+        # "database is locked" here: retry for as long as a write would wait.
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                self._init(conn)
+                break
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    conn.close()
+                    raise StoreError(f"cannot open store {self.url}: {_reason(exc)}") from exc
+                time.sleep(0.01)
+            except sqlite3.Error as exc:
+                conn.close()
+                raise StoreError(f"cannot open store {self.url}: {_reason(exc)}") from exc
+            except StoreError:
+                conn.close()
+                raise
         return conn
 
     def _prepare_path(self) -> None:
@@ -217,7 +228,8 @@ class SqliteStore:
         os.close(fd)
 
     def _init(self, conn: sqlite3.Connection) -> None:
-        conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("BEGIN IMMEDIATE")
         try:
