@@ -27,7 +27,7 @@ from membrane.agent.datapath import NodeDatapath
 from membrane.agent.endpoints import EndpointManager, NodeContext
 from membrane.agent.intent import ENDPOINTS, IDENTITIES, NAMESPACES, NODES, PODS, POLICY_PREFIXES, Intent
 from membrane.agent.node import NodeRegistration, ensure_cluster_config
-from membrane.agent.observer import AgentObserver, ObserverSettings
+from membrane.agent.observer import AgentObserver, ObserverSettings, PolicyAttribution
 from membrane.agent.operator import Operator
 from membrane.agent.policy import PolicyController, enforcement_config
 from membrane.agent.routing import LocalNode, RoutingController, RoutingReconciler, masquerade_for
@@ -104,6 +104,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
                                   write_status=ObjectClient(store).modify_status, wake=policy_wake)
         policy.refresh()
         datapath.policy = policy.policy_datapath
+        observer.policy = PolicyAttribution(policy)  # flow observability: *_allowed_by / *_denied_by
         # -- end policy enforcement --
         # -- routing between nodes (agent/routing.py): peers' pod CIDRs via VXLAN or native routes --
         routing = RoutingController(

@@ -6,6 +6,8 @@
                                                           │                     TCP 127.0.0.1:4244
                                                  MetricsServer 127.0.0.1:9965   <run-dir>/observer.sock
     store: endpoints/*, ciliumnodes ──reflectors──► EnrichmentState (rebuilt on every change)
+    PolicyController ──PolicyAttribution──► enrich(policy=…): *_allowed_by / *_denied_by
+    FlowPublisher ──► FlowExporter (hubble.exportFilePath, rotated JSON lines) when configured
 
 The reader binds its NFLOG group before the datapath installs the log rules, so the first
 connections are not missed. Events the kernel could not deliver (reader too slow) are counted
@@ -16,7 +18,8 @@ in this node's CiliumNode ``status.observer`` so a relay can find it.
 A failure to listen or to bind the group degrades observability, never the node: it is logged,
 shown in the agent status, and the reader is retried by the lifecycle.
 
-Primitives: :class:`ObserverSettings`, :class:`AgentObserver`, :func:`state_from_store`.
+Primitives: :class:`ObserverSettings`, :class:`ExportSettings`, :class:`AgentObserver`,
+:class:`PolicyAttribution`, :func:`state_from_store`.
 """
 
 from __future__ import annotations
@@ -28,25 +31,41 @@ import logging
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from membrane.agent.policy import policy_endpoint
 from membrane.agent.records import EndpointRecord
-from membrane.core.config import AgentConfig
+from membrane.core.config import AgentConfig, export_filters
 from membrane.core.errors import MembraneError
 from membrane.core.lifecycle import Lifecycle
 from membrane.datapath.netlink.model import TUNNEL_DEVICE
 from membrane.datapath.ruleset import FlowLog
+from membrane.identity.labels import parse_labels
+from membrane.identity.reserved import WORLD
 from membrane.ipam.pool import router_ip
-from membrane.observe.enrich import EndpointInfo, EnrichmentState, FlowIds, NodeAddress, enrich
-from membrane.observe.events import FlowCodeError
+from membrane.observe.enrich import (
+    EndpointInfo,
+    EnrichmentState,
+    FlowIds,
+    NodeAddress,
+    PolicyDecision,
+    PolicyLookup,
+    PolicyRef,
+    enrich,
+)
+from membrane.observe.events import Direction, FlowCodeError
+from membrane.observe.exporter import FlowExporter
 from membrane.observe.metrics import FlowMetrics, MetricsServer
-from membrane.observe.model import PERF_EVENT_RING_BUFFER
+from membrane.observe.model import PERF_EVENT_RING_BUFFER, FlowFilter
 from membrane.observe.nflog import FlowEventSource, NflogReader, NflogRecord
 from membrane.observe.observer import FlowPublisher, NamespaceTracker
 from membrane.observe.ring import DEFAULT_CAPACITY, Ring
 from membrane.observe.server import ObserverServer
+from membrane.policy import EndpointPolicy
+from membrane.policy.mapstate import Verdict
+from membrane.policy.rules import IMPLICIT_KIND, RuleOrigin
 from membrane.store import keys
 from membrane.store.base import KeyValue, Store
 from membrane.store.reflector import Reflector, Subscription
@@ -55,6 +74,22 @@ log = logging.getLogger(__name__)
 
 ENDPOINTS = keys.endpoints_prefix()
 NODES = keys.objects_prefix("ciliumnodes")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Flow export to a file (Hubble's ``hubble.export.static``): rotated JSON lines."""
+
+    path: Path
+    max_size_mb: int = 10
+    max_backups: int = 5
+    allow: tuple[FlowFilter, ...] = ()
+    deny: tuple[FlowFilter, ...] = ()
+    field_mask: tuple[str, ...] = ()
+
+    def exporter(self) -> FlowExporter:
+        return FlowExporter(self.path, max_size=self.max_size_mb * 1024 * 1024, max_backups=self.max_backups,
+                            allow=self.allow, deny=self.deny, field_mask=self.field_mask)
 
 
 @dataclass(frozen=True)
@@ -68,13 +103,19 @@ class ObserverSettings:
     metrics_listen: str | None = "127.0.0.1:9965"
     capacity: int = DEFAULT_CAPACITY
     flow_log: FlowLog = field(default_factory=FlowLog)
+    export: ExportSettings | None = None
 
     @classmethod
     def for_agent(cls, config: AgentConfig) -> ObserverSettings:
         hubble = config.hubble
+        export = None
+        if hubble.exportFilePath:
+            export = ExportSettings(Path(hubble.exportFilePath), hubble.exportFileMaxSizeMb,
+                                    hubble.exportFileMaxBackups, tuple(export_filters(hubble.exportAllowlist)),
+                                    tuple(export_filters(hubble.exportDenylist)), hubble.exportFieldMask)
         return cls(enabled=hubble.enabled, listen=hubble.listenAddress or None,
                    unix_socket=config.runDir / "observer.sock", metrics_listen=hubble.metricsServer or None,
-                   capacity=hubble.eventBufferCapacity)
+                   capacity=hubble.eventBufferCapacity, export=export)
 
 
 def _node_address(obj: Mapping[str, Any]) -> NodeAddress | None:
@@ -139,6 +180,126 @@ def state_from_store(node_name: str, endpoints: Sequence[KeyValue], nodes: Seque
                                  tunnel_ifindex=tunnel_ifindex)
 
 
+class PolicySource(Protocol):
+    """What attribution reads of the agent's :class:`~membrane.agent.policy.PolicyController`:
+    ``compiler`` (a PolicyCompiler), ``intent`` (endpoints, pods) and ``node_name``."""
+
+    compiler: Any
+    intent: Any
+    node_name: str
+
+
+AnswerKey = tuple[Direction, int, int, int]
+
+
+class PolicyAttribution:
+    """The agent's :class:`~membrane.observe.enrich.PolicyLookup`: the compiled policy of this
+    node's endpoints, asked ``DirectionPolicy.lookup(remote identity, protocol, port)``.
+
+    Answers are memoized per endpoint until the policy revision changes or the endpoint's record
+    does, so a busy connection costs a dict lookup, not a policy walk. A remote the ipcache calls
+    ``world`` is looked up under the CIDR identity a policy gave its prefix (toCIDR rules).
+    """
+
+    def __init__(self, source: PolicySource, max_answers: int = 4096) -> None:
+        self._source = source
+        self._max_answers = max_answers
+        self._revision = -1
+        self._endpoints: dict[int, tuple[Any, EndpointPolicy, dict[AnswerKey, PolicyDecision | None]]] = {}
+        self._uids: dict[tuple[str, str, str], str] = {}
+        self._cidrs: list[tuple[IPv4Network, int]] = []
+
+    def __call__(self, endpoint: EndpointInfo, direction: Direction, remote_identity: int, remote_ip: str,
+                 proto: int, port: int) -> PolicyDecision | None:
+        compiler = self._source.compiler
+        if compiler.revision != self._revision:
+            self._new_revision(compiler)
+        found = self._endpoint(endpoint)
+        if found is None:
+            return None
+        policy, answers = found
+        if remote_identity == WORLD.id and self._cidrs:
+            remote_identity = self._cidr_identity(remote_ip)
+        key = (direction, remote_identity, proto, port)
+        try:
+            return answers[key]
+        except KeyError:
+            pass
+        side = policy.egress if direction is Direction.EGRESS else policy.ingress
+        match = side.lookup(remote_identity, proto, port)
+        answer = None if match.verdict is None else PolicyDecision(
+            "deny" if match.verdict is Verdict.DENY else "allow", self._refs(match.rules))
+        if len(answers) >= self._max_answers:
+            answers.clear()
+        answers[key] = answer
+        return answer
+
+    def _new_revision(self, compiler: Any) -> None:
+        self._revision = compiler.revision
+        self._endpoints.clear()
+        self._uids = {}
+        for imported in compiler.imported.values():
+            uid = getattr(getattr(imported.obj, "metadata", None), "uid", None)
+            if uid:
+                self._uids[(imported.kind, imported.namespace, imported.name)] = str(uid)
+        cidrs = compiler.compiled.cidr_identities.items()
+        self._cidrs = sorted(cidrs, key=lambda item: -item[0].prefixlen)
+
+    def _endpoint(self, info: EndpointInfo) -> tuple[EndpointPolicy, dict[AnswerKey, PolicyDecision | None]] | None:
+        records = self._source.intent.endpoints
+        cached = self._endpoints.get(info.ifindex)
+        if cached is not None and records.get(cached[0].key) is cached[0]:
+            return cached[1], cached[2]
+        node = self._source.node_name
+        record = next((r for r in records.values() if r.node == node and r.host_ifindex == info.ifindex), None)
+        if record is None:
+            return None
+        endpoint = policy_endpoint(record, self._source.intent.pods)
+        policy = self._source.compiler.endpoint_policies([(endpoint, parse_labels(record.labels))])[endpoint.key]
+        self._endpoints[info.ifindex] = (record, policy, {})
+        return policy, self._endpoints[info.ifindex][2]
+
+    def _cidr_identity(self, ip: str) -> int:
+        try:
+            address = IPv4Address(ip)
+        except ValueError:
+            return WORLD.id
+        return next((identity for prefix, identity in self._cidrs if address in prefix), WORLD.id)
+
+    def _refs(self, origins: Sequence[RuleOrigin]) -> tuple[PolicyRef, ...]:
+        found: dict[tuple[str, str, str], PolicyRef] = {}
+        for origin in origins:
+            key = (origin.kind, origin.namespace, origin.name)
+            if origin.kind == IMPLICIT_KIND or key in found:
+                continue  # the implicit host allow is no policy; a policy is named once per flow
+            labels = origin.labels()
+            uid = self._uids.get(key)
+            if uid:
+                labels += (f"k8s:io.cilium.k8s.policy.uid={uid}",)
+            found[key] = PolicyRef(name=origin.name, namespace=origin.namespace, kind=origin.kind, labels=labels,
+                                   revision=self._revision)
+        return tuple(found.values())
+
+
+class _ExportSink:
+    """The exporter as a publisher sink: a write that fails (disk full, directory gone) is reported
+    once and skipped; it must not stop the flows reaching the ring and the other sinks."""
+
+    def __init__(self, exporter: FlowExporter, report: Callable[[str], None]) -> None:
+        self.exporter = exporter
+        self.failed = 0
+        self._report = report
+
+    def observe(self, flow: Any) -> None:
+        try:
+            self.exporter.export(flow)
+        except OSError as exc:
+            self.failed += 1
+            if self.failed == 1:
+                self._report(f"flow export to {self.exporter.path}: {exc}")
+            self.exporter.close()  # reopened (and retried) with the next flow
+
+
 def _tunnel_ifindex() -> int:
     try:
         return socket.if_nametoindex(TUNNEL_DEVICE)
@@ -151,7 +312,8 @@ class AgentObserver:
     :class:`NflogReader` on the settings' group in the agent's network namespace."""
 
     def __init__(self, settings: ObserverSettings, *, node_name: str, store: Store, cluster_name: str = "default",
-                 source: FlowEventSource | None = None, tunnel_ifindex: Callable[[], int] = _tunnel_ifindex) -> None:
+                 source: FlowEventSource | None = None, tunnel_ifindex: Callable[[], int] = _tunnel_ifindex,
+                 policy: PolicyLookup | None = None) -> None:
         self.settings = settings
         self.node_name = node_name
         self.cluster_name = cluster_name
@@ -162,8 +324,13 @@ class AgentObserver:
         self.ring = Ring(settings.capacity)
         self.metrics = FlowMetrics()
         self.namespaces = NamespaceTracker(cluster_name)
-        self.publisher = FlowPublisher(self.ring, node_name=node_name, sinks=(self.namespaces, self.metrics),
-                                       on_lost=self.metrics.lost)
+        #: Who decided a flow (``*_allowed_by`` / ``*_denied_by``); None: not attributed.
+        self.policy = policy
+        self.exporter = settings.export.exporter() if settings.enabled and settings.export is not None else None
+        sinks: tuple[Any, ...] = (self.namespaces, self.metrics)
+        if self.exporter is not None:
+            sinks += (_ExportSink(self.exporter, self._error),)
+        self.publisher = FlowPublisher(self.ring, node_name=node_name, sinks=sinks, on_lost=self.metrics.lost)
         self.state = EnrichmentState(node_name, cluster_name)
         self.server: ObserverServer | None = None
         self.metrics_server: MetricsServer | None = None
@@ -232,6 +399,8 @@ class AgentObserver:
         if self.metrics_server is not None:
             await self.metrics_server.close()
             self.metrics_server = None
+        if self.exporter is not None:
+            self.exporter.close()
 
     def _error(self, message: str) -> None:
         log.error("%s", message)
@@ -248,10 +417,10 @@ class AgentObserver:
         if lost > self._lost_reported:
             self.publisher.publish_lost(PERF_EVENT_RING_BUFFER, lost - self._lost_reported)
             self._lost_reported = lost
-        state, publish, ids = self.state, self.publisher.publish, self._ids
+        state, publish, ids, policy = self.state, self.publisher.publish, self._ids, self.policy
         for record in records:
             try:
-                flow = enrich(record, state, flow_id=ids.next())
+                flow = enrich(record, state, flow_id=ids.next(), policy=policy)
             except FlowCodeError as exc:
                 self.malformed += 1
                 if self.malformed == 1:
@@ -300,4 +469,6 @@ class AgentObserver:
             "listen": self.server.address if self.server else "", "errors": list(self.errors),
             "metrics": (f"{self.metrics_server.listen.rpartition(':')[0]}:{self.metrics_server.port}"
                         if self.metrics_server else ""),
+            "export": ({"path": str(self.exporter.path), "exported": self.exporter.exported}
+                       if self.exporter is not None else {}),
         }

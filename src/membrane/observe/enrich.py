@@ -24,8 +24,21 @@ belongs to one local endpoint; EGRESS when that endpoint sent the packet, flippe
 A packet that came in through a local pod's veth is attributed to that pod even when its source
 address says otherwise (a spoofed packet names its real sender).
 
+Which policy decided (``egress_allowed_by``, ``ingress_allowed_by``, ``egress_denied_by``,
+``ingress_denied_by``) is asked of a :class:`PolicyLookup`, a narrow callable the agent backs with
+its compiled policy, for the sides that are this node's endpoints::
+
+    flow                                   side(s) asked                     filled when the answer is
+    trace FORWARDED, original direction    egress at a local source,         allow → *_allowed_by
+                                           ingress at a local destination
+    policy drop (133, 181) / verdict       the side the code names           deny → *_denied_by
+
+Replies are not attributed (conntrack lets them through, not a rule). A default-deny drop has no
+deciding rule: it stays DROPPED with reason ``Policy denied`` and no ``*_denied_by``.
+
 Primitives: :class:`EndpointInfo`, :class:`NodeAddress`, :class:`EnrichmentState`,
-:func:`enrich` and :class:`FlowIds` (cheap unique flow UUIDs).
+:class:`PolicyRef`, :class:`PolicyDecision`, :class:`PolicyLookup`, :func:`enrich` and
+:class:`FlowIds` (cheap unique flow UUIDs).
 """
 
 from __future__ import annotations
@@ -34,10 +47,18 @@ import itertools
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, Protocol, cast
 
 from membrane.identity.reserved import HOST, REMOTE_NODE, WORLD
-from membrane.observe.events import CodeVerdict, Direction, EventKind, FlowCode, TraceReason, parse_prefix
+from membrane.observe.events import (
+    CodeVerdict,
+    Direction,
+    DropReason,
+    EventKind,
+    FlowCode,
+    TraceReason,
+    parse_prefix,
+)
 from membrane.observe.model import (
     AUDIT,
     DROPPED,
@@ -103,6 +124,35 @@ class NodeAddress:
     name: str
     node_ip: str
     router_ip: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRef:
+    """One policy that decided a flow, as Hubble's ``flow.Policy`` shows it."""
+
+    name: str
+    namespace: str
+    kind: str
+    labels: tuple[str, ...] = ()
+    revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    """What an endpoint's policy says about a packet: ``allow`` or ``deny`` and the deciding
+    policies (empty when only a default applies)."""
+
+    verdict: Literal["allow", "deny"]
+    policies: tuple[PolicyRef, ...] = ()
+
+
+class PolicyLookup(Protocol):
+    """The deciding policies for a packet at one of this node's endpoints: ``direction`` is the
+    endpoint's side, ``remote_*`` the other end, ``port`` the destination port (ICMP: the type).
+    None: no policy entry covers the packet."""
+
+    def __call__(self, endpoint: EndpointInfo, direction: Direction, remote_identity: int, remote_ip: str,
+                  proto: int, port: int) -> PolicyDecision | None: ...
 
 
 WORLD_INFO = EndpointInfo(ip="", identity=WORLD.id, labels=("reserved:world",))
@@ -289,10 +339,64 @@ def _static_part(record: NflogRecord, code: FlowCode, state: EnrichmentState, so
     return flow
 
 
+_POLICY_MESSAGES: dict[PolicyRef, flow_pb2.Policy] = {}
+_POLICY_DROPS = (DropReason.POLICY_DENIED, DropReason.POLICY_DENY)
+
+
+def _policy_message(ref: PolicyRef) -> flow_pb2.Policy:
+    message = _POLICY_MESSAGES.get(ref)
+    if message is None:
+        message = flow_pb2.Policy(name=ref.name, namespace=ref.namespace, labels=list(ref.labels),
+                                  revision=ref.revision, kind=ref.kind)
+        if len(_POLICY_MESSAGES) >= 4096:  # bounded: revisions grow with every policy change
+            _POLICY_MESSAGES.clear()
+        _POLICY_MESSAGES[ref] = message
+    return message
+
+
+def _attribute(flow: Flow, record: NflogRecord, code: FlowCode, lookup: PolicyLookup,
+               source: EndpointInfo, destination: EndpointInfo,
+               local_in: EndpointInfo | None, local_out: EndpointInfo | None) -> None:
+    """Fill ``*_allowed_by`` / ``*_denied_by`` for the local sides the event speaks for."""
+    packet = record.packet
+    assert packet is not None
+    if code.kind is EventKind.TRACE:
+        if code.is_reply or code.verdict is not CodeVerdict.FORWARDED:
+            return
+        sides = [(Direction.EGRESS, local_in), (Direction.INGRESS, local_out)]
+        wanted = "allow"
+    else:
+        wanted = "deny"
+        if code.drop_reason not in _POLICY_DROPS:
+            return  # spoofing, IPv6 …: the datapath decided, not a policy
+        if code.direction is Direction.EGRESS:
+            sides = [(Direction.EGRESS, local_in)]
+        elif code.direction is Direction.INGRESS:
+            sides = [(Direction.INGRESS, local_out)]
+        else:
+            return
+    proto = packet.protocol
+    port = packet.icmp_type if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) else packet.destination_port
+    for direction, endpoint in sides:
+        if endpoint is None:
+            continue
+        remote = destination if direction is Direction.EGRESS else source
+        remote_ip = packet.destination if direction is Direction.EGRESS else packet.source
+        decision = lookup(endpoint, direction, remote.identity, remote_ip, proto, port)
+        if decision is None or decision.verdict != wanted or not decision.policies:
+            continue
+        if wanted == "allow":
+            target = flow.egress_allowed_by if direction is Direction.EGRESS else flow.ingress_allowed_by
+        else:
+            target = flow.egress_denied_by if direction is Direction.EGRESS else flow.ingress_denied_by
+        target.extend(_policy_message(ref) for ref in decision.policies)
+
+
 def enrich(record: NflogRecord, state: EnrichmentState, *, flow_id: str = "",
-           code: FlowCode | None = None) -> Flow | None:
+           code: FlowCode | None = None, policy: PolicyLookup | None = None) -> Flow | None:
     """The flow for ``record``; None when the record is not one of ours (a foreign prefix) or
-    carries no IP header. Raises :class:`~membrane.observe.events.FlowCodeError` for a malformed
+    carries no IP header. With ``policy``, the policies that allowed or denied it are filled in.
+    Raises :class:`~membrane.observe.events.FlowCodeError` for a malformed
     prefix of ours.
 
     The per-packet work is a copy of a cached static part (see :func:`_static_part`) plus time,
@@ -336,4 +440,6 @@ def enrich(record: NflogRecord, state: EnrichmentState, *, flow_id: str = "",
         if len(_SUMMARIES) < 4096:
             _SUMMARIES[summary_key] = summary
     flow.Summary = summary
+    if policy is not None and (local_in is not None or local_out is not None):
+        _attribute(flow, record, code, policy, source, destination, local_in, local_out)
     return flow
