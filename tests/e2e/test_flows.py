@@ -147,7 +147,7 @@ def lab() -> Iterator[tuple[Lab, dict[str, str]]]:
     env.pop("MEMBRANE_STORE", None)
     name = "f" + "".join(random.choices(string.ascii_lowercase + string.digits, k=7))
     try:
-        with Lab.up(name, 2, dirs=dirs) as built:
+        with Lab.up(name, 3, dirs=dirs) as built:
             yield built, env
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -188,49 +188,55 @@ def test_the_relay_merges_every_nodes_flows_in_time_order(lab: tuple[Lab, dict[s
     membrane("pod", "run", "server", "-n", "default", "--node", "node1", "-l", "app=echo", "--",
              sys.executable, "-c", ECHO_SERVER)
     membrane("pod", "run", "client", "-n", "default", "--node", "node2", "-l", "app=client", "--", "sleep", "3600")
+    membrane("pod", "run", "client3", "-n", "default", "--node", "node3", "-l", "app=client", "--", "sleep", "3600")
     server_ip = json.loads(membrane("get", "pod", "server", "-n", "default", "-o", "json").stdout)["status"]["podIP"]
     wait_until(lambda: listening(membrane, "default/server"), timeout=15, what="the echo server")
 
-    def routed() -> bool:
-        out = built.exec("node2", ["ip", "-j", "route", "show", "proto", "177"], capture_output=True, check=True)
-        return any(not r["dev"].startswith("lxc") for r in json.loads(out.stdout))
+    def routed(node: str) -> bool:
+        out = built.exec(node, ["ip", "-j", "route", "show", "proto", "177"], capture_output=True, check=True)
+        return sum(not r["dev"].startswith("lxc") for r in json.loads(out.stdout)) == 2
 
-    wait_until(routed, timeout=15, what="node2's route to node1's pods")
+    for node in ("node1", "node2", "node3"):
+        wait_until(lambda n=node: routed(n), timeout=15, what=f"{node}'s routes to the other nodes' pods")
     assert membrane("pod", "exec", "default/client", "--", sys.executable, "-c", ECHO_ONCE,
+                    server_ip).stdout.strip() == "ok"
+    assert membrane("pod", "exec", "default/client3", "--", sys.executable, "-c", ECHO_ONCE,
                     server_ip).stdout.strip() == "ok"
 
     def merged() -> list[dict[str, Any]]:
         return json_lines(membrane("observe", "--server", relay, "--all", "-o", "json").stdout)
 
-    lines = wait_until(lambda: (got := merged()) and len(got) >= 8 and got, timeout=10, what="8 flows")
+    lines = wait_until(lambda: (got := merged()) and len(got) >= 16 and got, timeout=10, what="16 flows")
     flows = [line["flow"] for line in lines]
-    assert len(flows) == 8
+    assert len(flows) == 16
     stamps = [line["time"] for line in lines]
     assert stamps == sorted(stamps)  # RFC 3339 with nanoseconds, all UTC: text order is time order
-    by_node = {n: [f for f in flows if f["node_name"] == n] for n in ("node1", "node2")}
-    # The client's node sees the packets enter the tunnel, the server's node sees them delivered.
-    assert [(f["trace_observation_point"], sorted(flags(f))) for f in by_node["node2"]] == [
-        ("TO_OVERLAY", ["SYN"]), ("TO_ENDPOINT", ["ACK", "SYN"]), ("TO_OVERLAY", ["ACK", "FIN"]),
-        ("TO_ENDPOINT", ["ACK", "FIN"])]
-    assert [(f["trace_observation_point"], sorted(flags(f))) for f in by_node["node1"]] == [
+    by_node = {n: [f for f in flows if f["node_name"] == n] for n in ("node1", "node2", "node3")}
+    # The clients' nodes see the packets enter the tunnel, the server's node sees them delivered.
+    for client_node in ("node2", "node3"):
+        assert [(f["trace_observation_point"], sorted(flags(f))) for f in by_node[client_node]] == [
+            ("TO_OVERLAY", ["SYN"]), ("TO_ENDPOINT", ["ACK", "SYN"]), ("TO_OVERLAY", ["ACK", "FIN"]),
+            ("TO_ENDPOINT", ["ACK", "FIN"])]
+    assert [(f["trace_observation_point"], sorted(flags(f))) for f in by_node["node1"]] == 2 * [
         ("TO_ENDPOINT", ["SYN"]), ("TO_OVERLAY", ["ACK", "SYN"]), ("TO_ENDPOINT", ["ACK", "FIN"]),
         ("TO_OVERLAY", ["ACK", "FIN"])]
-    # Both nodes know both pods: the remote one through the store.
+    # Every node knows every pod: the remote ones through the store.
     assert {(f["source"]["pod_name"], f["destination"]["pod_name"]) for f in flows} == {
-        ("client", "server"), ("server", "client")}
+        ("client", "server"), ("server", "client"), ("client3", "server"), ("server", "client3")}
 
     status = membrane("flows", "status", "--server", relay).stdout
-    assert "Current/Max Flows: 8/8,190" in status and "Connected Nodes: 2/2" in status
+    assert "Current/Max Flows: 16/12,285" in status and "Connected Nodes: 3/3" in status
     nodes = membrane("flows", "nodes", "--server", relay).stdout
-    assert re.search(r"^node1\s+Connected\s.*4/4095", nodes, re.M)
+    assert re.search(r"^node1\s+Connected\s.*8/4095", nodes, re.M)
     assert re.search(r"^node2\s+Connected\s.*4/4095", nodes, re.M)
+    assert re.search(r"^node3\s+Connected\s.*4/4095", nodes, re.M)
 
     # An agent goes away: the relay says so and serves the rest.
     agent = built.record.node(2).agent
     assert agent is not None
     os.kill(agent.pid, signal.SIGKILL)
     status = membrane("flows", "status", "--server", relay).stdout
-    assert "Connected Nodes: 1/2" in status and "Unavailable Nodes: 1" in status and "  - node2" in status
+    assert "Connected Nodes: 2/3" in status and "Unavailable Nodes: 1" in status and "  - node2" in status
     observed = membrane("observe", "--server", relay, "--all")
     assert "1 nodes are unavailable: node2" in observed.stderr
-    assert len(observed.stdout.splitlines()) == 4
+    assert len(observed.stdout.splitlines()) == 12
