@@ -8,9 +8,12 @@ plus an outside client holding the tables' two outside addresses: for each case 
 written to the store, the test waits until both agents report the store revision synced, probes
 every cell of every expected (protocol, port) table with real traffic and compares.
 
+Cases that relabel a pod or namespace do so live (``membrane label``) around the case and wait
+until the affected pods carry their new identities on both agents' datapaths.
+
 What the kernel run cannot reproduce is left out, and said so: SCTP tables (the pods serve TCP and
 UDP only), a pod to itself and outside to outside (that traffic never meets the datapath), and
-cases that need an agent enforcement setting or pod/namespace labels other than the lab's.
+cases that need an agent enforcement setting other than the lab's default (skipped).
 
 The tables name the outside ``198.51.100.10`` (``ext1``) and ``198.51.100.200`` (``ext2``); the
 lab's outside is its underlay, so the client takes the same host numbers there and the policies'
@@ -21,6 +24,7 @@ One lab, one set of pods and one outside server serve the whole module.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -31,6 +35,7 @@ import sys
 import textwrap
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -43,6 +48,7 @@ from membrane.lab import Lab
 from membrane.lab.state import LabDirs
 from membrane.policy.mapstate import EnforcementConfig
 from membrane.policy.reachability import Reachability
+from membrane.store import keys, open_store
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -106,6 +112,32 @@ PROBER = textwrap.dedent("""
 """)
 
 
+# The pods' server, but UDP bound per address (argv): a reply to a datagram sent to ext2 must come
+# from ext2, or the node's connection tracking cannot match it to the (masqueraded) request.
+OUTSIDE_SERVER = textwrap.dedent("""
+    import socket, sys, threading
+    def echo(conn):
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
+    def tcp(port):
+        srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", port)); srv.listen(64)
+        while True:
+            threading.Thread(target=echo, args=(srv.accept()[0],), daemon=True).start()
+    def udp(address, port):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); srv.bind((address, port))
+        while True:
+            data, peer = srv.recvfrom(64)
+            srv.sendto(data, peer)
+    for port in (80, 81):
+        threading.Thread(target=tcp, args=(port,), daemon=True).start()
+        for address in sys.argv[1:]:
+            threading.Thread(target=udp, args=(address, port), daemon=True).start()
+    threading.Event().wait()
+""")
+
+
 @dataclass
 class ConformanceLab:
     net: Any  # the policy lab kit's Netpol: lab, pods, store writes and the sync wait
@@ -138,8 +170,63 @@ class ConformanceLab:
 
         with ThreadPoolExecutor(len(by_source)) as pool:
             results = dict(zip(by_source, pool.map(run, by_source), strict=True))
-        return {(src, dst, proto, port): ok for src, targets in by_source.items()
-                for (dst, proto, port), ok in zip(targets, results[src], strict=True)}
+        return {
+            (src, dst, proto, port): ok
+            for src, targets in by_source.items()
+            for (dst, proto, port), ok in zip(targets, results[src], strict=True)
+        }
+
+
+async def _identities(store_url: str) -> dict[str, tuple[int, int, int]]:
+    """``ns/pod`` -> (identity, endpoint record revision, identity record revision)."""
+    store = await open_store(store_url)
+    try:
+        found = {}
+        for kv in (await store.list(keys.ENDPOINTS))[0]:
+            record = json.loads(kv.value)
+            identity = await store.get(keys.identity_id_key(record["identity"]))
+            found[f"{record['namespace']}/{record['pod']}"] = (
+                record["identity"],
+                kv.mod_revision,
+                identity.mod_revision if identity else 0,
+            )
+        return found
+    finally:
+        await store.close()
+
+
+@contextmanager
+def _relabelled(lab: ConformanceLab, case: Any) -> Iterator[None]:
+    """The case's extra pod and namespace labels, live, until the block ends; both ways, waits until
+    the affected pods carry their new identities and both agents' datapaths reflect them."""
+    commands = [
+        (["pod", pod.split("/")[1], "-n", pod.split("/")[0]], labels) for pod, labels in case.pod_labels.items()
+    ]
+    commands += [(["namespace", ns], labels) for ns, labels in case.namespace_labels.items()]
+    affected = {pod for pod in case.pod_labels} | {p for p in lab.net.pods if p.split("/")[0] in case.namespace_labels}
+
+    def change(add: bool) -> None:
+        before = asyncio.run(_identities(lab.net.lab.store_url))
+        for target, labels in commands:
+            changes = [f"{k}={v}" if add else f"{k}-" for k, v in labels.items()]
+            lab.net.membrane("label", *target, *changes)
+        now: dict[str, tuple[int, int, int]] = {}
+
+        def moved() -> bool:
+            now.update(asyncio.run(_identities(lab.net.lab.store_url)))
+            return all(now[p][0] != before[p][0] for p in affected)
+
+        wait_until(moved, timeout=15, what=f"new identities for {sorted(affected)}")
+        lab.net.wait_synced({"endpoints": max(now[p][1] for p in affected), "id": max(now[p][2] for p in affected)})
+
+    if not commands:
+        yield
+        return
+    change(add=True)
+    try:
+        yield
+    finally:
+        change(add=False)
 
 
 def _never_on_the_datapath(source: str, destination: str) -> bool:
@@ -148,10 +235,9 @@ def _never_on_the_datapath(source: str, destination: str) -> bool:
 
 
 def _skip_reason(case: Any) -> str | None:
-    if case.config != EnforcementConfig():
-        return f"needs the agents' enforcement setting {case.config}; the lab's agents run the default"
-    if case.pod_labels or case.namespace_labels:
-        return "relabels pods or namespaces; the lab's pods and namespaces keep the upstream labels"
+    default = EnforcementConfig()
+    if changed := {k: v for k, v in vars(case.config).items() if getattr(default, k) != v}:
+        return f"needs agents configured with {changed}; the lab's agents run the default enforcement"
     if not any(spec.split("/")[0] in KERNEL_PROTOCOLS for spec in case.expect):
         return "only SCTP tables; the pods serve TCP and UDP"
     return None
@@ -184,11 +270,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConformanceLab]:
         manifest.write_text(_lab_kit._pods_manifest(2))
         net.membrane("apply", "-f", str(manifest))
         # The outside serves too, for the egress cells towards ext1/ext2.
-        server = subprocess.Popen(the_lab.exec_argv("client", [sys.executable, "-c", _lab_kit.SERVER]))
+        server = subprocess.Popen(
+            the_lab.exec_argv("client", [sys.executable, "-c", OUTSIDE_SERVER, *outside.values()])
+        )
         try:
+
             def ready() -> bool:
-                records = [r for r in _lab_kit.asyncio.run(_lab_kit._endpoints(the_lab.store_url))
-                           if r["state"] == "ready"]
+                records = [r for r in asyncio.run(_lab_kit._endpoints(the_lab.store_url)) if r["state"] == "ready"]
                 for record in records:
                     key = f"{record['namespace']}/{record['pod']}"
                     net.pod_ips[key], net.pod_netns[key] = record["ipv4"], record["netns"]
@@ -197,14 +285,29 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConformanceLab]:
 
             wait_until(ready, timeout=60, what="nine pods attached")
             for k in (1, 2):  # the outside reaches each node's pods through that node
-                cidr = json.loads(net.membrane("get", "ciliumnode", f"node{k}", "-o", "json").stdout)["spec"][
-                    "ipam"]["podCIDRs"][0]
+                cidr = json.loads(net.membrane("get", "ciliumnode", f"node{k}", "-o", "json").stdout)["spec"]["ipam"][
+                    "podCIDRs"
+                ][0]
                 the_lab.exec("client", ["ip", "route", "add", cidr, "via", the_lab.node_ip(k)], check=True)
             conformance = ConformanceLab(net, outside)
-            everything = [(src, dst, proto, port) for src in (*net.pods, *outside) for dst in (*net.pods, *outside)
-                          if not _never_on_the_datapath(src, dst) for proto in KERNEL_PROTOCOLS for port in (80, 81)]
-            wait_until(lambda: all(conformance.probe(everything).values()), timeout=30, interval=0.5,
-                       what="every pod and the outside serving TCP and UDP on 80 and 81")
+            everything = [
+                (src, dst, proto, port)
+                for src in (*net.pods, *outside)
+                for dst in (*net.pods, *outside)
+                if not _never_on_the_datapath(src, dst)
+                for proto in KERNEL_PROTOCOLS
+                for port in (80, 81)
+            ]
+            failing: list[tuple[str, str, str, int]] = []
+
+            def serving() -> bool:
+                failing[:] = [cell for cell, ok in conformance.probe(everything).items() if not ok]
+                return not failing
+
+            try:
+                wait_until(serving, timeout=30, interval=0.5, what="every pod and the outside serving")
+            except TimeoutError as error:
+                raise AssertionError(f"{len(failing)} cells do not connect: {failing[:20]}") from error
             yield conformance
         finally:
             server.kill()
@@ -214,20 +317,36 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConformanceLab]:
 
 @pytest.mark.parametrize("case", _params())
 def test_the_kernel_agrees_with_the_expected_truth_table(lab: ConformanceLab, case: Any) -> None:
+    with _relabelled(lab, case):
+        _check(lab, case)
+
+
+def _check(lab: ConformanceLab, case: Any) -> None:
     lab.net.replace_policies(lab.localize(case.policies))
-    tables = {spec: Reachability.parse(text) for spec, text in case.expect.items()
-              if spec.split("/")[0] in KERNEL_PROTOCOLS}
-    cells = sorted({(src, dst, spec.split("/")[0], int(spec.split("/")[1]))
-                    for spec, table in tables.items() for src, dst in table.cells
-                    if not _never_on_the_datapath(src, dst)})
+    tables = {
+        spec: Reachability.parse(text) for spec, text in case.expect.items() if spec.split("/")[0] in KERNEL_PROTOCOLS
+    }
+    cells = sorted(
+        {
+            (src, dst, spec.split("/")[0], int(spec.split("/")[1]))
+            for spec, table in tables.items()
+            for src, dst in table.cells
+            if not _never_on_the_datapath(src, dst)
+        }
+    )
     observed = lab.probe(cells)
     failures = []
     for spec, expected in tables.items():
         proto, port = spec.split("/")
         # Cells that never meet the datapath show their expected value and never differ.
-        seen = Reachability(expected.sources, expected.destinations, {
-            (s, d): expected.cells[(s, d)] if _never_on_the_datapath(s, d) else observed[(s, d, proto, int(port))]
-            for s, d in expected.cells})
+        seen = Reachability(
+            expected.sources,
+            expected.destinations,
+            {
+                (s, d): expected.cells[(s, d)] if _never_on_the_datapath(s, d) else observed[(s, d, proto, int(port))]
+                for s, d in expected.cells
+            },
+        )
         wrong = expected.mismatches(seen)
         if wrong:
             failures.append(f"{spec}: {len(wrong)} cells differ {sorted(wrong)}\n{expected.comparison(seen)}")
