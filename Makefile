@@ -6,7 +6,7 @@ PIP   := $(VENV)/bin/pip
 # Debian packages the project drives: the kernel's userspace, the CNI runtime stack for the
 # CNI tests, the traffic generators for the benchmarks, the store for clusters.
 APT_PACKAGES := nftables iproute2 util-linux procps conntrack podman runc containernetworking-plugins \
-                busybox-static iperf3 gcc libc6-dev etcd-server etcd-client
+                busybox-static iperf3 gcc libc6-dev etcd-server etcd-client iptables openssl
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-unit test-kernel test-e2e lint demo bench clean protos
