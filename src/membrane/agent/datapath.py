@@ -8,14 +8,13 @@ masquerade settings) into the desired ruleset, which :class:`NftReconciler` appl
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Callable
 from typing import Any
 
 from membrane.agent.endpoints import NodeContext, Wired
 from membrane.agent.records import EndpointRecord
-from membrane.datapath.netlink.model import EndpointSpec, endpoint_ifname
+from membrane.datapath.netlink.model import EndpointSpec
 from membrane.datapath.netlink.protocol import Netlink
 from membrane.datapath.nft.runner import NftRunner
 from membrane.datapath.reconcilers import NftReconciler, SyncResult
@@ -55,11 +54,7 @@ class NetlinkWiring:
     async def check(self, record: EndpointRecord, node: NodeContext) -> None:
         await self._netlink.check_endpoint(_spec(record, node))
 
-    async def host_links(self) -> dict[str, int]:
-        owned = await self._netlink.list_owned()
-        return {link.ifname: link.ifindex for link in owned.links}
-
-    async def prune(self, keep_host_ifnames: set[str], keep_ips: set[ipaddress.IPv4Address]) -> list[str]:
+    async def prune(self, keep_host_ifnames: set[str]) -> list[str]:
         # Routes go with their veth, so keeping the veths keeps exactly the kept endpoints' routes.
         return list(await self._netlink.prune(keep_host_ifnames))
 
@@ -122,5 +117,3 @@ class NodeDatapath:
             f"Ok   {self._syncs} syncs, last {last.kind} ({last.added} added, {last.deleted} deleted)")
         return {"summary": summary, "syncs": self._syncs, "lastSync": self._last_time}
 
-
-__all__ = ["NetlinkWiring", "NodeDatapath", "endpoint_ifname"]

@@ -65,12 +65,8 @@ class EndpointWiring(Protocol):
 
     async def check(self, record: EndpointRecord, node: NodeContext) -> None: ...
 
-    async def host_links(self) -> dict[str, int]:
-        """Host-side endpoint links present in the kernel: name -> ifindex."""
-        ...
-
-    async def prune(self, keep_host_ifnames: set[str], keep_ips: set[ipaddress.IPv4Address]) -> list[str]:
-        """Remove endpoint links and owned routes not kept; returns what was removed."""
+    async def prune(self, keep_host_ifnames: set[str]) -> list[str]:
+        """Remove endpoint links not kept (their routes go with them); returns what was removed."""
         ...
 
 
@@ -244,7 +240,7 @@ class EndpointManager:
                 await self._write(rec.replace(host_ifindex=wired.host_ifindex, mac=wired.mac,
                                               host_ifname=wired.host_ifname))
         keep = {rec.host_ifname for rec in self.records() if rec.host_ifname}
-        removed = await self._wiring.prune(keep, {rec.ipv4 for rec in self.records()})
+        removed = await self._wiring.prune(keep)
         if removed:
             log.info("pruned orphaned kernel objects: %s", ", ".join(removed))
         await self._release_orphan_addresses()

@@ -40,9 +40,3 @@ async def claim_node_cidr(store: Store, node: str, cluster: ClusterConfig) -> ip
         if (await store.txn([Compare(key, 0)], [Put(key, node.encode())])).succeeded:
             return candidate
     raise MembraneError(f"claiming a pod CIDR for node {node} kept conflicting; try again")
-
-
-async def release_node_cidr(store: Store, node: str) -> None:
-    for cidr, owner in (await node_cidrs(store)).items():
-        if owner == node:
-            await store.delete(keys.pod_cidr_key(cidr))
