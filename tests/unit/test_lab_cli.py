@@ -111,6 +111,13 @@ def test_up_refuses_with_one_line(runner: CliRunner, args: list[str], message: s
     assert result.stderr.count("\n") == 1
 
 
+def test_up_help_offers_only_what_up_does(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["lab", "up", "--help"])
+    assert result.exit_code == 0
+    assert "--client" in result.stdout
+    assert "--tor" not in result.stdout  # refused until the lab has a router
+
+
 def test_up_with_too_many_nodes_is_a_usage_error(runner: CliRunner) -> None:
     assert runner.invoke(cli, ["lab", "up", "--nodes", "9"]).exit_code == 2
 

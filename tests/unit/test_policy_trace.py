@@ -95,7 +95,7 @@ SCENARIOS = [
     ("allowed by rules on both sides", "x/a", "y/b", "80/TCP", None),
     ("denied by egress default deny", "x/a", "y/b", "81/TCP", None),
     ("isolated without any allow", "y/a", "y/c", "80/TCP", None),
-    ("handed to the L7 proxy", "x/a", "z/c", "80/TCP", None),
+    ("an L7 rule, allowed at L4", "x/a", "z/c", "80/TCP", None),
     ("to the outside", "x/a", "198.51.100.10", "443/TCP", None),
     ("denied by a deny rule", "world", "z/a", "80/TCP", None),
     ("from the local host", "host", "y/c", "10250/TCP", None),

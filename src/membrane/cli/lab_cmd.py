@@ -140,7 +140,8 @@ def lab() -> None:
     default=None,
     help="With --store etcd: members of the etcd cluster (default 1).",
 )
-@click.option("--tor", is_flag=True, help="Add an FRR top-of-rack router on the underlay.")
+# Not offered until the lab has a router (no BGP yet); passing it is refused with one line.
+@click.option("--tor", is_flag=True, hidden=True, help="Add an FRR top-of-rack router on the underlay (not yet).")
 @click.option("--client", is_flag=True, help="Add a client namespace on the underlay, outside the cluster.")
 @click.option("--name", metavar="LAB", help=f"Lab name (default: {DEFAULT_LAB_NAME}).")
 @pass_cli

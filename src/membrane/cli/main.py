@@ -45,7 +45,7 @@ class LazyGroup(click.Group):
 @click.option("--lab", "lab_flag", metavar="NAME", help="Talk to the lab of this name.")
 @click.pass_context
 def cli(ctx: click.Context, store_flag: str | None, lab_flag: str | None) -> None:
-    """membrane: container networking, policy, load balancing and flow visibility."""
+    """membrane: container networking, network policy and flow visibility."""
     ctx.obj = CliContext(store_flag=store_flag, lab_flag=lab_flag)
 
 

@@ -13,9 +13,10 @@ Hook order for a packet a pod sends (inet family; numbers are priorities)::
                                            IPv6 → drop          (pods are IPv4-only)
                                            anything else → drop (spoofed source)
                   -200  conntrack                     (kernel)
-                  -100  dstnat       · services: frontends → backends        (later)
-      routing decision ─── local ──▶ input
-      forward        0  filter       · policy: per-endpoint verdict maps     (later)
+                  -100  dstnat                        services: not yet (no load balancing)
+      routing decision ─── local ──▶ input  0  filter_input   ── from a pod to this node: egress policy
+      forward        0  filter_forward ── pod egress, then pod ingress (pol_out / pol_in maps)
+      (this node's own packets) output  0  filter_output  ── to a pod: ingress policy
       postrouting  100  nat_postrouting ── ip saddr <this node's pod CIDR> ──▶ masquerade_pods
                                            ip daddr @no_masquerade → return   (pods, nonMasqueradeCIDRs)
                                            oifname "membrane_vxlan" → return  (into the tunnel)
@@ -30,16 +31,18 @@ cannot send at all. ARP is not an IP packet; the node's side of it is locked dow
 Extension points. Base chains only dispatch to regular chains; each feature is a
 :class:`Section` — its regular chains, sets and maps, and the dispatch rules it adds to base chains —
 and :func:`build_ruleset` concatenates sections in order. A base chain is declared (rendered) only
-when some section dispatches from it. Names reserved for the work to come:
+when some section dispatches from it. Shared names:
 
 - map ``ipcache``: ``ipv4_addr : mark``, flags interval — prefix → identity, non-overlapping
-  intervals computed in Python so the most specific prefix wins;
+  intervals computed in Python so the most specific prefix wins (policy enforcement);
 - maps ``pol_in`` / ``pol_out``: ``iface_index . mark . inet_proto . inet_service : verdict``, flags
   interval — per-endpoint policy, keyed by the endpoint's host veth index; sets ``enforced_in`` /
-  ``enforced_out`` (``iface_index``) for endpoints selected by a policy;
-- map ``services``: ``ipv4_addr . inet_proto . inet_service : verdict`` (jump to a per-service chain);
-- base chains ``nat_prerouting`` (dstnat), ``filter_forward`` (filter), ``filter_input`` (filter) and
-  ``nat_postrouting`` (srcnat, masquerade).
+  ``enforced_out`` (``iface_index``) for endpoints selected by a policy (policy enforcement);
+- base chains ``filter_forward``, ``filter_input``, ``filter_output`` (filter: policy) and
+  ``nat_postrouting`` (srcnat: masquerade);
+- reserved for service load balancing, which does not exist yet: base chain ``nat_prerouting``
+  (dstnat; declared, never rendered, since no section dispatches from it) and a map ``services``
+  (``ipv4_addr . inet_proto . inet_service : verdict``, a jump to a per-service chain).
 
 Masquerade (:class:`Masquerade`, :func:`masquerade`): traffic from this node's pods to anything outside
 the cluster pod pools and the configured non-masquerade CIDRs, leaving through any device but the
@@ -51,9 +54,9 @@ the tunnel). NAT rules see only a connection's first packet; conntrack does the 
 Flow logging (:class:`FlowLog`, :func:`flow_logging`; see also :mod:`membrane.observe.events`): ``log
 group N`` rules report packets to the agent's NFLOG reader, each with a compact prefix (event,
 verdict, reason, rule id). Drops log from the dropping rule itself (:func:`drop_statement`, used by
-anti-spoofing today and meant for policy and service drops). Trace events come from three base
-chains of their own at priority 200, after every filter decision at their hook, so they only see
-packets that go through; each sends pod traffic to one fixed chain::
+anti-spoofing and policy). Trace events come from three base chains of their own at priority 200,
+after every filter decision at their hook, so they only see packets that go through; each sends pod
+traffic to one fixed chain::
 
     flow_forward (forward)  iifname "lxc*" / oifname "lxc*" ─┐
     flow_input   (input)    iifname "lxc*"                   ├─ goto flow_trace

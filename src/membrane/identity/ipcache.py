@@ -2,7 +2,8 @@
 
 Sources, most specific first: endpoint /32s (their pod identity), node addresses (``host`` on
 the node itself, ``remote-node`` elsewhere), each node's router IP (likewise), and ``0.0.0.0/0``
-as ``world``. Later sources add CIDR-selector prefixes with local identities.
+as ``world``. The prefixes policies name are added with local CIDR identities by
+:func:`membrane.policy.ipcache.with_cidr_identities`.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def named_ports_of(spec: k8s.PodSpec) -> dict[str, frozenset[tuple[int, int]]]:
 class Verdict(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
-    REDIRECT = "redirect"  # allowed at L4, handed to the L7 proxy
+    REDIRECT = "redirect"  # an L7 rule: allowed at L4 (there is no L7 proxy yet to hand it to)
 
 
 _PRECEDENCE = {Verdict.REDIRECT: 1, Verdict.ALLOW: 2, Verdict.DENY: 3}
@@ -559,7 +559,7 @@ POLICY_MAP_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
 class VerdictText:
     """The nft verdict each outcome renders as. ``audit`` (a deny on an endpoint in audit mode)
     and ``redirect`` (an L7 rule; may name the parser as ``{parser}``) default to the allow text:
-    until the L7 proxy is wired a redirect passes the L4 part of its rule. An egress map whose
+    there is no L7 proxy yet, so a redirect passes the L4 part of its rule. An egress map whose
     allows must not end the chain (the ingress check still follows) uses ``allow="continue"``."""
 
     allow: str = "accept"

@@ -26,8 +26,10 @@ Translation follows Cilium (``pkg/k8s/network_policy.go`` and the CRD parsing in
   cluster, ``all`` is the wildcard); ``fromRequires``/``toRequires`` are kept as requirements the
   compiler ANDs into the ``fromEndpoints``/``toEndpoints`` selectors of every rule that selects the
   same endpoint in the same direction;
-- L7 rules (HTTP, DNS, Kafka, generic) are carried on their L4 rule; ``toFQDNs``, ``toServices``,
-  node, group and CIDR-group peers are carried and resolved (or not yet supported) later.
+- L7 rules (HTTP, DNS, Kafka, generic) are carried on their L4 rule (not enforced yet: there is
+  no L7 proxy); ``toServices`` is carried and resolved by the compiler to the selectors of the
+  services it names; ``toFQDNs``, node, group and CIDR-group peers are carried but not supported
+  yet: they select nothing (fail closed).
 
 Primitives: :class:`RuleOrigin`, :class:`PortSpec`, :class:`L4Rule`, :class:`ServiceRef`,
 :class:`PolicyRule`, :func:`normalize`, :func:`normalize_all`, :func:`entity_selectors`,
@@ -158,8 +160,9 @@ class PolicyRule:
     """One normalized rule: subject, direction, allow/deny, peers and L4 (+L7).
 
     Peers are ORed: ``endpoints`` (the ``fromEndpoints``/``toEndpoints`` selectors, to which
-    ``fromRequires`` requirements apply), ``peers`` (entities, CIDRs, the wildcard), plus the
-    peers resolved later (``services``, ``fqdns``) and those not supported (``unsupported``).
+    ``fromRequires`` requirements apply), ``peers`` (entities, CIDRs, the wildcard), ``services``
+    (resolved by the compiler), ``fqdns`` (kept for a DNS proxy; they select nothing yet) and the
+    other peers not supported yet (``unsupported``).
     A rule with no peer at all selects nothing. ``l4`` None means every protocol and port.
     """
 

@@ -186,7 +186,8 @@ def _direction_lines(item: DirectionTrace, peer: TracePeer) -> list[str]:
         lines.extend(rules)
     elif item.reason == "redirect":
         parsers = ", ".join(sorted({spec.parser for spec in item.l7}))
-        lines.append(f"  allowed at L4, handed to the L7 proxy ({parsers} rules) by")
+        # There is no L7 proxy: the datapath accepts the L4 part, and the trace says so.
+        lines.append(f"  allowed at L4 ({parsers} rules not enforced: no L7 proxy yet) by")
         lines.extend(rules)
     elif item.reason == "deny-rule":
         lines.append("  denied by")
