@@ -204,6 +204,8 @@ spec:
     assert rendered[("4", "301", "tcp", "80")] == "accept"
     assert rendered[("4", "302", "tcp", "80")] == "drop"
     assert rendered[("4", "303-4294967295", "tcp", "80")] == "jump l7_http"
+    # Without a redirect text (no L7 proxy), the traffic the L7 rule selects is dropped, not allowed.
+    assert dict(policy_map_elements([(4, ingress)]))[("4", "303-4294967295", "tcp", "80")] == "drop"
 
 
 def test_egress_named_ports_resolve_per_destination_identity() -> None:
@@ -379,14 +381,16 @@ def test_rendered_elements_never_overlap(mode: str) -> None:
     assert len(keys) == len(set(keys))
 
 
-def test_redirects_and_audited_denies_follow_the_allow_text_unless_set() -> None:
+def test_redirects_fail_closed_and_audited_denies_follow_the_allow_text_unless_set() -> None:
     text = VerdictText(allow="continue")
     assert text.of(Verdict.ALLOW, "", audit=False) == "continue"
-    assert text.of(Verdict.REDIRECT, "http", audit=False) == "continue"
+    assert text.of(Verdict.REDIRECT, "http", audit=False) == "drop"  # no L7 proxy: never the allow text
     assert text.of(Verdict.DENY, "", audit=True) == "continue"
+    assert text.of(Verdict.REDIRECT, "http", audit=True) == "continue"  # audit mode: reported, let through
     assert text.of(Verdict.DENY, "", audit=False) == "drop"
     explicit = VerdictText(redirect="jump l7_{parser}", audit="jump audit")
-    assert explicit.of(Verdict.REDIRECT, "dns", audit=True) == "jump l7_dns"
+    assert explicit.of(Verdict.REDIRECT, "dns", audit=False) == "jump l7_dns"
+    assert explicit.of(Verdict.REDIRECT, "dns", audit=True) == "jump audit"
     assert explicit.of(Verdict.DENY, "", audit=True) == "jump audit"
 
 

@@ -228,7 +228,8 @@ class PolicyAttribution:
         side = policy.egress if direction is Direction.EGRESS else policy.ingress
         match = side.lookup(remote_identity, proto, port)
         answer = None if match.verdict is None else PolicyDecision(
-            "deny" if match.verdict is Verdict.DENY else "allow", self._refs(match.rules))
+            # An L7 rule's traffic is dropped (no proxy yet): its rules are what denied it.
+            "allow" if match.verdict is Verdict.ALLOW else "deny", self._refs(match.rules))
         if len(answers) >= self._max_answers:
             answers.clear()
         answers[key] = answer

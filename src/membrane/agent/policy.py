@@ -22,7 +22,8 @@ datapath (an element-only sync) and writes status back in the background.
 Status (CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy; a NetworkPolicy has no status):
 
 - ``status.conditions[type=Valid]``: ``True`` (reason ``Valid``), ``True`` with reason
-  ``Unsupported`` and a message naming the parts that select nothing yet (fail closed), or
+  ``Unsupported`` and a message naming the L7 rules (the traffic they select is denied: there is
+  no L7 proxy yet) and the parts that select nothing yet (fail closed), or
   ``False`` (reason ``Invalid``) when the policy cannot be imported (it is then not enforced);
   written identically by every node, so concurrent writers converge;
 - ``status.nodes[<node>]``: this node's import — ``ok``, ``error``, ``enforcing`` (the policy
@@ -58,8 +59,10 @@ from membrane.datapath.nft.objects import Key
 from membrane.datapath.ruleset import (
     EGRESS_AUDIT,
     EGRESS_DENY,
+    EGRESS_L7,
     INGRESS_AUDIT,
     INGRESS_DENY,
+    INGRESS_L7,
     VERDICT_RETURN,
     PolicyDatapath,
 )
@@ -91,10 +94,10 @@ from membrane.policy.mapstate import NamedPorts
 log = logging.getLogger(__name__)
 
 #: Map verdicts: an allow returns to the base chain (so a pod-to-pod packet meets the egress check
-#: of its source and then the ingress check of its destination); deny and audit go to the chains
-#: that drop or report.
-INGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=INGRESS_DENY, audit=INGRESS_AUDIT)
-EGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=EGRESS_DENY, audit=EGRESS_AUDIT)
+#: of its source and then the ingress check of its destination); deny, audit and L7 (no proxy yet:
+#: dropped) go to the chains that drop or report.
+INGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=INGRESS_DENY, audit=INGRESS_AUDIT, redirect=INGRESS_L7)
+EGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=EGRESS_DENY, audit=EGRESS_AUDIT, redirect=EGRESS_L7)
 
 #: Kinds whose objects carry a status the agents write.
 STATUS_KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
@@ -117,7 +120,8 @@ class ImportedPolicy:
     body: str  # canonical JSON of everything but metadata and status: what decides recompilation
     rules: tuple[PolicyRule, ...] = ()
     error: str = ""
-    unsupported: tuple[str, ...] = ()
+    unsupported: tuple[str, ...] = ()  # parts that select nothing yet
+    l7: tuple[str, ...] = ()  # paths of L7 rules: the traffic they select is denied
     obj: ApiObject | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -145,6 +149,11 @@ def _unsupported(rules: Iterable[PolicyRule]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _l7_paths(rules: Iterable[PolicyRule]) -> tuple[str, ...]:
+    found = {f"{rule.origin.path}.{l4.l7.path}": None for rule in rules for l4 in rule.l4 or () if l4.l7 is not None}
+    return tuple(found)
+
+
 def import_policy(key: str, data: Mapping[str, Any], cluster_name: str = "default") -> ImportedPolicy:
     """Decode and normalize one stored policy object; failures are reported, not raised."""
     meta = data.get("metadata") or {}
@@ -158,7 +167,7 @@ def import_policy(key: str, data: Mapping[str, Any], cluster_name: str = "defaul
     except (MembraneError, ValueError, TypeError, KeyError) as exc:
         message = " ".join(str(exc).split())[:300] or type(exc).__name__
         return dataclasses.replace(base, error=message)
-    return dataclasses.replace(base, rules=rules, unsupported=_unsupported(rules), obj=obj)
+    return dataclasses.replace(base, rules=rules, unsupported=_unsupported(rules), l7=_l7_paths(rules), obj=obj)
 
 
 # --- endpoints and the ipcache ----------------------------------------------------------------------------
@@ -452,12 +461,18 @@ def render_policy(
 
 
 def valid_condition(policy: ImportedPolicy) -> Condition:
-    """``Valid``: imported (with the unsupported parts named), or why not."""
+    """``Valid``: imported (with the unsupported parts named: L7 rules, whose traffic is denied, and
+    peers that select nothing yet), or why not."""
     if not policy.ok:
         return Condition(type="Valid", status="False", reason="Invalid", message=policy.error,
                          observedGeneration=policy.generation or None)
-    if policy.unsupported:
-        message = "not enforced yet, selects nothing: " + "; ".join(policy.unsupported)
+    if policy.unsupported or policy.l7:
+        parts = []
+        if policy.l7:
+            parts.append(", ".join(policy.l7) + ": L7 rules are not enforced yet; the traffic they select is denied")
+        if policy.unsupported:
+            parts.append("not enforced yet, selects nothing: " + "; ".join(policy.unsupported))
+        message = ". ".join(parts)
         return Condition(type="Valid", status="True", reason="Unsupported", message=message[:500],
                          observedGeneration=policy.generation or None)
     return Condition(type="Valid", status="True", reason="Valid", message="Policy validation succeeded",

@@ -11,7 +11,8 @@ For every endpoint and direction the compiler decides
 
 Precedence when entries overlap: **deny** beats everything; a plain **allow** beats an L7
 **redirect** for the same traffic (Cilium: a broader L3/L4 allow makes the L7 part moot; the
-traffic never reaches the proxy); otherwise the union of allows. A miss is dropped when the
+traffic never reaches the proxy); otherwise the union of allows. A redirect is rendered as a
+drop until an L7 proxy exists (fail closed: the L7 rule restricts the traffic it selects). A miss is dropped when the
 direction is default-deny and allowed otherwise. Ingress from the local host is allowed on
 default-deny endpoints (``allow_localhost``, so kubelet-style probes work); deny rules still win.
 
@@ -128,7 +129,7 @@ def named_ports_of(spec: k8s.PodSpec) -> dict[str, frozenset[tuple[int, int]]]:
 class Verdict(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
-    REDIRECT = "redirect"  # allowed at L4, handed to the L7 proxy
+    REDIRECT = "redirect"  # for the L7 proxy; none exists yet, so the datapath denies it
 
 
 _PRECEDENCE = {Verdict.REDIRECT: 1, Verdict.ALLOW: 2, Verdict.DENY: 3}
@@ -558,9 +559,11 @@ POLICY_MAP_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
 @dataclass(frozen=True)
 class VerdictText:
     """The nft verdict each outcome renders as. ``audit`` (a deny on an endpoint in audit mode)
-    and ``redirect`` (an L7 rule; may name the parser as ``{parser}``) default to the allow text:
-    until the L7 proxy is wired a redirect passes the L4 part of its rule. An egress map whose
-    allows must not end the chain (the ingress check still follows) uses ``allow="continue"``."""
+    defaults to the allow text. ``redirect`` (traffic an L7 rule selects; may name the parser as
+    ``{parser}``) defaults to the deny text: there is no L7 proxy yet, and letting the traffic
+    through at L4 would open what the L7 rule restricts, so it fails closed (in audit mode it is
+    audited like a deny). An egress map whose allows must not end the chain (the ingress check
+    still follows) uses ``allow="continue"``."""
 
     allow: str = "accept"
     deny: str = "drop"
@@ -568,11 +571,13 @@ class VerdictText:
     redirect: str | None = None
 
     def of(self, verdict: Verdict, parser: str, audit: bool) -> str:
-        if verdict is Verdict.DENY:
-            return (self.audit or self.allow) if audit else self.deny
+        if verdict is Verdict.ALLOW:
+            return self.allow
+        if audit:
+            return self.audit or self.allow
         if verdict is Verdict.REDIRECT:
-            return self.redirect.format(parser=parser) if self.redirect else self.allow
-        return self.allow
+            return self.redirect.format(parser=parser) if self.redirect else self.deny
+        return self.deny
 
 
 def _range_token(low: int, high: int) -> str:

@@ -214,7 +214,8 @@ def rendered_probe(model: NetpolModel, compiled: CompiledPolicy, verdicts: Verdi
     }
     enforced = {direction: enforced_elements(items) for direction, items in by_direction.items()}
     ipcache = [(_address_range(k[0]), int(v)) for k, v in ipcache_elements(flatten_ipcache(model.ipcache(compiled)))]
-    drop = (verdicts or VerdictText()).deny
+    text = verdicts or VerdictText()
+    passes = {text.allow, text.audit or text.allow}  # deny and redirect (no L7 proxy yet) drop
 
     def identity_of(address: IPv4Address) -> int:
         found = [identity for (low, high), identity in ipcache if low <= int(address) <= high]
@@ -232,7 +233,7 @@ def rendered_probe(model: NetpolModel, compiled: CompiledPolicy, verdicts: Verdi
         ]
         assert len(found) <= 1, f"overlapping {direction} elements for {endpoint} {remote} {proto} {port}: {found}"
         if found:
-            return found[0] != drop
+            return found[0] in passes
         return (str(endpoint),) not in enforced[direction]
 
     def probe(source: str, destination: str, protocol: str, port: int) -> bool:
