@@ -16,17 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from membrane.agent.intent import Intent
-from membrane.agent.policy import (
-    EGRESS_VERDICTS,
-    INGRESS_VERDICTS,
-    PolicyCompiler,
-    PolicyController,
-    PolicyRenderer,
-    desired_status,
-    import_policy,
-    policy_endpoint,
-    render_policy,
-)
+from membrane.agent.policy import PolicyCompiler, PolicyController, desired_status, import_policy, policy_endpoint
 from membrane.agent.records import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.objects import ObjectClient, encode
@@ -38,6 +28,7 @@ from membrane.cli.policy_cmd import (
     trace_text,
 )
 from membrane.datapath.nft import full_sync, plan_sync, render_transaction
+from membrane.datapath.policy import EGRESS_VERDICTS, INGRESS_VERDICTS, PolicyRenderer, render_policy, rendered_probe
 from membrane.datapath.ruleset import (
     AUDITED_IN,
     ENFORCED_IN,
@@ -55,7 +46,7 @@ from membrane.datapath.ruleset import (
 )
 from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
 from membrane.policy import EnforcementConfig
-from membrane.policy.reachability import default_model, engine_probe, probe_matrix, rendered_probe
+from membrane.policy.reachability import default_model, engine_probe, probe_matrix
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
 

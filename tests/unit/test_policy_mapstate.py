@@ -13,29 +13,32 @@ from pathlib import Path
 import pytest
 
 from membrane.api.manifest import parse_manifest_text
+from membrane.core.protocols import PROTOCOLS
 from membrane.datapath.nft import Map, Ruleset, Set, render_table
+from membrane.datapath.policy import (
+    POLICY_MAP_TYPE,
+    VerdictText,
+    audited_elements,
+    enforced_elements,
+    ipcache_elements,
+    policy_map_elements,
+)
 from membrane.identity.labels import identity_labels_for_pod
 from membrane.identity.reserved import HOST, WORLD
 from membrane.policy.engine import CompiledPolicy, compile_policies
-from membrane.policy.ipcache import flatten_ipcache, ipcache_elements
+from membrane.policy.ipcache import flatten_ipcache
 from membrane.policy.mapstate import (
     IDENTITY_MAX,
-    POLICY_MAP_TYPE,
     PORT_MAX,
     PROTO_ANY,
-    PROTOCOLS,
     DirectionPolicy,
     EnforcementConfig,
     MapEntry,
     PolicyEndpoint,
     ServiceInfo,
     Verdict,
-    VerdictText,
-    audited_elements,
     compute_policies,
-    enforced_elements,
     flatten_entries,
-    policy_map_elements,
 )
 from membrane.policy.reachability import default_model
 from membrane.policy.rules import ALLOW_LOCALHOST, RuleOrigin

@@ -32,9 +32,8 @@ Status (CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy; a NetworkPolicy 
   ``lastUpdated``. Written only when one of those changes, never on every recompilation.
 
 Primitives: :class:`ImportedPolicy`, :func:`import_policy`, :func:`policy_endpoint`,
-:func:`ipcache_entries`, :class:`IpcacheBuilder`, :class:`PolicyCompiler`, :class:`PolicyRenderer`,
-:data:`INGRESS_VERDICTS` / :data:`EGRESS_VERDICTS`, :func:`desired_status`,
-:class:`PolicyController`.
+:func:`ipcache_entries`, :class:`IpcacheBuilder`, :class:`PolicyCompiler`, :func:`desired_status`,
+:class:`PolicyController`. The map elements are rendered by :mod:`membrane.datapath.policy`.
 """
 
 from __future__ import annotations
@@ -55,17 +54,8 @@ from membrane.api.objects import now_rfc3339
 from membrane.api.registry import kind_info
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import InvalidInput, MembraneError, NotFound
-from membrane.datapath.nft.objects import Key
-from membrane.datapath.ruleset import (
-    EGRESS_AUDIT,
-    EGRESS_DENY,
-    EGRESS_L7,
-    INGRESS_AUDIT,
-    INGRESS_DENY,
-    INGRESS_L7,
-    VERDICT_RETURN,
-    PolicyDatapath,
-)
+from membrane.datapath.policy import PolicyRenderer, render_policy
+from membrane.datapath.ruleset import PolicyDatapath
 from membrane.identity.ipcache import EndpointAddress, IpcacheEntry, NodeAddresses, build_ipcache
 from membrane.identity.labels import Label, parse_labels
 from membrane.identity.reserved import WORLD
@@ -73,31 +63,20 @@ from membrane.ipam.pool import router_ip
 from membrane.policy import (
     PROTOCOLS,
     CompiledPolicy,
-    DirectionPolicy,
     EndpointPolicy,
     EnforcementConfig,
+    IpcacheInterval,
     PolicyEndpoint,
     PolicyRule,
-    VerdictText,
-    audited_elements,
     compile_policies,
     compute_policies,
-    enforced_elements,
     flatten_ipcache,
-    ipcache_elements,
     normalize,
-    policy_map_elements,
     with_cidr_identities,
 )
 from membrane.policy.mapstate import NamedPorts
 
 log = logging.getLogger(__name__)
-
-#: Map verdicts: an allow returns to the base chain (so a pod-to-pod packet meets the egress check
-#: of its source and then the ingress check of its destination); deny, audit and L7 (no proxy yet:
-#: dropped) go to the chains that drop or report.
-INGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=INGRESS_DENY, audit=INGRESS_AUDIT, redirect=INGRESS_L7)
-EGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=EGRESS_DENY, audit=EGRESS_AUDIT, redirect=EGRESS_L7)
 
 #: Kinds whose objects carry a status the agents write.
 STATUS_KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
@@ -225,23 +204,24 @@ def ipcache_entries(
 
 
 class IpcacheBuilder:
-    """This node's ipcache elements, kept up to date incrementally: the /32 of an endpoint record is
+    """This node's ipcache intervals, kept up to date incrementally: the /32 of an endpoint record is
     rebuilt only when that record object changed (the intent replaces a record on every write), and
-    the table is flattened again only when an entry, a node or a policy prefix changed. The result
-    equals :func:`ipcache_entries` flattened (endpoints win over nodes, nodes over policy prefixes)."""
+    the table is flattened again only when an entry, a node or a policy prefix changed (else the
+    same tuple object is returned, so a renderer can skip it). The result equals
+    :func:`ipcache_entries` flattened (endpoints win over nodes, nodes over policy prefixes)."""
 
     def __init__(self, local_node: str | None) -> None:
         self.local_node = local_node
         self._records: dict[str, tuple[EndpointRecord, tuple[IPv4Network, int] | None]] = {}
         self._others: tuple[object, ...] | None = None
-        self._elements: tuple[tuple[Key, str], ...] = ()
+        self._intervals: tuple[IpcacheInterval, ...] = ()
 
-    def elements(
+    def intervals(
         self,
         records: Mapping[str, EndpointRecord],
         nodes: Mapping[str, Mapping[str, Any]],
         cidr_identities: Mapping[IPv4Network, int],
-    ) -> tuple[tuple[Key, str], ...]:
+    ) -> tuple[IpcacheInterval, ...]:
         changed = False
         for key in [k for k in self._records if k not in records]:
             del self._records[key]
@@ -262,8 +242,8 @@ class IpcacheBuilder:
             fixed = [e for e in build_ipcache((), node_addresses(nodes), self.local_node) if e.prefix != world]
             table: list[IpcacheEntry | tuple[IPv4Network, int]] = [
                 *endpoints, *fixed, (world, WORLD.id), *cidr_identities.items()]
-            self._elements = ipcache_elements(flatten_ipcache(table))
-        return self._elements
+            self._intervals = flatten_ipcache(table)
+        return self._intervals
 
 
 # --- the compiler --------------------------------------------------------------------------------------
@@ -415,48 +395,6 @@ class PolicyCompiler:
         return (endpoint.identity, endpoint.namespace, endpoint.named_ports_signature)
 
 
-# --- the datapath's share ------------------------------------------------------------------------------
-
-
-class PolicyRenderer:
-    """Endpoint policies → map elements, re-rendering only the endpoints whose policy changed
-    (policies of replicas are shared objects, so an unchanged one is recognised by identity)."""
-
-    def __init__(self) -> None:
-        self._rendered: dict[tuple[int, str], tuple[DirectionPolicy, tuple[tuple[Key, str], ...]]] = {}
-
-    def direction(self, ifindex: int, policy: DirectionPolicy) -> tuple[tuple[Key, str], ...]:
-        key = (ifindex, policy.direction)
-        cached = self._rendered.get(key)
-        if cached is not None and cached[0] is policy:
-            return cached[1]
-        verdicts = INGRESS_VERDICTS if policy.direction == "ingress" else EGRESS_VERDICTS
-        elements = policy_map_elements([(ifindex, policy)], verdicts)
-        self._rendered[key] = (policy, elements)
-        return elements
-
-    def forget(self, ifindexes: set[int]) -> None:
-        for key in [k for k in self._rendered if k[0] not in ifindexes]:
-            del self._rendered[key]
-
-
-def render_policy(
-    policies: Mapping[int, EndpointPolicy], ipcache: tuple[tuple[Key, str], ...], renderer: PolicyRenderer
-) -> PolicyDatapath:
-    """The ruleset's policy inputs for endpoints by host veth index."""
-    ingress = [(i, p.ingress) for i, p in sorted(policies.items())]
-    egress = [(i, p.egress) for i, p in sorted(policies.items())]
-    return PolicyDatapath(
-        ipcache=ipcache,
-        ingress=tuple(e for i, p in ingress for e in renderer.direction(i, p)),
-        egress=tuple(e for i, p in egress for e in renderer.direction(i, p)),
-        enforced_ingress=enforced_elements(ingress),
-        enforced_egress=enforced_elements(egress),
-        audited_ingress=audited_elements(ingress),
-        audited_egress=audited_elements(egress),
-    )
-
-
 # --- status ----------------------------------------------------------------------------------------------
 
 
@@ -581,7 +519,7 @@ class PolicyController:
         cluster = self.intent.endpoints
         if any(cluster.get(r.key) is not r for r in local):
             cluster = {**cluster, **{r.key: r for r in local}}
-        ipcache = self._ipcache.elements(cluster, self.intent.nodes, self.compiler.compiled.cidr_identities)
+        ipcache = self._ipcache.intervals(cluster, self.intent.nodes, self.compiler.compiled.cidr_identities)
         selecting: dict[str, bool] = {}
         for policy in policies.values():
             for origin in (*policy.ingress.selected_by, *policy.egress.selected_by):

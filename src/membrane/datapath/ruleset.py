@@ -367,7 +367,7 @@ POL_AUDIT_IN = "pol_audit_in"
 POL_L7_OUT = "pol_l7_out"
 POL_L7_IN = "pol_l7_in"
 
-#: The policy map key (``membrane.policy.POLICY_MAP_TYPE``) and the identity the node itself has.
+#: The policy map key (``membrane.datapath.policy.POLICY_MAP_TYPE``) and the identity the node itself has.
 POLICY_KEY_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
 HOST_IDENTITY = 1
 WORLD_IDENTITY = 2
@@ -403,7 +403,7 @@ DROP_POLICY_L7_EGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason
 DROP_POLICY_L7_INGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENIED,
                                   RULE_POLICY_L7_INGRESS, _INGRESS)
 
-#: The verdict texts the policy engine renders map elements with (``membrane.policy.VerdictText``
+#: The verdict texts policy map elements carry (``membrane.datapath.policy.VerdictText``
 #: takes them as ``allow``/``deny``/``audit``/``redirect``): an allow returns to the base chain, so
 #: the egress check of a pod-to-pod packet is followed by the ingress check of its destination.
 VERDICT_RETURN = "return"
@@ -419,13 +419,14 @@ Element = tuple[Key, str]
 
 @dataclass(frozen=True)
 class PolicyDatapath:
-    """The policy engine's output for this node, as map and set elements (see ``docs/policy.md``):
+    """The policy engine's output for this node, as map and set elements rendered by
+    :mod:`membrane.datapath.policy` (see ``docs/policy.md``):
 
     - ``ipcache``: disjoint address intervals → identity (``flatten_ipcache``/``ipcache_elements``),
       covering ``0.0.0.0/0`` (world) so every lookup finds an identity;
     - ``ingress`` / ``egress``: the elements of ``pol_in`` / ``pol_out`` keyed
       ``host veth index . remote identity . protocol . port`` (``policy_map_elements`` with the
-      verdict texts above); for ICMP the port is the ICMP type, as the engine renders it;
+      verdict texts above); for ICMP the port is the ICMP type, as the renderer writes it;
     - ``enforced_*``: endpoints whose misses drop; ``audited_*``: endpoints whose misses are only
       reported (audit mode).
     """

@@ -23,9 +23,10 @@ from ipaddress import IPv4Address, ip_network
 from typing import Literal
 
 from membrane.core.errors import InvalidInput
+from membrane.core.protocols import PROTOCOLS
 from membrane.identity.reserved import RESERVED_BY_NAME, WORLD, identity_name
 from membrane.policy.ipcache import IpcacheInterval, lookup_identity
-from membrane.policy.mapstate import PROTOCOLS, DirectionPolicy, EndpointPolicy, Verdict
+from membrane.policy.mapstate import DirectionPolicy, EndpointPolicy, Verdict
 from membrane.policy.rules import Direction, L7Spec, RuleOrigin
 
 Outcome = Literal["allowed", "denied", "audited"]
