@@ -22,7 +22,7 @@ import pytest
 
 from membrane.agent.intent import Intent
 from membrane.agent.policy import PolicyController
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.objects import encode
 from membrane.datapath.netlink import EndpointSpec, PyrouteNetlink

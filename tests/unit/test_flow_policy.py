@@ -13,7 +13,7 @@ from typing import Any
 from membrane.agent.intent import Intent
 from membrane.agent.observer import PolicyAttribution
 from membrane.agent.policy import PolicyController
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.objects import encode
 from membrane.datapath.ruleset import (

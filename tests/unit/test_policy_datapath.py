@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from membrane.agent.intent import Intent
-from membrane.agent.policy import PolicyCompiler, PolicyController, desired_status, import_policy, policy_endpoint
-from membrane.agent.records import EndpointRecord
+from membrane.agent.policy import PolicyController
+from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.objects import ObjectClient, encode
 from membrane.cli.policy_cmd import (
@@ -46,7 +46,9 @@ from membrane.datapath.ruleset import (
 )
 from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
 from membrane.policy import EnforcementConfig
+from membrane.policy.compiler import PolicyCompiler, import_policy, policy_endpoint
 from membrane.policy.reachability import default_model, engine_probe, probe_matrix
+from membrane.policy.status import desired_status
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
 

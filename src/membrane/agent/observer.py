@@ -35,8 +35,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
-from membrane.agent.policy import policy_endpoint
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.core.config import AgentConfig, export_filters
 from membrane.core.errors import MembraneError
 from membrane.core.lifecycle import Lifecycle
@@ -64,6 +63,7 @@ from membrane.observe.observer import FlowPublisher, NamespaceTracker
 from membrane.observe.ring import DEFAULT_CAPACITY, Ring
 from membrane.observe.server import ObserverServer
 from membrane.policy import EndpointPolicy
+from membrane.policy.compiler import policy_endpoint
 from membrane.policy.mapstate import Verdict
 from membrane.policy.rules import IMPLICIT_KIND, RuleOrigin
 from membrane.store import keys

@@ -13,6 +13,9 @@ Modules, in the order data flows through them (see ``docs/policy.md``):
 - :mod:`membrane.policy.engine` -- :func:`compile_policies`, the whole chain in one call;
 - :mod:`membrane.policy.reachability` -- truth tables in the style of the Kubernetes e2e suite, with
   pluggable probes (engine, rendered elements, or real traffic).
+- :mod:`membrane.policy.compiler` -- :class:`~membrane.policy.compiler.PolicyCompiler`: stored policy
+  objects, identities and endpoint records → endpoint policies, incrementally; the ipcache table;
+- :mod:`membrane.policy.status` -- the ``Valid`` condition and per-node status of policy objects.
 
 Nothing here knows nft: the datapath's policy renderer writes the typed output as map elements.
 """
