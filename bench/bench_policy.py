@@ -69,6 +69,7 @@ from membrane.api.meta import ApiObject
 from membrane.api.objects import ObjectClient
 from membrane.cni.client import AgentClient
 from membrane.datapath.nft.render import render_table
+from membrane.datapath.policy import PolicyRenderer, render_policy
 from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, build_ruleset
 from membrane.identity.ipcache import IpcacheEntry
 from membrane.identity.labels import canonical
@@ -77,7 +78,7 @@ from membrane.lab import Lab
 from membrane.lab.host import IpNetns
 from membrane.lab.plan import IpBatch
 from membrane.policy.engine import compile_policies
-from membrane.policy.ipcache import flatten_ipcache, ipcache_elements, with_cidr_identities
+from membrane.policy.ipcache import flatten_ipcache, with_cidr_identities
 from membrane.store import keys, open_store
 from membrane.store.base import Put, Store
 
@@ -300,10 +301,8 @@ def compile_render_apply(scale: ModuleType, netns: str) -> CompileTimes:
     t0 = time.perf_counter()
     compiled = compile_policies(policies, identities, endpoints)
     t1 = time.perf_counter()
-    from membrane.agent.policy import PolicyRenderer, render_policy
-
     ifindex = {key: 10 + n for n, key in enumerate(compiled.endpoints)}
-    ipcache = ipcache_elements(flatten_ipcache(with_cidr_identities(base, compiled.cidr_identities)))
+    ipcache = flatten_ipcache(with_cidr_identities(base, compiled.cidr_identities))
     by_ifindex = {ifindex[k]: p for k, p in compiled.endpoints.items()}
     policy = render_policy(by_ifindex, ipcache, PolicyRenderer())
     addresses = [EndpointAddress(i, IPv4Address(int(IPv4Address("10.0.0.10")) + n))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.cluster import require_root, require_tools
 from bench.harness import BenchContext, BenchResult, Metric, percentile
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.core.config import ClusterConfig
 from membrane.store import keys, open_store
 from membrane.store.base import Put

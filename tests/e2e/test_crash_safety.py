@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.api.objects import ObjectClient
 from membrane.api.registry import kind_info, validate_object
 from membrane.identity.allocator import IdentityAllocator

@@ -22,7 +22,7 @@ import pytest
 
 from membrane.agent.intent import Intent
 from membrane.agent.policy import PolicyController
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.objects import encode
 from membrane.datapath.netlink import EndpointSpec, PyrouteNetlink
@@ -131,16 +131,16 @@ def _pod_object(name: str) -> dict[str, Any]:
             "spec": {"containers": [{"name": "c", "image": "i"}]}}
 
 
-@pytest.fixture
-async def lan(netns_factory: NetnsFactory) -> AsyncIterator[Node]:
-    node = netns_factory("mbpo-node-", lo_up=True)
+async def build_lan(netns_factory: NetnsFactory, prefix: str) -> Node:
+    """A node namespace with the three pods attached and serving, no policy yet."""
+    node = netns_factory(f"{prefix}node-", lo_up=True)
     netlink = PyrouteNetlink(node.path)
     await netlink.ensure_host_device(ROUTER, 1500)
     pods: dict[str, Netns] = {}
     records = []
     intent = Intent()
     for index, (name, (ip, identity)) in enumerate(PODS.items()):
-        pods[name] = netns_factory("mbpo-pod-", lo_up=True)
+        pods[name] = netns_factory(f"{prefix}pod-", lo_up=True)
         attached = await netlink.attach_endpoint(EndpointSpec(f"ctr-{name}", pods[name].path, "eth0",
                                                               IPv4Address(ip), ROUTER))
         labels = identity_labels_for_pod("default", {"app": name}, {})
@@ -154,7 +154,12 @@ async def lan(netns_factory: NetnsFactory) -> AsyncIterator[Node]:
     lan = Node(node, pods, records, intent, NftReconciler(NftCommand(node.path)))
     await lan.enforce("")
     wait_until(lambda: lan.tcp("client", PODS["web"][0], 81), timeout=10, what="the web pod serving")
-    yield lan
+    return lan
+
+
+@pytest.fixture
+async def lan(netns_factory: NetnsFactory) -> AsyncIterator[Node]:
+    yield await build_lan(netns_factory, "mbpo-")
 
 
 WEB, CLIENT, OTHER = (PODS[p][0] for p in ("web", "client", "other"))
@@ -249,3 +254,27 @@ async def test_established_connections_survive_a_policy_that_refuses_new_ones(la
         assert sock.recv(8) == b"two"
     finally:
         sock.close()
+
+
+L7_ON_80_PLAIN_81 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-l7, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+    - ports: [{port: "81", protocol: TCP}]
+"""
+
+
+async def test_a_port_an_l7_rule_selects_is_closed_until_there_is_an_l7_proxy(netns_factory: NetnsFactory) -> None:
+    lan = await build_lan(netns_factory, "mbpol7-")
+    assert lan.tcp("client", WEB, 80)
+    await lan.enforce(L7_ON_80_PLAIN_81)
+    assert lan.tcp("client", WEB, 81)  # the plain L4 allow of the same policy lets the client in
+    assert not lan.tcp("client", WEB, 80)  # fail closed: not allowed at L4 while nothing enforces L7
+    assert lan.counter("pol_l7_in") > 0  # dropped as L7 traffic, not by default deny

@@ -2,7 +2,7 @@
 
 import ipaddress
 
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.cli.inspect import (
     ClusterView,
     NodeView,

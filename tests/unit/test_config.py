@@ -31,8 +31,8 @@ def test_bad_settings_name_file_and_field(tmp_path: Path, text: str, message: st
 
 
 def test_cluster_policy_modes_reach_the_engine() -> None:
-    from membrane.agent.policy import enforcement_config
     from membrane.core.config import ClusterConfig
+    from membrane.policy.compiler import enforcement_config
 
     config = enforcement_config(ClusterConfig(policyEnforcementMode="always", policyAuditNamespaces=("dev",)))
     assert (config.mode, config.audit, config.audit_namespaces) == ("always", False, frozenset({"dev"}))

@@ -9,7 +9,7 @@ from membrane.agent.contract import CniFailure, CniRequest
 from membrane.agent.datapath import NodeDatapath
 from membrane.agent.endpoints import EndpointManager, NodeContext
 from membrane.agent.intent import Intent
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.datapath.netlink.fake import FakeNetlink
 from membrane.datapath.nft.fake import FakeNftRunner
 from membrane.identity.allocator import IdentityAllocator
@@ -166,3 +166,10 @@ async def test_label_change_moves_endpoint_to_new_identity():
     assert after.identity != before and "k8s:app=api" in after.labels
     stored = json.loads((await h.store.get(after.key)).value)
     assert stored["identity"] == after.identity
+
+
+def test_an_endpoint_record_is_stored_under_the_stores_endpoint_key():
+    record = EndpointRecord("c1", 1, "node1", "x", "web", "eth0", "/run/netns/web", ipaddress.IPv4Address("10.0.0.2"),
+                            300, (), "runner")
+    assert record.key == keys.endpoint_key("node1", "c1")
+    assert record.key.startswith(keys.endpoints_prefix("node1"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from membrane.agent.observer import AgentObserver, ObserverSettings
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.core.lifecycle import Lifecycle
 from membrane.datapath.ruleset import FlowLog
 from membrane.observe.client import ObserverClient

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from membrane.agent.observer import state_from_store
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.observe.enrich import EndpointInfo, EnrichmentState, FlowIds, NodeAddress, enrich
 from membrane.observe.events import (
     DROP_IPV6,

@@ -13,13 +13,14 @@ from typing import Any
 from membrane.agent.intent import Intent
 from membrane.agent.observer import PolicyAttribution
 from membrane.agent.policy import PolicyController
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.objects import encode
 from membrane.datapath.ruleset import (
     DROP_POLICY_DENIED_EGRESS,
     DROP_POLICY_DENIED_INGRESS,
     DROP_POLICY_DENY_INGRESS,
+    DROP_POLICY_L7_INGRESS,
 )
 from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
 from membrane.observe.enrich import EndpointInfo, EnrichmentState, PolicyDecision, PolicyRef, enrich
@@ -32,6 +33,7 @@ from membrane.store import keys
 
 NODE = "node1"
 PORT = 7000
+L7_PORT = 7001
 POD_LABELS = {"client": {"app": "client"}, "server": {"app": "server"}, "intruder": {"app": "intruder"}}
 IDS = {"client": 300, "server": 301, "intruder": 302}
 IFINDEX = {"client": 101, "server": 102, "intruder": 103}
@@ -45,6 +47,8 @@ spec:
   ingress:
   - fromEndpoints: [{{matchLabels: {{app: client}}}}]
     toPorts: [{{ports: [{{port: "{PORT}", protocol: TCP}}]}}]
+  - fromEndpoints: [{{matchLabels: {{app: client}}}}]
+    toPorts: [{{ports: [{{port: "{L7_PORT}", protocol: TCP}}], rules: {{http: [{{method: GET}}]}}}}]
 ---
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -165,6 +169,15 @@ def test_a_default_deny_drop_names_no_rule_but_says_policy_denied() -> None:
     assert not flow.ingress_allowed_by and not flow.egress_allowed_by
     line = compact(flow, policy_names=True)
     assert "default/client:40000 (ID:300) <> default/server:8080 (ID:301) Policy denied DROPPED" in line
+
+
+def test_a_drop_of_l7_traffic_names_the_l7_rule_and_says_policy_denied() -> None:
+    # No L7 proxy yet: the port an HTTP rule selects is closed, and the flow says which policy did it.
+    flow = observed(DROP_POLICY_L7_INGRESS.prefix(), "client", "server", dport=L7_PORT)
+    assert flow.verdict == DROPPED and flow.drop_reason_desc == DROP_POLICY_L7_INGRESS.drop_reason
+    assert names(flow.ingress_denied_by) == ["CiliumNetworkPolicy default/server-in"]
+    assert not flow.ingress_allowed_by
+    assert "Policy denied DROPPED" in compact(flow)
 
 
 def test_an_egress_default_deny_is_decided_at_the_source() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from membrane.agent.observer import AgentObserver, ObserverSettings, state_from_store
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.core.config import load_agent_config
 from membrane.core.errors import InvalidInput
 from membrane.datapath.ruleset import DROP_POLICY_DENY_INGRESS

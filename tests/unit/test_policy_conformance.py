@@ -23,15 +23,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from membrane.api.manifest import parse_manifest_text
+from membrane.datapath.policy import rendered_probe
 from membrane.policy.mapstate import EnforcementConfig
-from membrane.policy.reachability import (
-    NetpolModel,
-    Reachability,
-    default_model,
-    engine_probe,
-    probe_matrix,
-    rendered_probe,
-)
+from membrane.policy.reachability import NetpolModel, Reachability, default_model, engine_probe, probe_matrix
 
 OUTSIDE = {"ext1": "198.51.100.10", "ext2": "198.51.100.200"}
 

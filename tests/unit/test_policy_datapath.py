@@ -16,18 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from membrane.agent.intent import Intent
-from membrane.agent.policy import (
-    EGRESS_VERDICTS,
-    INGRESS_VERDICTS,
-    PolicyCompiler,
-    PolicyController,
-    PolicyRenderer,
-    desired_status,
-    import_policy,
-    policy_endpoint,
-    render_policy,
-)
-from membrane.agent.records import EndpointRecord
+from membrane.agent.policy import PolicyController
+from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.objects import ObjectClient, encode
 from membrane.cli.policy_cmd import (
@@ -38,6 +28,7 @@ from membrane.cli.policy_cmd import (
     trace_text,
 )
 from membrane.datapath.nft import full_sync, plan_sync, render_transaction
+from membrane.datapath.policy import EGRESS_VERDICTS, INGRESS_VERDICTS, PolicyRenderer, render_policy, rendered_probe
 from membrane.datapath.ruleset import (
     AUDITED_IN,
     ENFORCED_IN,
@@ -55,7 +46,9 @@ from membrane.datapath.ruleset import (
 )
 from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
 from membrane.policy import EnforcementConfig
-from membrane.policy.reachability import default_model, probe_matrix, rendered_probe
+from membrane.policy.compiler import PolicyCompiler, import_policy, policy_endpoint
+from membrane.policy.reachability import default_model, engine_probe, probe_matrix
+from membrane.policy.status import desired_status
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
 
@@ -328,6 +321,40 @@ spec:
     condition = desired_status(None, imported, "n", False, 1, "T")["conditions"][0]
     assert (condition["status"], condition["reason"]) == ("True", "Unsupported")
     assert "spec.egress[0]: toFQDNs" in condition["message"]
+
+
+L7_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {pod: b}}]
+    toPorts:
+    - ports: [{port: "81", protocol: TCP}]
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+"""
+
+
+def test_l7_rules_are_valid_but_unsupported_and_their_traffic_is_denied() -> None:
+    imported = import_policy("k", next(iter(policy_objects(L7_POLICY).values())))
+    condition = desired_status(None, imported, "n", True, 1, "T")["conditions"][0]
+    assert (condition["status"], condition["reason"]) == ("True", "Unsupported")
+    assert condition["message"] == ("spec.ingress[0].toPorts[1].rules.http: L7 rules are not enforced yet; "
+                                    "the traffic they select is denied")
+    model = default_model(protocols=("TCP",))
+    compiled = model.compile(parse_manifest_text(L7_POLICY))
+    for probe in (engine_probe(model, compiled), rendered_probe(model, compiled, INGRESS_VERDICTS)):
+        assert probe("x/b", "x/a", "TCP", 81) and not probe("x/b", "x/a", "TCP", 80)
+    ruleset = build_ruleset(DesiredDatapath(policy=controller(L7_POLICY).policy_datapath(RECORDS)))
+    pol_in = ruleset.get_map(POL_IN).mapping()
+    xa = str(RECORDS[0].host_ifindex)
+    assert pol_in[(xa, "257", "tcp", "81-81")] == "return"  # the plain L4 allow
+    assert pol_in[(xa, "257", "tcp", "80-80")] == "goto pol_l7_in"  # the L7 port: dropped, reported
+    chains = {c.name: [r.text for r in c.rules] for c in ruleset.chains}
+    assert chains["pol_l7_in"] == ["counter drop"]
 
 
 async def test_controller_syncs_the_datapath_and_writes_status_once() -> None:

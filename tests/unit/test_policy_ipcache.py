@@ -6,15 +6,10 @@ import itertools
 import random
 from ipaddress import IPv4Address, IPv4Network
 
+from membrane.datapath.policy import ipcache_elements
 from membrane.identity.ipcache import IpcacheEntry
 from membrane.identity.reserved import HOST, REMOTE_NODE, WORLD
-from membrane.policy.ipcache import (
-    IpcacheInterval,
-    flatten_ipcache,
-    ipcache_elements,
-    lookup_identity,
-    with_cidr_identities,
-)
+from membrane.policy.ipcache import IpcacheInterval, flatten_ipcache, lookup_identity, with_cidr_identities
 
 N = IPv4Network
 A = IPv4Address

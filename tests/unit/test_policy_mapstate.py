@@ -13,29 +13,32 @@ from pathlib import Path
 import pytest
 
 from membrane.api.manifest import parse_manifest_text
+from membrane.core.protocols import PROTOCOLS
 from membrane.datapath.nft import Map, Ruleset, Set, render_table
+from membrane.datapath.policy import (
+    POLICY_MAP_TYPE,
+    VerdictText,
+    audited_elements,
+    enforced_elements,
+    ipcache_elements,
+    policy_map_elements,
+)
 from membrane.identity.labels import identity_labels_for_pod
 from membrane.identity.reserved import HOST, WORLD
 from membrane.policy.engine import CompiledPolicy, compile_policies
-from membrane.policy.ipcache import flatten_ipcache, ipcache_elements
+from membrane.policy.ipcache import flatten_ipcache
 from membrane.policy.mapstate import (
     IDENTITY_MAX,
-    POLICY_MAP_TYPE,
     PORT_MAX,
     PROTO_ANY,
-    PROTOCOLS,
     DirectionPolicy,
     EnforcementConfig,
     MapEntry,
     PolicyEndpoint,
     ServiceInfo,
     Verdict,
-    VerdictText,
-    audited_elements,
     compute_policies,
-    enforced_elements,
     flatten_entries,
-    policy_map_elements,
 )
 from membrane.policy.reachability import default_model
 from membrane.policy.rules import ALLOW_LOCALHOST, RuleOrigin
@@ -204,6 +207,8 @@ spec:
     assert rendered[("4", "301", "tcp", "80")] == "accept"
     assert rendered[("4", "302", "tcp", "80")] == "drop"
     assert rendered[("4", "303-4294967295", "tcp", "80")] == "jump l7_http"
+    # Without a redirect text (no L7 proxy), the traffic the L7 rule selects is dropped, not allowed.
+    assert dict(policy_map_elements([(4, ingress)]))[("4", "303-4294967295", "tcp", "80")] == "drop"
 
 
 def test_egress_named_ports_resolve_per_destination_identity() -> None:
@@ -379,14 +384,16 @@ def test_rendered_elements_never_overlap(mode: str) -> None:
     assert len(keys) == len(set(keys))
 
 
-def test_redirects_and_audited_denies_follow_the_allow_text_unless_set() -> None:
+def test_redirects_fail_closed_and_audited_denies_follow_the_allow_text_unless_set() -> None:
     text = VerdictText(allow="continue")
     assert text.of(Verdict.ALLOW, "", audit=False) == "continue"
-    assert text.of(Verdict.REDIRECT, "http", audit=False) == "continue"
+    assert text.of(Verdict.REDIRECT, "http", audit=False) == "drop"  # no L7 proxy: never the allow text
     assert text.of(Verdict.DENY, "", audit=True) == "continue"
+    assert text.of(Verdict.REDIRECT, "http", audit=True) == "continue"  # audit mode: reported, let through
     assert text.of(Verdict.DENY, "", audit=False) == "drop"
     explicit = VerdictText(redirect="jump l7_{parser}", audit="jump audit")
-    assert explicit.of(Verdict.REDIRECT, "dns", audit=True) == "jump l7_dns"
+    assert explicit.of(Verdict.REDIRECT, "dns", audit=False) == "jump l7_dns"
+    assert explicit.of(Verdict.REDIRECT, "dns", audit=True) == "jump audit"
     assert explicit.of(Verdict.DENY, "", audit=True) == "jump audit"
 
 

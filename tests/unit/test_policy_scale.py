@@ -18,12 +18,14 @@ from typing import Any
 from membrane.api.cilium import CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy
 from membrane.api.k8s import NetworkPolicy
 from membrane.api.meta import ApiObject
+from membrane.core.protocols import PROTOCOLS
+from membrane.datapath.policy import enforced_elements, ipcache_elements, policy_map_elements
 from membrane.identity.ipcache import IpcacheEntry
 from membrane.identity.labels import Label, identity_labels_for_pod
 from membrane.identity.reserved import WORLD
 from membrane.policy.engine import CompiledPolicy, compile_policies
-from membrane.policy.ipcache import flatten_ipcache, ipcache_elements, with_cidr_identities
-from membrane.policy.mapstate import PROTOCOLS, PolicyEndpoint, enforced_elements, policy_map_elements
+from membrane.policy.ipcache import flatten_ipcache, with_cidr_identities
+from membrane.policy.mapstate import PolicyEndpoint
 
 NAMESPACES = 50
 APPS_PER_NAMESPACE = 100  # 50 x 100 = 5,000 identities

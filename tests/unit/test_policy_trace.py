@@ -95,7 +95,7 @@ SCENARIOS = [
     ("allowed by rules on both sides", "x/a", "y/b", "80/TCP", None),
     ("denied by egress default deny", "x/a", "y/b", "81/TCP", None),
     ("isolated without any allow", "y/a", "y/c", "80/TCP", None),
-    ("an L7 rule, allowed at L4", "x/a", "z/c", "80/TCP", None),
+    ("an L7 rule: denied, no L7 proxy yet", "x/a", "z/c", "80/TCP", None),
     ("to the outside", "x/a", "198.51.100.10", "443/TCP", None),
     ("denied by a deny rule", "world", "z/a", "80/TCP", None),
     ("from the local host", "host", "y/c", "10250/TCP", None),
@@ -135,8 +135,12 @@ def test_verdicts_and_deciding_rules() -> None:
     audited = run("y/a", "y/c", "80/TCP", EnforcementConfig(audit=True))
     assert audited.allowed and audited.outcome == "audited" and audited.ingress.outcome == "audited"
 
+    # An L7 rule: no proxy yet, so the traffic it selects is denied (audit mode only reports it).
     redirect = run("x/a", "z/c", "80/TCP")
     assert redirect.egress.reason == "redirect" and [s.parser for s in redirect.egress.l7] == ["http"]
+    assert not redirect.allowed and redirect.outcome == "denied" and redirect.egress.outcome == "denied"
+    assert "the L7 proxy is not available yet" in format_trace(redirect)
+    assert run("x/a", "z/c", "80/TCP", EnforcementConfig(audit=True)).outcome == "audited"
 
 
 def test_peers_resolve_by_name_address_cidr_and_entity() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from membrane.agent.endpoints import NodeContext, Wired
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.datapath.netlink.model import EndpointSpec
 from membrane.datapath.netlink.protocol import Netlink
 from membrane.datapath.nft.runner import NftRunner

@@ -29,7 +29,7 @@ from membrane.agent.contract import (
     CniFailure,
     CniRequest,
 )
-from membrane.agent.records import EndpointOrigin, EndpointRecord
+from membrane.api.endpoint import EndpointOrigin, EndpointRecord
 from membrane.core.errors import DatapathError, MembraneError
 from membrane.identity.allocator import IdentityAllocator
 from membrane.identity.labels import Label, canonical

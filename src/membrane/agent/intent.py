@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.identity.labels import Label, identity_labels_for_pod, parse_labels
 from membrane.store import keys
 from membrane.store.base import EventType, KeyValue, WatchEvent

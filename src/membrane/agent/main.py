@@ -29,7 +29,7 @@ from membrane.agent.intent import ENDPOINTS, IDENTITIES, NAMESPACES, NODES, PODS
 from membrane.agent.node import NodeRegistration, ensure_cluster_config
 from membrane.agent.observer import AgentObserver, ObserverSettings, PolicyAttribution
 from membrane.agent.operator import Operator
-from membrane.agent.policy import PolicyController, enforcement_config
+from membrane.agent.policy import PolicyController
 from membrane.agent.routing import LocalNode, RoutingController, RoutingReconciler, masquerade_for
 from membrane.agent.runner import PodRunner
 from membrane.api.objects import ObjectClient
@@ -38,6 +38,7 @@ from membrane.core.config import AgentConfig
 from membrane.core.lifecycle import Lifecycle
 from membrane.identity.allocator import IdentityAllocator
 from membrane.ipam.pool import pod_capacity
+from membrane.policy.compiler import enforcement_config
 from membrane.store import open_store
 from membrane.store.reflector import Reflector
 

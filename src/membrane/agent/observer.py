@@ -35,8 +35,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
-from membrane.agent.policy import policy_endpoint
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.core.config import AgentConfig, export_filters
 from membrane.core.errors import MembraneError
 from membrane.core.lifecycle import Lifecycle
@@ -64,6 +63,7 @@ from membrane.observe.observer import FlowPublisher, NamespaceTracker
 from membrane.observe.ring import DEFAULT_CAPACITY, Ring
 from membrane.observe.server import ObserverServer
 from membrane.policy import EndpointPolicy
+from membrane.policy.compiler import policy_endpoint
 from membrane.policy.mapstate import Verdict
 from membrane.policy.rules import IMPLICIT_KIND, RuleOrigin
 from membrane.store import keys
@@ -228,7 +228,8 @@ class PolicyAttribution:
         side = policy.egress if direction is Direction.EGRESS else policy.ingress
         match = side.lookup(remote_identity, proto, port)
         answer = None if match.verdict is None else PolicyDecision(
-            "deny" if match.verdict is Verdict.DENY else "allow", self._refs(match.rules))
+            # An L7 rule's traffic is dropped (no proxy yet): its rules are what denied it.
+            "allow" if match.verdict is Verdict.ALLOW else "deny", self._refs(match.rules))
         if len(answers) >= self._max_answers:
             answers.clear()
         answers[key] = answer

@@ -2,504 +2,47 @@
 policy status written back to the policy objects.
 
     intent: policy objects · identities · every node's endpoint records · pods · CiliumNodes
-        │  PolicyCompiler (pure, incremental)
-        │    objects ──import (decode + normalize, cached per body)──▶ rules
-        │    rules, identities, named ports ──compile_policies──▶ repository + selector cache
-        │    identities only changed ──▶ SelectorCache.update (no recompile)
+        │  PolicyCompiler (membrane.policy.compiler: pure, incremental)
         ▼
-    per local endpoint: EndpointPolicy (memoized per identity, namespace and named ports)
-        │  policy_datapath(records)                  the ipcache: endpoints, nodes, CIDR identities
+    per local endpoint: EndpointPolicy           the ipcache intervals (IpcacheBuilder)
+        │  policy_datapath(records): PolicyRenderer / render_policy (membrane.datapath.policy)
         ▼
     PolicyDatapath: pol_in / pol_out / enforced_* / audited_* / ipcache elements ──▶ NodeDatapath.sync
 
-:class:`PolicyCompiler` is pure and shared with the CLI (``membrane policy trace|selectors``,
-``endpoint list``), so what the CLI computes from the store is what every agent computes from the
-same store revision. :class:`PolicyController` is the agent's loop: woken by the intent's
-reflectors, it waits a short debounce so bursts of changes (a namespace of pods, an ``apply -f`` of
-many policies) cost one recompilation and one nft transaction, then hands the new state to the
-datapath (an element-only sync) and writes status back in the background.
+:class:`PolicyController` is the agent's loop: woken by the intent's reflectors, it waits a short
+debounce so bursts of changes (a namespace of pods, an ``apply -f`` of many policies) cost one
+recompilation and one nft transaction, then hands the new state to the datapath (an element-only
+sync) and writes status back in the background (:func:`membrane.policy.status.desired_status`).
 
-Status (CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy; a NetworkPolicy has no status):
-
-- ``status.conditions[type=Valid]``: ``True`` (reason ``Valid``), ``True`` with reason
-  ``Unsupported`` and a message naming the parts that select nothing yet (fail closed), or
-  ``False`` (reason ``Invalid``) when the policy cannot be imported (it is then not enforced);
-  written identically by every node, so concurrent writers converge;
-- ``status.nodes[<node>]``: this node's import — ``ok``, ``error``, ``enforcing`` (the policy
-  selects at least one endpoint on this node, so its rules are in this node's kernel),
-  ``localPolicyRevision`` (this agent's policy revision when it imported the current spec) and
-  ``lastUpdated``. Written only when one of those changes, never on every recompilation.
-
-Primitives: :class:`ImportedPolicy`, :func:`import_policy`, :func:`policy_endpoint`,
-:func:`ipcache_entries`, :class:`IpcacheBuilder`, :class:`PolicyCompiler`, :class:`PolicyRenderer`,
-:data:`INGRESS_VERDICTS` / :data:`EGRESS_VERDICTS`, :func:`desired_status`,
-:class:`PolicyController`.
+Primitives: :class:`PolicyController`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from membrane.agent.records import EndpointRecord
-from membrane.api.meta import ApiObject, Condition
+from membrane.api.endpoint import EndpointRecord
+from membrane.api.meta import ApiObject
 from membrane.api.objects import now_rfc3339
-from membrane.api.registry import kind_info
-from membrane.core.config import ClusterConfig
-from membrane.core.errors import InvalidInput, MembraneError, NotFound
-from membrane.datapath.nft.objects import Key
-from membrane.datapath.ruleset import (
-    EGRESS_AUDIT,
-    EGRESS_DENY,
-    INGRESS_AUDIT,
-    INGRESS_DENY,
-    VERDICT_RETURN,
-    PolicyDatapath,
-)
-from membrane.identity.ipcache import EndpointAddress, IpcacheEntry, NodeAddresses, build_ipcache
-from membrane.identity.labels import Label, parse_labels
-from membrane.identity.reserved import WORLD
-from membrane.ipam.pool import router_ip
-from membrane.policy import (
-    PROTOCOLS,
-    CompiledPolicy,
-    DirectionPolicy,
-    EndpointPolicy,
-    EnforcementConfig,
-    PolicyEndpoint,
-    PolicyRule,
-    VerdictText,
-    audited_elements,
-    compile_policies,
-    compute_policies,
-    enforced_elements,
-    flatten_ipcache,
-    ipcache_elements,
-    normalize,
-    policy_map_elements,
-    with_cidr_identities,
-)
-from membrane.policy.mapstate import NamedPorts
+from membrane.core.errors import InvalidInput, NotFound
+from membrane.datapath.policy import PolicyRenderer, render_policy
+from membrane.datapath.ruleset import PolicyDatapath
+from membrane.identity.labels import parse_labels
+from membrane.policy.compiler import ImportedPolicy, IpcacheBuilder, PolicyCompiler, policy_endpoint
+from membrane.policy.mapstate import EnforcementConfig
+from membrane.policy.status import STATUS_KINDS, desired_status
 
 log = logging.getLogger(__name__)
-
-#: Map verdicts: an allow returns to the base chain (so a pod-to-pod packet meets the egress check
-#: of its source and then the ingress check of its destination); deny and audit go to the chains
-#: that drop or report.
-INGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=INGRESS_DENY, audit=INGRESS_AUDIT)
-EGRESS_VERDICTS = VerdictText(allow=VERDICT_RETURN, deny=EGRESS_DENY, audit=EGRESS_AUDIT)
-
-#: Kinds whose objects carry a status the agents write.
-STATUS_KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
-#: Endpoint record states whose address is in the ipcache (``creating`` holds its address already).
-IPCACHE_STATES = ("ready", "creating")
-
-
-# --- import --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImportedPolicy:
-    """One policy object as the engine took it: its rules, or why it could not be imported."""
-
-    key: str  # the store key
-    kind: str
-    namespace: str
-    name: str
-    generation: int
-    body: str  # canonical JSON of everything but metadata and status: what decides recompilation
-    rules: tuple[PolicyRule, ...] = ()
-    error: str = ""
-    unsupported: tuple[str, ...] = ()
-    obj: ApiObject | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
-
-
-def _body(data: Mapping[str, Any]) -> str:
-    meta = data.get("metadata") or {}
-    essential = {k: v for k, v in data.items() if k not in ("metadata", "status")}
-    essential["@"] = [meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", "")]
-    return json.dumps(essential, sort_keys=True, separators=(",", ":"))
-
-
-def _unsupported(rules: Iterable[PolicyRule]) -> tuple[str, ...]:
-    found: dict[str, None] = {}
-    for rule in rules:
-        where = rule.origin.path
-        for item in rule.unsupported:
-            found[f"{where}: {item}"] = None
-        if rule.fqdns:
-            found[f"{where}: toFQDNs"] = None
-        if rule.host:
-            found[f"{rule.origin.path or 'spec'}: nodeSelector (host policy)"] = None
-    return tuple(found)
-
-
-def import_policy(key: str, data: Mapping[str, Any], cluster_name: str = "default") -> ImportedPolicy:
-    """Decode and normalize one stored policy object; failures are reported, not raised."""
-    meta = data.get("metadata") or {}
-    kind = str(data.get("kind", ""))
-    base = ImportedPolicy(key=key, kind=kind, namespace=str(meta.get("namespace") or ""),
-                          name=str(meta.get("name", "")), generation=int(meta.get("generation") or 0),
-                          body=_body(data))
-    try:
-        obj = kind_info(kind).model.model_validate(dict(data))
-        rules = normalize(obj, cluster_name)
-    except (MembraneError, ValueError, TypeError, KeyError) as exc:
-        message = " ".join(str(exc).split())[:300] or type(exc).__name__
-        return dataclasses.replace(base, error=message)
-    return dataclasses.replace(base, rules=rules, unsupported=_unsupported(rules), obj=obj)
-
-
-# --- endpoints and the ipcache ----------------------------------------------------------------------------
-
-
-def _pod_spec_ports(pod: Mapping[str, Any] | None) -> NamedPorts:
-    """The named container ports of a stored Pod (``named_ports_of`` on the raw object: this runs for
-    every pod of the cluster on every recompilation, so no model validation)."""
-    found: dict[str, set[tuple[int, int]]] = {}
-    for container in ((pod or {}).get("spec") or {}).get("containers") or ():
-        for port in container.get("ports") or ():
-            name, number = port.get("name"), port.get("containerPort")
-            protocol = PROTOCOLS.get(str(port.get("protocol") or "TCP"))
-            if name and isinstance(number, int) and protocol is not None:
-                found.setdefault(str(name).lower(), set()).add((protocol, number))
-    return {name: frozenset(ports) for name, ports in found.items()}
-
-
-def policy_endpoint(record: EndpointRecord, pods: Mapping[tuple[str, str], Mapping[str, Any]]) -> PolicyEndpoint:
-    """An endpoint as policy sees it, keyed ``NS/POD``, with the named ports of its pod's spec."""
-    ports = _pod_spec_ports(pods.get((record.namespace, record.pod)))
-    return PolicyEndpoint(f"{record.namespace}/{record.pod}", record.identity, record.namespace, ports)
-
-
-def node_addresses(nodes: Mapping[str, Mapping[str, Any]]) -> list[NodeAddresses]:
-    """The InternalIP and router IP of every CiliumNode (identities host / remote-node)."""
-    found = []
-    for name, obj in nodes.items():
-        spec = obj.get("spec") or {}
-        ips = [a.get("ip") for a in spec.get("addresses") or () if a.get("type") == "InternalIP" and a.get("ip")]
-        if not ips:
-            continue
-        cidrs = (spec.get("ipam") or {}).get("podCIDRs") or ()
-        try:
-            router = router_ip(IPv4Network(cidrs[0])) if cidrs else None
-            found.append(NodeAddresses(name, IPv4Address(ips[0]), router))
-        except ValueError:
-            continue
-    return found
-
-
-def ipcache_entries(
-    records: Iterable[EndpointRecord],
-    nodes: Mapping[str, Mapping[str, Any]],
-    local_node: str | None,
-    cidr_identities: Mapping[IPv4Network, int],
-) -> list[IpcacheEntry]:
-    """This node's ipcache: world, node addresses (host here, remote-node elsewhere), every
-    endpoint's /32 and the prefixes policies name."""
-    addresses = node_addresses(nodes)
-    node_ips = {n.name: str(n.node_ip) for n in addresses}
-    endpoints = [EndpointAddress(r.ipv4, r.identity, node_ips.get(r.node, "")) for r in records
-                 if r.state in IPCACHE_STATES]
-    return with_cidr_identities(build_ipcache(endpoints, addresses, local_node), cidr_identities)
-
-
-class IpcacheBuilder:
-    """This node's ipcache elements, kept up to date incrementally: the /32 of an endpoint record is
-    rebuilt only when that record object changed (the intent replaces a record on every write), and
-    the table is flattened again only when an entry, a node or a policy prefix changed. The result
-    equals :func:`ipcache_entries` flattened (endpoints win over nodes, nodes over policy prefixes)."""
-
-    def __init__(self, local_node: str | None) -> None:
-        self.local_node = local_node
-        self._records: dict[str, tuple[EndpointRecord, tuple[IPv4Network, int] | None]] = {}
-        self._others: tuple[object, ...] | None = None
-        self._elements: tuple[tuple[Key, str], ...] = ()
-
-    def elements(
-        self,
-        records: Mapping[str, EndpointRecord],
-        nodes: Mapping[str, Mapping[str, Any]],
-        cidr_identities: Mapping[IPv4Network, int],
-    ) -> tuple[tuple[Key, str], ...]:
-        changed = False
-        for key in [k for k in self._records if k not in records]:
-            del self._records[key]
-            changed = True
-        for key, record in records.items():
-            cached = self._records.get(key)
-            if cached is not None and cached[0] is record:
-                continue
-            entry = (IPv4Network((int(record.ipv4), 32)), record.identity) if record.state in IPCACHE_STATES else None
-            if cached is None or cached[1] != entry:
-                changed = True
-            self._records[key] = (record, entry)
-        others = (tuple((n, id(obj)) for n, obj in nodes.items()), tuple(sorted(cidr_identities.items())))
-        if changed or others != self._others:
-            self._others = others
-            endpoints = [entry for _, entry in self._records.values() if entry is not None]
-            world = IPv4Network("0.0.0.0/0")
-            fixed = [e for e in build_ipcache((), node_addresses(nodes), self.local_node) if e.prefix != world]
-            table: list[IpcacheEntry | tuple[IPv4Network, int]] = [
-                *endpoints, *fixed, (world, WORLD.id), *cidr_identities.items()]
-            self._elements = ipcache_elements(flatten_ipcache(table))
-        return self._elements
-
-
-# --- the compiler --------------------------------------------------------------------------------------
-
-
-class PolicyCompiler:
-    """Policy objects, identities and endpoints in; endpoint policies out — recompiling only what
-    a change requires:
-
-    - a policy body or the named ports of an identity changed → ``compile_policies`` again (CIDR
-      identity numbers kept);
-    - identities appeared or went → ``SelectorCache.update``, selections adjusted in place;
-    - otherwise (status writes, pod status, endpoints of known identities) → nothing.
-
-    Endpoint policies are memoized per (identity, namespace, named ports) until the next change.
-    ``revision`` grows with every change that can alter a verdict.
-    """
-
-    def __init__(self, *, cluster_name: str = "default", config: EnforcementConfig | None = None) -> None:
-        self.cluster_name = cluster_name
-        self.config = config or EnforcementConfig()
-        self.revision = 0
-        self.imported: dict[str, ImportedPolicy] = {}
-        self.imported_at: dict[str, int] = {}  # store key -> revision that imported its current body
-        self._compiled: CompiledPolicy | None = None
-        self._named: dict[int, NamedPorts] = {}
-        self._identities: dict[int, frozenset[Label]] = {}
-        self._memo: dict[tuple[object, ...], EndpointPolicy] = {}
-        self._ports: dict[int, tuple[EndpointRecord, object, NamedPorts]] = {}  # by id(record): kept alive here
-
-    @property
-    def compiled(self) -> CompiledPolicy:
-        if self._compiled is None:
-            self._compiled = compile_policies((), {}, (), config=self.config, cluster_name=self.cluster_name)
-        return self._compiled
-
-    @property
-    def rules(self) -> tuple[PolicyRule, ...]:
-        return self.compiled.rules
-
-    def update(
-        self,
-        policies: Mapping[str, Mapping[str, Any]],
-        identities: Mapping[int, frozenset[Label]],
-        records: Iterable[EndpointRecord],
-        pods: Mapping[tuple[str, str], Mapping[str, Any]],
-    ) -> bool:
-        """Take the current inputs; True when verdicts may have changed."""
-        policies_changed = self._import(policies)
-        named = self._named_ports(records, pods)
-        identities = dict(identities)
-        if policies_changed or named != self._named or self._compiled is None:
-            previous = self._compiled.cidr_identities if self._compiled is not None else None
-            rules = [rule for key in sorted(self.imported) for rule in self.imported[key].rules]
-            self._compiled = compile_policies(
-                rules, identities, (), config=self.config, named_ports_by_identity=named,
-                cluster_name=self.cluster_name, previous_cidr_identities=previous,
-            )
-            self._named = named
-            self._identities = identities
-            self._changed()
-            return True
-        if identities != self._identities:
-            added = {i: labels for i, labels in identities.items() if self._identities.get(i) != labels}
-            removed = [i for i in self._identities if i not in identities]
-            self.compiled.cache.update(added, removed)
-            self._identities = identities
-            self._changed()
-            return True
-        return False
-
-    def _named_ports(
-        self, records: Iterable[EndpointRecord], pods: Mapping[tuple[str, str], Mapping[str, Any]]
-    ) -> dict[int, NamedPorts]:
-        """Every identity's named ports (the union over its pods: egress named ports resolve on
-        these), re-reading a pod's ports only when its record or Pod
-        object changed (the intent replaces both on every write), and merging again only then."""
-        seen: dict[int, tuple[EndpointRecord, object, NamedPorts]] = {}
-        changed = False
-        previous = self._ports
-        for record in records:
-            pod = pods.get((record.namespace, record.pod))
-            cached = previous.get(id(record))
-            if cached is not None and cached[0] is record and cached[1] is pod:
-                seen[id(record)] = cached
-                continue
-            seen[id(record)] = (record, pod, _pod_spec_ports(pod))
-            changed = True
-        self._ports = seen
-        if not changed and len(seen) == len(previous):
-            return self._named
-        merged: dict[int, dict[str, set[tuple[int, int]]]] = {}
-        for record, _, ports in seen.values():
-            for name, values in ports.items():
-                merged.setdefault(record.identity, {}).setdefault(name, set()).update(values)
-        return {identity: {n: frozenset(p) for n, p in named.items()} for identity, named in merged.items()}
-
-    def _import(self, policies: Mapping[str, Mapping[str, Any]]) -> bool:
-        changed = False
-        for key in [k for k in self.imported if k not in policies]:
-            del self.imported[key]
-            self.imported_at.pop(key, None)
-            changed = True
-        for key, data in policies.items():
-            current = self.imported.get(key)
-            if current is not None and current.body == _body(data):
-                continue
-            self.imported[key] = import_policy(key, data, self.cluster_name)
-            self.imported_at[key] = self.revision + 1
-            changed = True
-        return changed
-
-    def _changed(self) -> None:
-        self.revision += 1
-        self._memo.clear()
-
-    def endpoint_policies(
-        self, endpoints: Iterable[tuple[PolicyEndpoint, frozenset[Label]]]
-    ) -> dict[str, EndpointPolicy]:
-        """The policy of each endpoint (with its identity's labels, for identities the selector
-        cache has not seen yet — an endpoint added a moment ago)."""
-        compiled = self.compiled
-        wanted = list(endpoints)
-        cache = compiled.cache
-        unknown = {e.identity: labels for e, labels in wanted if cache.labels_of(e.identity) is None and labels}
-        if unknown:
-            compiled.cache.update(unknown)
-            self._identities.update(unknown)
-            self._memo.clear()
-        result: dict[str, EndpointPolicy] = {}
-        missing: list[PolicyEndpoint] = []
-        for endpoint, _ in wanted:
-            found = self._memo.get(self._signature(endpoint))
-            if found is None:
-                missing.append(endpoint)
-            else:
-                result[endpoint.key] = EndpointPolicy(endpoint, found.ingress, found.egress)
-        if missing:
-            computed = compute_policies(missing, compiled.repository, compiled.cache, self.config,
-                                        named_ports_by_identity=self._named)
-            for endpoint in missing:
-                policy = computed[endpoint.key]
-                self._memo[self._signature(endpoint)] = policy
-                result[endpoint.key] = policy
-        return result
-
-    @staticmethod
-    def _signature(endpoint: PolicyEndpoint) -> tuple[object, ...]:
-        return (endpoint.identity, endpoint.namespace, endpoint.named_ports_signature)
-
-
-# --- the datapath's share ------------------------------------------------------------------------------
-
-
-class PolicyRenderer:
-    """Endpoint policies → map elements, re-rendering only the endpoints whose policy changed
-    (policies of replicas are shared objects, so an unchanged one is recognised by identity)."""
-
-    def __init__(self) -> None:
-        self._rendered: dict[tuple[int, str], tuple[DirectionPolicy, tuple[tuple[Key, str], ...]]] = {}
-
-    def direction(self, ifindex: int, policy: DirectionPolicy) -> tuple[tuple[Key, str], ...]:
-        key = (ifindex, policy.direction)
-        cached = self._rendered.get(key)
-        if cached is not None and cached[0] is policy:
-            return cached[1]
-        verdicts = INGRESS_VERDICTS if policy.direction == "ingress" else EGRESS_VERDICTS
-        elements = policy_map_elements([(ifindex, policy)], verdicts)
-        self._rendered[key] = (policy, elements)
-        return elements
-
-    def forget(self, ifindexes: set[int]) -> None:
-        for key in [k for k in self._rendered if k[0] not in ifindexes]:
-            del self._rendered[key]
-
-
-def render_policy(
-    policies: Mapping[int, EndpointPolicy], ipcache: tuple[tuple[Key, str], ...], renderer: PolicyRenderer
-) -> PolicyDatapath:
-    """The ruleset's policy inputs for endpoints by host veth index."""
-    ingress = [(i, p.ingress) for i, p in sorted(policies.items())]
-    egress = [(i, p.egress) for i, p in sorted(policies.items())]
-    return PolicyDatapath(
-        ipcache=ipcache,
-        ingress=tuple(e for i, p in ingress for e in renderer.direction(i, p)),
-        egress=tuple(e for i, p in egress for e in renderer.direction(i, p)),
-        enforced_ingress=enforced_elements(ingress),
-        enforced_egress=enforced_elements(egress),
-        audited_ingress=audited_elements(ingress),
-        audited_egress=audited_elements(egress),
-    )
-
-
-# --- status ----------------------------------------------------------------------------------------------
-
-
-def valid_condition(policy: ImportedPolicy) -> Condition:
-    """``Valid``: imported (with the unsupported parts named), or why not."""
-    if not policy.ok:
-        return Condition(type="Valid", status="False", reason="Invalid", message=policy.error,
-                         observedGeneration=policy.generation or None)
-    if policy.unsupported:
-        message = "not enforced yet, selects nothing: " + "; ".join(policy.unsupported)
-        return Condition(type="Valid", status="True", reason="Unsupported", message=message[:500],
-                         observedGeneration=policy.generation or None)
-    return Condition(type="Valid", status="True", reason="Valid", message="Policy validation succeeded",
-                     observedGeneration=policy.generation or None)
-
-
-def desired_status(
-    current: Mapping[str, Any] | None, policy: ImportedPolicy, node: str, enforcing: bool, revision: int, now: str
-) -> dict[str, Any]:
-    """The object's new status: the Valid condition and this node's entry, everything else kept.
-    Times change only when what they date changes, so an unchanged status is byte-identical."""
-    status = dict(current or {})
-    valid = valid_condition(policy).model_dump(mode="json", exclude_none=True)
-    conditions = [dict(c) for c in status.get("conditions") or () if c.get("type") != "Valid"]
-    old_valid = next((c for c in status.get("conditions") or () if c.get("type") == "Valid"), None)
-    same = old_valid is not None and all(old_valid.get(k) == valid.get(k) for k in ("status", "reason", "message"))
-    valid["lastTransitionTime"] = old_valid.get("lastTransitionTime", now) if same and old_valid else now
-    status["conditions"] = [valid, *conditions]
-    entry: dict[str, Any] = {"ok": policy.ok, "enforcing": enforcing and policy.ok, "localPolicyRevision": revision}
-    if policy.error:
-        entry["error"] = policy.error
-    nodes = dict(status.get("nodes") or {})
-    old = nodes.get(node) or {}
-    if {k: v for k, v in old.items() if k != "lastUpdated"} != entry:
-        entry["lastUpdated"] = now
-    else:
-        entry["lastUpdated"] = old.get("lastUpdated", now)
-    nodes[node] = entry
-    status["nodes"] = nodes
-    return status
 
 
 # --- the controller ------------------------------------------------------------------------------------
 
 
 StatusWriter = Callable[[str, str | None, str, Callable[[ApiObject], Any]], Awaitable[Any]]
-
-
-def enforcement_config(cluster: ClusterConfig) -> EnforcementConfig:
-    """The cluster's policy settings as the engine takes them (agents and ``policy trace`` alike)."""
-    return EnforcementConfig(mode=cluster.policyEnforcementMode, audit=cluster.policyAuditMode,
-                             audit_namespaces=frozenset(cluster.policyAuditNamespaces))
 
 
 class PolicyController:
@@ -566,7 +109,7 @@ class PolicyController:
         cluster = self.intent.endpoints
         if any(cluster.get(r.key) is not r for r in local):
             cluster = {**cluster, **{r.key: r for r in local}}
-        ipcache = self._ipcache.elements(cluster, self.intent.nodes, self.compiler.compiled.cidr_identities)
+        ipcache = self._ipcache.intervals(cluster, self.intent.nodes, self.compiler.compiled.cidr_identities)
         selecting: dict[str, bool] = {}
         for policy in policies.values():
             for origin in (*policy.ingress.selected_by, *policy.egress.selected_by):

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
 from membrane.core.config import DEFAULT_RUN_DIR

@@ -1,7 +1,7 @@
 """``membrane policy get|selectors|trace`` (mirroring ``cilium-dbg policy``), from the store.
 
 Everything here is computed from the store's current state with the agents' own compiler
-(:class:`membrane.agent.policy.PolicyCompiler`): the same objects, identities, endpoint records
+(:class:`membrane.policy.compiler.PolicyCompiler`): the same objects, identities, endpoint records
 and pods give the same endpoint policies, so a trace agrees with what the kernels enforce once
 the agents have synced that revision.
 
@@ -20,8 +20,7 @@ from typing import Any
 
 import click
 
-from membrane.agent.policy import PolicyCompiler, enforcement_config, ipcache_entries, policy_endpoint
-from membrane.agent.records import EndpointRecord
+from membrane.api.endpoint import EndpointRecord
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
 from membrane.core.config import ClusterConfig
@@ -41,6 +40,7 @@ from membrane.policy import (
     resolve_peer,
     trace,
 )
+from membrane.policy.compiler import PolicyCompiler, enforcement_config, ipcache_entries, policy_endpoint
 from membrane.policy.rules import RuleOrigin
 from membrane.store import keys
 from membrane.store.base import Store

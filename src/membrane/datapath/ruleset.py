@@ -365,22 +365,29 @@ POL_DENIED_IN = "pol_denied_in"
 #: place where audit verdicts are logged.
 POL_AUDIT_OUT = "pol_audit_out"
 POL_AUDIT_IN = "pol_audit_in"
+#: Traffic an L7 rule selects goes through these chains: without an L7 proxy it is dropped (fail
+#: closed), not let through at L4.
+POL_L7_OUT = "pol_l7_out"
+POL_L7_IN = "pol_l7_in"
 
-#: The policy map key (``membrane.policy.POLICY_MAP_TYPE``) and the identity the node itself has.
+#: The policy map key (``membrane.datapath.policy.POLICY_MAP_TYPE``) and the identity the node itself has.
 POLICY_KEY_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
 HOST_IDENTITY = 1
 WORLD_IDENTITY = 2
 _ICMP_TOKEN = "icmp"
 _ALL_PORTS = "0-65535"
 
-# Flow codes of the policy section (rule ids 20-25): drops by a deny rule (Cilium's POLICY_DENY),
-# by default deny (POLICY_DENIED), and audited would-be drops.
+# Flow codes of the policy section (rule ids 20-27): drops by a deny rule (Cilium's POLICY_DENY),
+# by default deny (POLICY_DENIED), audited would-be drops, and drops of traffic an L7 rule selects
+# (POLICY_DENIED: no proxy to hand it to yet).
 RULE_POLICY_DENY_EGRESS = 20
 RULE_POLICY_DENY_INGRESS = 21
 RULE_POLICY_DENIED_EGRESS = 22
 RULE_POLICY_DENIED_INGRESS = 23
 RULE_POLICY_AUDIT_EGRESS = 24
 RULE_POLICY_AUDIT_INGRESS = 25
+RULE_POLICY_L7_EGRESS = 26
+RULE_POLICY_L7_INGRESS = 27
 _EGRESS, _INGRESS = Direction.EGRESS, Direction.INGRESS
 DROP_POLICY_DENY_EGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENY,
                                    RULE_POLICY_DENY_EGRESS, _EGRESS)
@@ -394,28 +401,35 @@ AUDIT_POLICY_EGRESS = FlowCode(EventKind.POLICY_VERDICT, CodeVerdict.AUDIT, Drop
                                RULE_POLICY_AUDIT_EGRESS, _EGRESS)
 AUDIT_POLICY_INGRESS = FlowCode(EventKind.POLICY_VERDICT, CodeVerdict.AUDIT, DropReason.POLICY_DENIED,
                                 RULE_POLICY_AUDIT_INGRESS, _INGRESS)
+DROP_POLICY_L7_EGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENIED,
+                                 RULE_POLICY_L7_EGRESS, _EGRESS)
+DROP_POLICY_L7_INGRESS = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.POLICY_DENIED,
+                                  RULE_POLICY_L7_INGRESS, _INGRESS)
 
-#: The verdict texts the policy engine renders map elements with (``membrane.policy.VerdictText``
-#: takes them as ``allow``/``deny``/``audit``): an allow returns to the base chain, so the egress
-#: check of a pod-to-pod packet is followed by the ingress check of its destination.
+#: The verdict texts policy map elements carry (``membrane.datapath.policy.VerdictText``
+#: takes them as ``allow``/``deny``/``audit``/``redirect``): an allow returns to the base chain, so
+#: the egress check of a pod-to-pod packet is followed by the ingress check of its destination.
 VERDICT_RETURN = "return"
 EGRESS_DENY = f"goto {POL_DENIED_OUT}"
 INGRESS_DENY = f"goto {POL_DENIED_IN}"
 EGRESS_AUDIT = f"goto {POL_AUDIT_OUT}"
 INGRESS_AUDIT = f"goto {POL_AUDIT_IN}"
+EGRESS_L7 = f"goto {POL_L7_OUT}"
+INGRESS_L7 = f"goto {POL_L7_IN}"
 
 Element = tuple[Key, str]
 
 
 @dataclass(frozen=True)
 class PolicyDatapath:
-    """The policy engine's output for this node, as map and set elements (see ``docs/policy.md``):
+    """The policy engine's output for this node, as map and set elements rendered by
+    :mod:`membrane.datapath.policy` (see ``docs/policy.md``):
 
     - ``ipcache``: disjoint address intervals → identity (``flatten_ipcache``/``ipcache_elements``),
       covering ``0.0.0.0/0`` (world) so every lookup finds an identity;
     - ``ingress`` / ``egress``: the elements of ``pol_in`` / ``pol_out`` keyed
       ``host veth index . remote identity . protocol . port`` (``policy_map_elements`` with the
-      verdict texts above); for ICMP the port is the ICMP type, as the engine renders it;
+      verdict texts above); for ICMP the port is the ICMP type, as the renderer writes it;
     - ``enforced_*``: endpoints whose misses drop; ``audited_*``: endpoints whose misses are only
       reported (audit mode).
     """
@@ -542,6 +556,10 @@ def policy_enforcement(desired: DesiredDatapath) -> Section:
               rules=(Rule(drop_statement(desired, DROP_POLICY_DENY_EGRESS)),)),
         Chain(name=POL_DENIED_IN, comment="ingress denied by a deny rule",
               rules=(Rule(drop_statement(desired, DROP_POLICY_DENY_INGRESS)),)),
+        Chain(name=POL_L7_OUT, comment="egress an L7 rule selects: no L7 proxy yet, denied",
+              rules=(Rule(drop_statement(desired, DROP_POLICY_L7_EGRESS)),)),
+        Chain(name=POL_L7_IN, comment="ingress an L7 rule selects: no L7 proxy yet, denied",
+              rules=(Rule(drop_statement(desired, DROP_POLICY_L7_INGRESS)),)),
         Chain(name=POL_AUDIT_OUT, comment="egress audit verdicts", rules=(audit(AUDIT_POLICY_EGRESS),)),
         Chain(name=POL_AUDIT_IN, comment="ingress audit verdicts", rules=(audit(AUDIT_POLICY_INGRESS),)),
     )

@@ -1,4 +1,4 @@
-"""The policy engine, pure: policies → rules → selector cache → per-endpoint map state → nft elements.
+"""The policy engine, pure: policies → rules → selector cache → per-endpoint map state (typed verdicts).
 
 Modules, in the order data flows through them (see ``docs/policy.md``):
 
@@ -7,25 +7,28 @@ Modules, in the order data flows through them (see ``docs/policy.md``):
 - :mod:`membrane.policy.selectors` -- :class:`Selector`, :class:`CIDRSelector` and the incremental
   :class:`SelectorCache` (selector → identities), CIDR identities;
 - :mod:`membrane.policy.mapstate` -- per endpoint and direction: default deny, audit, entries with
-  deny precedence, flattening into disjoint boxes, nft elements for ``pol_in``/``pol_out``;
-- :mod:`membrane.policy.ipcache` -- the ipcache as disjoint intervals for the nft ``ipcache`` map;
+  deny precedence, flattening into disjoint boxes with typed :class:`Verdict` s;
+- :mod:`membrane.policy.ipcache` -- the ipcache as disjoint intervals;
 - :mod:`membrane.policy.trace` -- ``membrane policy trace``: verdicts and deciding rules, as text;
 - :mod:`membrane.policy.engine` -- :func:`compile_policies`, the whole chain in one call;
 - :mod:`membrane.policy.reachability` -- truth tables in the style of the Kubernetes e2e suite, with
   pluggable probes (engine, rendered elements, or real traffic).
+- :mod:`membrane.policy.compiler` -- :class:`~membrane.policy.compiler.PolicyCompiler`: stored policy
+  objects, identities and endpoint records → endpoint policies, incrementally; the ipcache table;
+- :mod:`membrane.policy.status` -- the ``Valid`` condition and per-node status of policy objects.
+
+Nothing here knows nft: the datapath's policy renderer writes the typed output as map elements.
 """
 
+from membrane.core.protocols import PROTOCOLS
 from membrane.policy.engine import CompiledPolicy, compile_policies, identity_table, policy_prefixes
 from membrane.policy.ipcache import (
     IpcacheInterval,
     flatten_ipcache,
-    ipcache_elements,
     lookup_identity,
     with_cidr_identities,
 )
 from membrane.policy.mapstate import (
-    POLICY_MAP_TYPE,
-    PROTOCOLS,
     DirectionPolicy,
     EndpointPolicy,
     EnforcementConfig,
@@ -36,14 +39,10 @@ from membrane.policy.mapstate import (
     PolicyRepository,
     ServiceInfo,
     Verdict,
-    VerdictText,
-    audited_elements,
     compute_endpoint_policy,
     compute_policies,
-    enforced_elements,
     flatten_entries,
     named_ports_of,
-    policy_map_elements,
 )
 from membrane.policy.rules import PolicyRule, RuleOrigin, normalize, normalize_all
 from membrane.policy.selectors import (
@@ -59,7 +58,6 @@ from membrane.policy.selectors import (
 from membrane.policy.trace import PolicyTrace, TracePeer, format_trace, parse_port, resolve_peer, trace
 
 __all__ = [
-    "POLICY_MAP_TYPE",
     "PROTOCOLS",
     "CIDRSelector",
     "CompiledPolicy",
@@ -82,25 +80,20 @@ __all__ = [
     "ServiceInfo",
     "TracePeer",
     "Verdict",
-    "VerdictText",
     "allocate_cidr_identities",
-    "audited_elements",
     "cidr_identity_labels",
     "compile_policies",
     "compute_endpoint_policy",
     "compute_policies",
-    "enforced_elements",
     "flatten_entries",
     "flatten_ipcache",
     "format_trace",
     "identity_table",
-    "ipcache_elements",
     "lookup_identity",
     "named_ports_of",
     "normalize",
     "normalize_all",
     "parse_port",
-    "policy_map_elements",
     "policy_prefixes",
     "reserved_identity_labels",
     "resolve_peer",

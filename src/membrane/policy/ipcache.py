@@ -1,4 +1,4 @@
-"""The ipcache as non-overlapping address intervals, for the nft interval map ``ipcache`` (pure).
+"""The ipcache as non-overlapping address intervals, for an interval map such as nft's ``ipcache`` (pure).
 
 The ipcache is a longest-prefix-match table (prefix → identity): endpoint /32s, node addresses,
 the prefixes policies name (local CIDR identities) and ``0.0.0.0/0`` as world. An nft interval
@@ -8,8 +8,8 @@ one element — written as a prefix when aligned, else as a range (``10.0.0.0-10
 nft prints them back.
 
 Primitives: :func:`with_cidr_identities` (adds policy prefixes without overriding endpoints or
-nodes), :class:`IpcacheInterval`, :func:`flatten_ipcache`, :func:`ipcache_elements`,
-:func:`lookup_identity`.
+nodes), :class:`IpcacheInterval` (with its canonical element text), :func:`flatten_ipcache`,
+:func:`lookup_identity`. The nft elements are written by the datapath's policy renderer.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from membrane.datapath.nft.objects import Key
 from membrane.identity.ipcache import IpcacheEntry
 
 #: ``cilium-dbg ip list`` SOURCE of prefixes that come from policies.
@@ -108,11 +107,6 @@ def flatten_ipcache(entries: Iterable[IpcacheEntry | tuple[IPv4Network, int]]) -
         emit(cursor, last, enclosing)
         cursor = max(cursor, last + 1)
     return tuple(IpcacheInterval(IPv4Address(a), IPv4Address(b), i) for a, b, i in out)
-
-
-def ipcache_elements(intervals: Iterable[IpcacheInterval]) -> tuple[tuple[Key, str], ...]:
-    """Elements of the nft map ``ipcache`` (``ipv4_addr : mark``, flags interval)."""
-    return tuple(((interval.token(),), str(interval.identity)) for interval in intervals)
 
 
 def lookup_identity(intervals: Sequence[IpcacheInterval], address: IPv4Address) -> int | None:

@@ -11,7 +11,8 @@ For every endpoint and direction the compiler decides
 
 Precedence when entries overlap: **deny** beats everything; a plain **allow** beats an L7
 **redirect** for the same traffic (Cilium: a broader L3/L4 allow makes the L7 part moot; the
-traffic never reaches the proxy); otherwise the union of allows. A miss is dropped when the
+traffic never reaches the proxy); otherwise the union of allows. A redirect is rendered as a
+drop until an L7 proxy exists (fail closed: the L7 rule restricts the traffic it selects). A miss is dropped when the
 direction is default-deny and allowed otherwise. Ingress from the local host is allowed on
 default-deny endpoints (``allow_localhost``, so kubelet-style probes work); deny rules still win.
 
@@ -20,17 +21,16 @@ protocol (key protocol 0 = ANY). Named ports resolve against the *destination* p
 itself on ingress, the pods behind each peer identity on egress (so a name may map to different
 numbers per peer). ICMP rules (``icmps``) use protocol 1/58 with the ICMP type in the port field.
 
-Rendering (:func:`policy_map_elements`) turns the entries into non-overlapping elements of the nft
-interval verdict map ``iface_index . mark . inet_proto . inet_service`` (nft rejects overlapping
-intervals): :func:`flatten_entries` splits the identity, protocol and port space into disjoint
-boxes, each carrying the winning verdict, and merges neighbours with the same outcome.
+Flattening (:func:`flatten_entries`) splits the identity, protocol and port space into disjoint
+boxes, each carrying the winning typed verdict (and the L7 parser of a redirect), and merges
+neighbours with the same outcome: what an interval map that refuses overlaps can hold. Rendering
+those boxes as nft elements is the datapath's business (its policy renderer).
 
 Primitives: :class:`EnforcementConfig`, :class:`PolicyEndpoint`, :class:`ServiceInfo`,
 :class:`Verdict`, :class:`MapEntry`, :class:`Match`, :class:`DirectionPolicy`,
 :class:`EndpointPolicy`, :class:`PolicyRepository`, :func:`compute_endpoint_policy`,
-:func:`compute_policies`, :class:`FlatEntry`, :func:`flatten_entries`, :class:`VerdictText`,
-:func:`policy_map_elements`, :func:`enforced_elements`, :func:`audited_elements`,
-:func:`named_ports_of`, :data:`PROTOCOLS`.
+:func:`compute_policies`, :class:`FlatEntry`, :func:`flatten_entries`, :func:`named_ports_of`,
+:data:`PROTOCOLS` (from :mod:`membrane.core.protocols`).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ from functools import cached_property
 from typing import Literal, TypeVar
 
 from membrane.api import k8s
-from membrane.datapath.nft.objects import Key
-from membrane.datapath.nft.runner import PROTOCOL_NAMES
+from membrane.core.protocols import PROTOCOLS
 from membrane.identity.labels import POD_NAMESPACE_LABEL, Label
 from membrane.identity.reserved import HOST
 from membrane.policy.rules import (
@@ -61,8 +60,6 @@ from membrane.policy.rules import (
 )
 from membrane.policy.selectors import Requirement, Selector, SelectorCache, match_label
 
-#: IP protocol numbers of the protocol names policies use.
-PROTOCOLS = {"ICMP": 1, "IGMP": 2, "TCP": 6, "UDP": 17, "ICMPv6": 58, "VRRP": 112, "SCTP": 132}
 #: What ``ANY`` means in a port rule (Cilium: TCP, UDP and SCTP).
 ANY_L4 = (PROTOCOLS["TCP"], PROTOCOLS["UDP"], PROTOCOLS["SCTP"])
 PROTO_ANY = 0  # an entry for every IP protocol (L3-only rules)
@@ -128,7 +125,7 @@ def named_ports_of(spec: k8s.PodSpec) -> dict[str, frozenset[tuple[int, int]]]:
 class Verdict(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
-    REDIRECT = "redirect"  # an L7 rule: allowed at L4 (there is no L7 proxy yet to hand it to)
+    REDIRECT = "redirect"  # for the L7 proxy; none exists yet, so the datapath denies it
 
 
 _PRECEDENCE = {Verdict.REDIRECT: 1, Verdict.ALLOW: 2, Verdict.DENY: 3}
@@ -547,69 +544,3 @@ def flatten_entries(entries: Sequence[MapEntry], with_rules: bool = False) -> tu
                     FlatEntry((id_low, id_high), (proto_low, proto_high), (port_low, port_high), verdict, parser, rules)
                 )
     return tuple(boxes)
-
-
-# --- rendering ----------------------------------------------------------------------------------------------
-
-#: The key of the per-endpoint verdict maps ``pol_in`` / ``pol_out``.
-POLICY_MAP_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
-
-
-@dataclass(frozen=True)
-class VerdictText:
-    """The nft verdict each outcome renders as. ``audit`` (a deny on an endpoint in audit mode)
-    and ``redirect`` (an L7 rule; may name the parser as ``{parser}``) default to the allow text:
-    there is no L7 proxy yet, so a redirect passes the L4 part of its rule. An egress map whose
-    allows must not end the chain (the ingress check still follows) uses ``allow="continue"``."""
-
-    allow: str = "accept"
-    deny: str = "drop"
-    audit: str | None = None
-    redirect: str | None = None
-
-    def of(self, verdict: Verdict, parser: str, audit: bool) -> str:
-        if verdict is Verdict.DENY:
-            return (self.audit or self.allow) if audit else self.deny
-        if verdict is Verdict.REDIRECT:
-            return self.redirect.format(parser=parser) if self.redirect else self.allow
-        return self.allow
-
-
-def _range_token(low: int, high: int) -> str:
-    return str(low) if low == high else f"{low}-{high}"
-
-
-def _proto_token(low: int, high: int) -> str:
-    """inet_proto as the datapath's canonical text (names for the common protocols)."""
-    first, last = PROTOCOL_NAMES.get(low, str(low)), PROTOCOL_NAMES.get(high, str(high))
-    return first if low == high else f"{first}-{last}"
-
-
-def element_key(ifindex: int, entry: FlatEntry) -> Key:
-    return (str(ifindex), _range_token(*entry.identity), _proto_token(*entry.proto), _range_token(*entry.port))
-
-
-def policy_map_elements(
-    endpoints: Iterable[tuple[int, DirectionPolicy]], verdicts: VerdictText | None = None
-) -> tuple[tuple[Key, str], ...]:
-    """Elements of ``pol_in``/``pol_out`` for ``(host veth index, policy)`` pairs of one direction.
-
-    Keys never overlap (nft interval maps refuse that). Endpoints whose policy is not enforced at
-    all (mode ``never``) contribute nothing; a miss falls through to the ``enforced_*`` check.
-    """
-    verdicts = verdicts or VerdictText()
-    elements: list[tuple[Key, str]] = []
-    for ifindex, policy in endpoints:
-        for entry in policy.flat:
-            elements.append((element_key(ifindex, entry), verdicts.of(entry.verdict, entry.parser, policy.audit)))
-    return tuple(elements)
-
-
-def enforced_elements(endpoints: Iterable[tuple[int, DirectionPolicy]]) -> frozenset[Key]:
-    """Elements of ``enforced_in``/``enforced_out``: endpoints whose misses are dropped."""
-    return frozenset((str(ifindex),) for ifindex, policy in endpoints if policy.enforced)
-
-
-def audited_elements(endpoints: Iterable[tuple[int, DirectionPolicy]]) -> frozenset[Key]:
-    """Endpoints in audit mode whose misses would be dropped: log them as AUDIT, then accept."""
-    return frozenset((str(ifindex),) for ifindex, policy in endpoints if policy.default_deny and policy.audit)

@@ -9,9 +9,9 @@ with the expected one. This module is that machinery, with the probe pluggable:
 - :class:`NetpolModel` / :func:`default_model` -- the pods, their labels, addresses, container
   ports and identities (plus optional outside addresses such as ``ext=198.51.100.10``);
 - :data:`Probe` -- ``(source, destination, protocol, port) → allowed?``; :func:`engine_probe`
-  answers from compiled policy, :func:`rendered_probe` from the nft elements the datapath would
-  load (ipcache, ``pol_in``/``pol_out``, ``enforced_*``), looked up the way the kernel does; a
-  kernel probe sends real traffic;
+  answers from compiled policy (the datapath's ``rendered_probe`` from the nft
+  elements the datapath would load, looked up the way the kernel does; a kernel probe sends real
+  traffic);
 - :class:`Reachability` -- a truth table, parsed from and printed as ASCII (rows are sources,
   columns destinations; ``.`` connects, ``X`` does not), with a readable comparison;
 - :func:`probe_matrix` -- fills a table by probing every pair.
@@ -25,22 +25,12 @@ from ipaddress import IPv4Address, IPv4Network
 
 from membrane.api import k8s
 from membrane.api.meta import ApiObject, ObjectMeta
-from membrane.datapath.nft.runner import PROTOCOL_NAMES
 from membrane.identity.ipcache import IpcacheEntry
 from membrane.identity.labels import Label, identity_labels_for_pod
 from membrane.identity.reserved import MIN_CLUSTER_IDENTITY, WORLD
 from membrane.policy.engine import CompiledPolicy, compile_policies
-from membrane.policy.ipcache import flatten_ipcache, ipcache_elements, with_cidr_identities
-from membrane.policy.mapstate import (
-    PROTOCOLS,
-    EnforcementConfig,
-    NamedPorts,
-    PolicyEndpoint,
-    VerdictText,
-    enforced_elements,
-    named_ports_of,
-    policy_map_elements,
-)
+from membrane.policy.ipcache import flatten_ipcache, with_cidr_identities
+from membrane.policy.mapstate import EnforcementConfig, NamedPorts, PolicyEndpoint, named_ports_of
 from membrane.policy.trace import TracePeer, resolve_peer, trace
 
 #: ``(source, destination, protocol, port) → allowed?`` -- sources and destinations are model
@@ -168,79 +158,6 @@ def engine_probe(model: NetpolModel, compiled: CompiledPolicy) -> Probe:
             return resolve_peer(text, compiled.endpoints, intervals, addresses)
 
         return trace(peer(source), peer(destination), protocol, port).allowed
-
-    return probe
-
-
-def _token_range(token: str) -> tuple[int, int]:
-    low, _, high = token.partition("-")
-    return int(low), int(high or low)
-
-
-_PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOL_NAMES.items()}
-
-
-def _proto_range(token: str) -> tuple[int, int]:
-    low, _, high = token.partition("-")
-    first = _PROTOCOL_NUMBERS.get(low) or int(low)
-    return first, (_PROTOCOL_NUMBERS.get(high) or int(high)) if high else first
-
-
-def _address_range(token: str) -> tuple[int, int]:
-    if "/" in token:
-        network = IPv4Network(token)
-        return int(network.network_address), int(network.broadcast_address)
-    low, _, high = token.partition("-")
-    return int(IPv4Address(low)), int(IPv4Address(high or low))
-
-
-def rendered_probe(model: NetpolModel, compiled: CompiledPolicy, verdicts: VerdictText | None = None) -> Probe:
-    """A probe answered from the rendered nft elements, as the kernel would: the source and
-    destination identities from the ``ipcache`` intervals, then ``pol_out`` at the source's veth
-    and ``pol_in`` at the destination's (a miss drops only on ``enforced_*`` endpoints). Fails
-    loudly when two elements cover the same packet (nft would refuse the map)."""
-    ifindex = {pod.key: 100 + index for index, pod in enumerate(model.pods)}
-    addresses = {pod.key: pod.ip for pod in model.pods} | dict(model.outside)
-    by_direction = {
-        direction: [(ifindex[key], policy.direction(direction)) for key, policy in compiled.endpoints.items()]
-        for direction in ("ingress", "egress")
-    }
-    maps = {
-        direction: [
-            ((int(k[0]), _token_range(k[1]), _proto_range(k[2]), _token_range(k[3])), value)
-            for k, value in policy_map_elements(items, verdicts)
-        ]
-        for direction, items in by_direction.items()
-    }
-    enforced = {direction: enforced_elements(items) for direction, items in by_direction.items()}
-    ipcache = [(_address_range(k[0]), int(v)) for k, v in ipcache_elements(flatten_ipcache(model.ipcache(compiled)))]
-    drop = (verdicts or VerdictText()).deny
-
-    def identity_of(address: IPv4Address) -> int:
-        found = [identity for (low, high), identity in ipcache if low <= int(address) <= high]
-        assert len(found) <= 1, f"overlapping ipcache elements for {address}"
-        return found[0] if found else WORLD.id
-
-    def allowed(direction: str, endpoint: int, remote: int, proto: int, port: int) -> bool:
-        found = [
-            value
-            for (index, ids, protos, ports), value in maps[direction]
-            if index == endpoint
-            and ids[0] <= remote <= ids[1]
-            and protos[0] <= proto <= protos[1]
-            and ports[0] <= port <= ports[1]
-        ]
-        assert len(found) <= 1, f"overlapping {direction} elements for {endpoint} {remote} {proto} {port}: {found}"
-        if found:
-            return found[0] != drop
-        return (str(endpoint),) not in enforced[direction]
-
-    def probe(source: str, destination: str, protocol: str, port: int) -> bool:
-        proto = PROTOCOLS[protocol]
-        src, dst = identity_of(addresses[source]), identity_of(addresses[destination])
-        if source in ifindex and not allowed("egress", ifindex[source], dst, proto, port):
-            return False
-        return not (destination in ifindex and not allowed("ingress", ifindex[destination], src, proto, port))
 
     return probe
 

@@ -133,6 +133,7 @@ class L7Spec:
 
     parser: str  # "http", "dns", "kafka" or the generic l7proto name
     rules: cilium.L7Rules = field(hash=False)
+    path: str = ""  # where in the section entry, e.g. ``toPorts[0].rules.http``
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,13 +309,13 @@ def _port_spec(port: cilium.PortProtocol) -> PortSpec:
     return PortSpec(port.protocol, number, end)
 
 
-def _l7(rules: cilium.L7Rules | None) -> L7Spec | None:
+def _l7(rules: cilium.L7Rules | None, index: int) -> L7Spec | None:
     if rules is None or rules.is_empty:
         return None
     for parser in ("http", "dns", "kafka"):
         if getattr(rules, parser) is not None:
-            return L7Spec(parser, rules)
-    return L7Spec(rules.l7proto or "l7", rules)
+            return L7Spec(parser, rules, f"toPorts[{index}].rules.{parser}")
+    return L7Spec(rules.l7proto or "l7", rules, f"toPorts[{index}].rules.l7proto")
 
 
 def _l4_from_port_rules(
@@ -324,8 +325,8 @@ def _l4_from_port_rules(
     if port_rules is None and icmps is None:
         return None
     rules: list[L4Rule] = []
-    for rule in port_rules or ():
-        l7 = _l7(rule.rules) if isinstance(rule, cilium.PortRule) else None
+    for index, rule in enumerate(port_rules or ()):
+        l7 = _l7(rule.rules, index) if isinstance(rule, cilium.PortRule) else None
         rules.append(L4Rule(tuple(_port_spec(p) for p in rule.ports or ()), l7))
     for icmp in icmps or ():
         specs = []

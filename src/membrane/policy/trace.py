@@ -4,7 +4,8 @@ A connection passes two independent checks (Cilium §1.9): **egress** at the sou
 source is an endpoint, and **ingress** at the destination, when the destination is an endpoint.
 Each check reports its outcome and the reason — the deciding rules (kind, namespace/name, rule
 index, field path), "default deny" with the rules that isolate the endpoint, "not selected",
-enforcement disabled, or AUDIT (would be denied, audit mode lets it pass).
+enforcement disabled, L7 rules (denied: the L7 proxy is not available yet), or AUDIT (would be
+denied, audit mode lets it pass).
 
 Peers are named as ``membrane policy trace`` takes them: ``NS/POD`` for an endpoint, an address or
 CIDR (resolved through the ipcache, so a pod's address finds the pod's identity), or an entity
@@ -22,9 +23,10 @@ from ipaddress import IPv4Address, ip_network
 from typing import Literal
 
 from membrane.core.errors import InvalidInput
+from membrane.core.protocols import PROTOCOLS
 from membrane.identity.reserved import RESERVED_BY_NAME, WORLD, identity_name
 from membrane.policy.ipcache import IpcacheInterval, lookup_identity
-from membrane.policy.mapstate import PROTOCOLS, DirectionPolicy, EndpointPolicy, Verdict
+from membrane.policy.mapstate import DirectionPolicy, EndpointPolicy, Verdict
 from membrane.policy.rules import Direction, L7Spec, RuleOrigin
 
 Outcome = Literal["allowed", "denied", "audited"]
@@ -97,8 +99,8 @@ def trace_direction(
         return DirectionTrace(direction, endpoint, blocked, "deny-rule", match.rules)
     if match.verdict is Verdict.ALLOW:
         return DirectionTrace(direction, endpoint, "allowed", "rule", match.rules)
-    if match.verdict is Verdict.REDIRECT:
-        return DirectionTrace(direction, endpoint, "allowed", "redirect", match.rules, match.l7)
+    if match.verdict is Verdict.REDIRECT:  # no L7 proxy yet: fail closed
+        return DirectionTrace(direction, endpoint, blocked, "redirect", match.rules, match.l7)
     if policy.default_deny:
         return DirectionTrace(direction, endpoint, blocked, "default-deny", policy.selected_by)
     if policy.selected:
@@ -186,8 +188,7 @@ def _direction_lines(item: DirectionTrace, peer: TracePeer) -> list[str]:
         lines.extend(rules)
     elif item.reason == "redirect":
         parsers = ", ".join(sorted({spec.parser for spec in item.l7}))
-        # There is no L7 proxy: the datapath accepts the L4 part, and the trace says so.
-        lines.append(f"  allowed at L4 ({parsers} rules not enforced: no L7 proxy yet) by")
+        lines.append(f"  denied: the L7 proxy is not available yet for the {parsers} rules of")
         lines.extend(rules)
     elif item.reason == "deny-rule":
         lines.append("  denied by")

@@ -19,6 +19,7 @@ from ipaddress import IPv4Network
 from typing import Any, Protocol
 
 from membrane.core.errors import DatapathError
+from membrane.core.protocols import PROTOCOL_NAMES
 from membrane.datapath.netns import if_nametoindex, netns_path
 from membrane.datapath.nft.objects import Key, TableContents
 from membrane.datapath.nft.render import render_transaction
@@ -27,7 +28,6 @@ from membrane.datapath.nft.transaction import Transaction
 IFACE_TYPES = frozenset({"iface_index"})
 # Bit widths of the integer datatypes, to turn an aligned prefix back into a range.
 INTEGER_WIDTHS = {"iface_index": 32, "mark": 32, "inet_service": 16, "inet_proto": 8}
-PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
 MAX_ERROR_CHARS = 600
 
 

@@ -1,8 +1,11 @@
-"""Endpoint records: what the store knows about each attached container.
+"""Endpoint records: what the store knows about each attached container (a plain value type).
 
 The record is written (state ``creating``) BEFORE the kernel is touched and removed only AFTER
 the kernel is clean, so after a crash the store always names everything the kernel may hold —
-that is what makes pruning safe and leaks impossible.
+that is what makes pruning safe and leaks impossible. The type lives here, apart from the agent
+and the store, so pure consumers (the policy compiler, the CLI) can read records without either.
+
+Primitives: :class:`EndpointRecord`, :data:`EndpointState`, :data:`EndpointOrigin`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from membrane.store import keys
-
 EndpointState = Literal["creating", "ready", "not-ready", "disconnecting"]
 EndpointOrigin = Literal["runner", "cni"]
+#: Where records are stored (``membrane.store.keys.ENDPOINTS``; a test keeps the two equal).
+ENDPOINTS_PREFIX = "/membrane/endpoints/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,7 @@ class EndpointRecord:
 
     @property
     def key(self) -> str:
-        return keys.endpoint_key(self.node, self.container_id)
+        return f"{ENDPOINTS_PREFIX}{self.node}/{self.container_id}"
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
