@@ -1,10 +1,11 @@
 """The built-in pod runner: pods as processes in their own network namespaces.
 
 For every Pod bound to this node it keeps a *sandbox* — a network namespace attached through the
-same endpoint path a CNI runtime uses — and runs each container's command inside it with
-``nsenter --net``. Processes are started in their own session so that an agent restart leaves
-them running; the runner re-adopts them from its state files (pid + kernel start time, so a
-recycled pid is never mistaken for the pod).
+same endpoint path a CNI runtime uses — and runs each container's command inside it. Namespaces
+and processes go through a :class:`~membrane.datapath.process.NetnsHost` (the node's by default;
+tests pass :class:`~membrane.datapath.process_fake.FakeNetnsHost`). Processes are started in
+their own session so that an agent restart leaves them running; the runner re-adopts them from
+its state files (pid + kernel start time, so a recycled pid is never mistaken for the pod).
 
     desired pods (intent) ──► sandbox (netns) ──► endpoint (ADD) ──► processes ──► pod status
     gone pods / stale uid ──► kill process group ──► endpoint DEL ──► netns removed
@@ -19,66 +20,27 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import netns as pyroute2_netns
-
 from membrane.agent.contract import CniRequest
 from membrane.agent.endpoints import EndpointManager
 from membrane.agent.intent import Intent
 from membrane.core.errors import MembraneError
+from membrane.datapath.process import KernelNetnsHost, NetnsHost
 from membrane.store import keys
 from membrane.store.base import Store
 
 log = logging.getLogger(__name__)
 
-NETNS_DIR = Path("/run/netns")
 DEFAULT_GRACE_SECONDS = 2.0  # shorter than Kubernetes' 30 s: lab processes exit at once
 MAX_RESTART_BACKOFF = 30.0
 
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a recycled pid apart.
-
-    None when the process is gone or a zombie: an adopted process that exited is reaped by
-    whoever inherited it, not by us, and may linger as a zombie meanwhile.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def pids_working_in(directory: Path) -> list[int]:
-    """Processes whose working directory is ``directory`` (or was, if it has been removed since).
-
-    Every container process starts there, so this finds a pod's processes even when a crash
-    struck between starting one and recording its pid.
-    """
-    target = str(directory)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if cwd == target or cwd == f"{target} (deleted)":
-            found.append(int(entry))
-    return found
 
 
 @dataclass
@@ -98,12 +60,8 @@ class Sandbox:
     uid: str
     namespace: str
     name: str
-    netns: str  # name under /run/netns
+    netns: str  # name under the NetnsHost's run directory (/run/netns)
     containers: dict[str, ContainerState] = field(default_factory=dict)
-
-    @property
-    def netns_path(self) -> str:
-        return str(NETNS_DIR / self.netns)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -125,7 +83,9 @@ class PodRunner:
         endpoints: EndpointManager,
         state_dir: Path,
         netns_prefix: str,
+        host: NetnsHost | None = None,
     ) -> None:
+        self._host: NetnsHost = host if host is not None else KernelNetnsHost()
         self._store = store
         self._node = node_name
         self._node_ip = node_ip
@@ -134,8 +94,7 @@ class PodRunner:
         self._dir = state_dir / "pods"
         self._prefix = netns_prefix
         self._sandboxes: dict[str, Sandbox] = {}
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
-        self._watched: dict[int, int] = {}  # pid -> pidfd
+        self._watched: set[int] = set()
         self._written_status: dict[str, dict[str, Any]] = {}
         self.wake = asyncio.Event()
 
@@ -151,14 +110,13 @@ class PodRunner:
                 continue
             self._sandboxes[sandbox.uid] = sandbox
             recorded = {c.pid for c in sandbox.containers.values() if c.pid}
-            for pid in pids_working_in(self._dir / sandbox.uid):
+            for pid in self._host.pids_in(self._dir / sandbox.uid):
                 if pid not in recorded:
                     log.warning("killing pid %d of pod %s/%s: started but never recorded (agent crash)",
                                 pid, sandbox.namespace, sandbox.name)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                    self._host.signal(pid, signal.SIGKILL)
             for container in sandbox.containers.values():
-                if container.pid and process_start_time(container.pid) == container.pid_start:
+                if container.pid and self._host.alive(container.pid, container.pid_start):
                     self._watch(container.pid)
                 elif container.pid:
                     container.pid = 0  # exited while the agent was away; the exit code is unknown
@@ -178,37 +136,27 @@ class PodRunner:
     # -- process supervision -----------------------------------------------------------------
 
     def _watch(self, pid: int) -> None:
-        """Wake the runner when ``pid`` exits (pidfd works for processes that are not our children)."""
+        """Wake the runner when ``pid`` exits (also for processes adopted after a restart)."""
         if pid in self._watched:
             return
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            self.wake.set()
+        if not self._host.watch(pid, self._on_exit):
+            self.wake.set()  # gone already
             return
-        self._watched[pid] = fd
-        asyncio.get_running_loop().add_reader(fd, self._on_exit, pid)
+        self._watched.add(pid)
 
     def _on_exit(self, pid: int) -> None:
-        fd = self._watched.pop(pid, None)
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-            os.close(fd)
+        self._watched.discard(pid)
         self.wake.set()
 
     def _reap(self, container: ContainerState) -> bool:
         """True once the container's process has exited (recording its exit code when known)."""
         if not container.pid:
             return True
-        child = self._children.get(container.pid)
-        if child is not None:
-            code = child.poll()
-            if code is None:
-                return False
-            del self._children[container.pid]
-            container.exit_code = code if code >= 0 else 128 - code
-        elif process_start_time(container.pid) == container.pid_start:
+        if self._host.alive(container.pid, container.pid_start):
             return False
+        code = self._host.exit_code(container.pid)  # known for processes started by this agent
+        if code is not None:
+            container.exit_code = code
         else:
             container.exit_code = container.exit_code if container.exit_code is not None else -1
         container.pid = 0
@@ -224,16 +172,11 @@ class PodRunner:
         for item in container_spec.get("env") or []:
             if "value" in item:
                 env[item["name"]] = str(item["value"])
-        log_path = pod_dir / f"{state.name}.log"
-        with open(log_path, "ab") as out:
-            child = subprocess.Popen(
-                ["nsenter", f"--net={sandbox.netns_path}", "--", *argv],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=str(pod_dir), start_new_session=True,
-            )
-        self._children[child.pid] = child
+        # Its own session: an agent restart leaves it running, and its process group is its pid.
+        child = self._host.spawn(self._host.path(sandbox.netns), argv, cwd=pod_dir, env=env,
+                                 stdout=pod_dir / f"{state.name}.log")
         state.pid = child.pid
-        state.pid_start = process_start_time(child.pid) or 0
+        state.pid_start = child.start_time
         state.started_at = time.time()
         state.exit_code = None
         self._save(sandbox)  # record the pid at once: a crash now must not orphan the process
@@ -243,24 +186,21 @@ class PodRunner:
     async def _kill(self, sandbox: Sandbox, grace: float) -> None:
         pids = [c.pid for c in sandbox.containers.values() if c.pid]
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM)
+            self._host.signal(pid, signal.SIGTERM, group=True)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(not self._reap(c) for c in sandbox.containers.values()):
             await asyncio.sleep(0.05)
         for container in sandbox.containers.values():
             if container.pid and not self._reap(container):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(container.pid, signal.SIGKILL)
+                self._host.signal(container.pid, signal.SIGKILL, group=True)
                 for _ in range(100):
                     if self._reap(container):
                         break
                     await asyncio.sleep(0.02)
         # Anything else still working in the pod's directory was started for it: forked children,
         # or a process a crash kept us from recording.
-        for pid in pids_working_in(self._dir / sandbox.uid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in self._host.pids_in(self._dir / sandbox.uid):
+            self._host.signal(pid, signal.SIGKILL)
 
     # -- reconcile ---------------------------------------------------------------------------
 
@@ -288,11 +228,12 @@ class PodRunner:
             sandbox = Sandbox(uid, namespace, name, self._netns_name(namespace, name, uid))
             self._sandboxes[uid] = sandbox
             self._save(sandbox)
-        if not os.path.exists(sandbox.netns_path):
-            await asyncio.to_thread(pyroute2_netns.create, sandbox.netns)
+        netns_path = self._host.path(sandbox.netns)
+        if not self._host.exists(netns_path):
+            await self._host.create(sandbox.netns)
         record = self._endpoints.get(uid)
         if record is None or record.state != "ready":
-            request = CniRequest("ADD", uid, sandbox.netns_path, "eth0",
+            request = CniRequest("ADD", uid, netns_path, "eth0",
                                  {"K8S_POD_NAMESPACE": namespace, "K8S_POD_NAME": name})
             await self._endpoints.add(request, origin="runner")
         policy = (pod.get("spec") or {}).get("restartPolicy") or "Always"
@@ -328,9 +269,8 @@ class PodRunner:
     async def _teardown(self, sandbox: Sandbox) -> None:
         log.info("tearing down pod %s/%s", sandbox.namespace, sandbox.name)
         await self._kill(sandbox, DEFAULT_GRACE_SECONDS)
-        await self._endpoints.cni_del(CniRequest("DEL", sandbox.uid, sandbox.netns_path, "eth0"))
-        if os.path.exists(sandbox.netns_path):
-            await asyncio.to_thread(pyroute2_netns.remove, sandbox.netns)
+        await self._endpoints.cni_del(CniRequest("DEL", sandbox.uid, self._host.path(sandbox.netns), "eth0"))
+        await self._host.delete(sandbox.netns)
         with contextlib.suppress(FileNotFoundError):
             (self._dir / f"{sandbox.uid}.json").unlink()
         with contextlib.suppress(OSError):
@@ -344,21 +284,14 @@ class PodRunner:
         """Remove namespaces carrying this runner's prefix that no sandbox owns (left by a crash)."""
         owned = {s.netns for s in self._sandboxes.values()}
         removed: list[str] = []
-        if not NETNS_DIR.is_dir() or not self._prefix:
+        if not self._prefix:
             return removed
-        node_netns = os.stat("/proc/self/ns/net").st_ino
-        for entry in NETNS_DIR.iterdir():
-            if not entry.name.startswith(self._prefix) or entry.name in owned:
+        # names() never lists the namespace the agent runs in (a lab node shares the prefix).
+        for name in self._host.names(self._prefix):
+            if name in owned or not self._looks_like_pod_netns(name):
                 continue
-            try:
-                if entry.stat().st_ino == node_netns:
-                    continue  # never our own namespace (a lab node shares the prefix)
-            except OSError:
-                continue
-            if not self._looks_like_pod_netns(entry.name):
-                continue
-            await asyncio.to_thread(pyroute2_netns.remove, entry.name)
-            removed.append(entry.name)
+            if await self._host.delete(name):
+                removed.append(name)
         return removed
 
     def _looks_like_pod_netns(self, name: str) -> bool:
@@ -408,7 +341,7 @@ class PodRunner:
             "hostIPs": [{"ip": self._node_ip}],
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
             "containerStatuses": statuses,
-            "sandbox": {"netns": sandbox.netns_path, "node": self._node},
+            "sandbox": {"netns": self._host.path(sandbox.netns), "node": self._node},
         }
         if record is not None and record.state == "ready":
             status["podIP"] = str(record.ipv4)
@@ -438,8 +371,6 @@ class PodRunner:
             return
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for fd in self._watched.values():
-            loop.remove_reader(fd)
-            os.close(fd)
+        for pid in self._watched:
+            self._host.unwatch(pid)
         self._watched.clear()

@@ -117,7 +117,8 @@ def fdb_request(*, delete: bool, mac: str, dst: IPv4Address, ifindex: int, what:
     attrs = _attr(NDA_LLADDR, _mac(mac)) + _attr(NDA_DST, dst.packed)
     if delete:
         return Request(RTM_DELNEIGH, 0, header + attrs, what or f"delete fdb {mac} dst {dst}", absent_ok=True)
-    # append: the vxlan driver keeps a list of destinations per MAC; an existing (MAC, dst) is fine.
+    # append: an existing (MAC, dst) is fine. The vxlan driver keeps a list of destinations only for
+    # the all-zero and multicast MACs; for a unicast MAC that has one already, the append is a no-op.
     return Request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, header + attrs, what or f"fdb {mac} dst {dst}")
 
 

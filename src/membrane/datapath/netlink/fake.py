@@ -83,6 +83,12 @@ class FakeNamespace:
         self.links.setdefault("lo", FakeLink(ifname="lo", ifindex=1, kind="loopback", mac="00:00:00:00:00:00"))
 
 
+def _multi_destination(mac: str) -> bool:
+    """The vxlan driver keeps a list of destinations only for the all-zero and multicast MACs."""
+    first = int(mac.split(":")[0], 16)
+    return bool(first & 1) or mac == "00:00:00:00:00:00"
+
+
 def _mac(seed: str) -> str:
     digest = hashlib.sha256(seed.encode()).digest()
     # Locally administered, unicast (like the kernel's random veth addresses).
@@ -125,6 +131,20 @@ class FakeNetlink:
         link.up = True
         link.addresses.add((address, prefixlen))
         return link
+
+    def delete_link(self, ifname: str, netns: str = NODE) -> None:
+        """``ip link del``: a veth takes its peer with it, a device its routes and neighbours."""
+        if ifname not in self.namespaces[netns].links:
+            raise DatapathError(f"{ifname} does not exist")
+        self._delete_link(netns, ifname)
+
+    def set_link_down(self, ifname: str, netns: str = NODE) -> None:
+        """``ip link set down``: as in the kernel, the routes through the link and its neighbour
+        entries (permanent ones too) are flushed; addresses stay."""
+        ns = self.namespaces[netns]
+        ns.links[ifname].up = False
+        ns.routes = {r for r in ns.routes if r.ifname != ifname}
+        ns.neighbours = {k: v for k, v in ns.neighbours.items() if k[1] != ifname}
 
     @property
     def node(self) -> FakeNamespace:
@@ -352,8 +372,11 @@ class FakeNetlink:
         for entry in changes.add_fdb:
             if tunnel is None or tunnel.kind != "vxlan":
                 problems.append(f"fdb {entry}: device {TUNNEL_DEVICE} does not exist")
-            else:
+            elif _multi_destination(entry.mac) or not any(
+                    dev == TUNNEL_DEVICE and mac == entry.mac for dev, mac, _ in node.fdb):
                 node.fdb.add((TUNNEL_DEVICE, entry.mac, entry.dst))
+            # else: as in the vxlan driver, an append to a unicast MAC that has a destination already
+            # keeps the one it has, without an error.
         for neigh in changes.add_neighbours:
             if tunnel is None:
                 problems.append(f"neighbour {neigh}: device {TUNNEL_DEVICE} does not exist")

@@ -272,7 +272,8 @@ def routing_changes(current: RoutingState, desired: RoutingState) -> RoutingChan
 
     Routes are keyed by destination and neighbours by address, and both are written with replace: a
     changed next hop is one replace, never a delete followed by an add (no moment without a route).
-    FDB entries are keyed by (MAC, destination): the kernel keeps a list of destinations per MAC.
+    FDB entries are keyed by (MAC, destination): the kernel keeps a list of destinations for the
+    all-zero and multicast MACs; a unicast MAC keeps its first destination (an append is a no-op).
     """
     want_routes = {r.dst: r for r in desired.routes}
     have_routes = {r.dst: r for r in current.routes}
