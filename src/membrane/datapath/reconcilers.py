@@ -30,7 +30,7 @@ from typing import Literal
 from membrane.core.errors import DatapathError
 from membrane.datapath.netlink.model import endpoint_ifname
 from membrane.datapath.netlink.protocol import Netlink
-from membrane.datapath.nft.objects import Ruleset, TableContents
+from membrane.datapath.nft.objects import Key, Map, Ruleset, Set, TableContents, canonical_key
 from membrane.datapath.nft.runner import NftRunner
 from membrane.datapath.nft.transaction import (
     ChainState,
@@ -75,6 +75,10 @@ class SyncResult:
     deleted: int = 0
     attempts: int = 0  # transactions sent, including failed ones
     changed: tuple[str, ...] = ()
+
+
+def _keys(data: Set | Map) -> Iterable[Key]:
+    return data.elements if isinstance(data, Set) else (k for k, _ in data.elements)
 
 
 def _kind(tx: Transaction) -> Literal["full", "chains", "partial"]:
@@ -173,11 +177,17 @@ class NftReconciler:
             return full_sync(desired), set()
         intact = {name for name in current.chains if self._rules_intact(name, current, desired)}
         chains = {name: ChainState(current.bases.get(name), name in intact) for name in current.chains}
+        # Keys read back are canonical; desired keys may spell a value as a one-value range on
+        # purpose (nft 1.0.6 can only delete such elements of concatenated interval maps when
+        # they are spelt that way), so each key read back takes the desired spelling.
+        spelling = {d.name: {canonical_key(k): k for k in _keys(d)} for d in desired.data()}
         sets: dict[str, SetState] = {}
         for name, keys in current.sets.items():
-            sets[name] = SetState(current.declarations[name], dict.fromkeys(keys))
+            spelt = spelling.get(name, {})
+            sets[name] = SetState(current.declarations[name], {spelt.get(k, k): None for k in keys})
         for name, mapping in current.maps.items():
-            sets[name] = SetState(current.declarations[name], dict(mapping))
+            spelt = spelling.get(name, {})
+            sets[name] = SetState(current.declarations[name], {spelt.get(k, k): v for k, v in mapping.items()})
         return plan_changes(TableState(chains, sets), desired), intact
 
     async def _converge(self, desired: Ruleset, first: Transaction | None) -> SyncResult:

@@ -75,6 +75,17 @@ def token(part: KeyPart) -> str:
     return part
 
 
+def canonical_key(element_key: Key) -> Key:
+    """A key as the kernel reads back: a one-value range ``80-80`` is ``80``. (Policy maps spell
+    single ports as ranges on purpose, see :mod:`membrane.datapath.ruleset`; nft prints them as one
+    value.)"""
+    out = []
+    for tok in element_key:
+        low, dash, high = tok.partition("-")
+        out.append(low if dash and low == high else tok)
+    return tuple(out)
+
+
 def key(*parts: KeyPart) -> Key:
     """An element key: ``key(5, IPv4Address("10.0.0.1"))`` → ``("5", "10.0.0.1")``."""
     return tuple(token(p) for p in parts)
@@ -308,8 +319,8 @@ class Ruleset:
     def contents(self) -> TableContents:
         return TableContents(
             chains=frozenset(c.name for c in self.chains),
-            sets={s.name: s.elements for s in self.sets},
-            maps={m.name: m.mapping() for m in self.maps},
+            sets={s.name: frozenset(canonical_key(k) for k in s.elements) for s in self.sets},
+            maps={m.name: {canonical_key(k): v for k, v in m.elements} for m in self.maps},
             rules={c.name: tuple(rule_fingerprint(r) for r in c.rules) for c in self.chains},
             bases={c.name: c.base for c in self.chains},
             declarations={d.name: declaration_of(d) for d in self.data()},
