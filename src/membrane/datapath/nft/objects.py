@@ -260,7 +260,7 @@ class TableContents:
 
 @dataclass(frozen=True)
 class Ruleset:
-    """The whole table. ``structure()`` (no elements) decides between a full and an element sync."""
+    """The whole table. ``structure()`` is the same table without elements."""
 
     family: str
     table: str
