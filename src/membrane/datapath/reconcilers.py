@@ -175,6 +175,8 @@ class NftReconciler:
         """The repair transaction and the chains found intact (their fingerprints can be learned)."""
         if current is None or self._applied is None or self._applied.comment != desired.comment:
             return full_sync(desired), set()
+        if any(name not in current.declarations for name in (*current.sets, *current.maps)):
+            return full_sync(desired), set()  # a runner that does not report declarations
         intact = {name for name in current.chains if self._rules_intact(name, current, desired)}
         chains = {name: ChainState(current.bases.get(name), name in intact) for name in current.chains}
         # Keys read back are canonical; desired keys may spell a value as a one-value range on
