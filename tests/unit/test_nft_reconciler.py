@@ -11,7 +11,7 @@ import pytest
 from membrane.core.errors import DatapathError
 from membrane.datapath.nft import FakeNftRunner, Rule, Ruleset
 from membrane.datapath.reconcilers import Backoff, NftReconciler
-from membrane.datapath.ruleset import ENDPOINT_SOURCES, DesiredDatapath, EndpointAddress, build_ruleset
+from membrane.datapath.ruleset import ENDPOINT_SOURCES, FROM_ENDPOINT, DesiredDatapath, EndpointAddress, build_ruleset
 
 
 def desired(*endpoints: tuple[int, str]) -> Ruleset:
@@ -39,13 +39,17 @@ async def test_first_sync_is_full_then_only_element_changes() -> None:
     assert await fake.read_table("inet", "membrane") == desired((5, "10.244.1.10"), (6, "10.244.1.11")).contents()
 
 
-async def test_changed_chains_replace_the_table() -> None:
+async def test_a_changed_chain_is_refilled_in_place() -> None:
     fake = FakeNftRunner()
     reconciler = NftReconciler(fake)
     base = desired((5, "10.244.1.10"))
     await reconciler.sync(base)
-    changed = replace(base, chains=tuple(replace(c, rules=(*c.rules, Rule("counter"))) for c in base.chains))
-    assert (await reconciler.sync(changed)).kind == "full"
+    changed = replace(
+        base, chains=tuple(replace(c, rules=(*c.rules, Rule("counter"))) if c.name == FROM_ENDPOINT else c
+                           for c in base.chains))
+    result = await reconciler.sync(changed)
+    assert (result.kind, result.changed) == ("chains", (FROM_ENDPOINT,))
+    assert fake.texts[-1].startswith(f"flush chain inet membrane {FROM_ENDPOINT}\n")
     assert fake.ruleset == changed
 
 

@@ -9,15 +9,17 @@ import pytest
 
 from membrane.datapath.nft import (
     AddElements,
+    AddRules,
     DeleteElements,
     Element,
+    FlushChain,
     ReplaceTable,
     Rule,
     Ruleset,
     element_sync,
     plan_sync,
 )
-from membrane.datapath.ruleset import ENDPOINT_SOURCES, DesiredDatapath, EndpointAddress, build_ruleset
+from membrane.datapath.ruleset import ENDPOINT_SOURCES, FROM_ENDPOINT, DesiredDatapath, EndpointAddress, build_ruleset
 
 
 def desired(*endpoints: tuple[int, str]) -> Ruleset:
@@ -50,11 +52,21 @@ def test_an_endpoint_moving_to_a_new_veth_is_a_delete_and_an_add() -> None:
     assert [type(op) for op in tx.ops] == [DeleteElements, AddElements]
 
 
-def test_a_changed_chain_means_a_full_sync() -> None:
+def test_a_changed_chain_is_flushed_and_refilled_without_replacing_the_table() -> None:
     before = desired((5, "10.244.1.10"))
-    chains = tuple(replace(c, rules=(*c.rules, Rule("counter"))) for c in before.chains)
+    chains = tuple(
+        replace(c, rules=(*c.rules, Rule("counter"))) if c.name == FROM_ENDPOINT else c for c in before.chains
+    )
     after = replace(before, chains=chains)
     tx = plan_sync(before, after)
-    assert tx is not None and tx.full
+    assert tx is not None and not tx.full and tx.structural
+    assert tx.ops == (FlushChain(FROM_ENDPOINT), AddRules(FROM_ENDPOINT, after.get_chain(FROM_ENDPOINT).rules))
+    assert tx.changed == (FROM_ENDPOINT,)
     with pytest.raises(ValueError):
         element_sync(before, after)
+
+
+def test_another_table_comment_means_a_full_sync() -> None:
+    before = desired((5, "10.244.1.10"))
+    tx = plan_sync(before, replace(before, comment="another"))
+    assert tx is not None and tx.full

@@ -2,7 +2,8 @@
 
 Primitives: :class:`BaseChain` (type, hook, priority, policy), :class:`Rule`, :class:`Chain`,
 :class:`Set`, :class:`Map`, :class:`Ruleset`, element keys (:data:`Key`, built with :func:`key`) and
-:class:`TableContents` (chains and elements only: what can be compared with a kernel read-back).
+:class:`TableContents` (chains and elements: what can be compared with a kernel read-back, plus the
+rules, hooks and :class:`Declaration` of sets and maps that drift repair looks at).
 
 Element tokens are canonical nft text so that desired state and kernel read-back compare exactly:
 integers in decimal, addresses dotted, prefixes ``a.b.c.d/n``, ranges ``lo-hi``.
@@ -42,6 +43,16 @@ _SET_REF = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)")
 _CHAIN_REF = re.compile(r"\b(?:jump|goto)\s+([A-Za-z_][A-Za-z0-9_]*)")
 
 
+def referenced_sets(text: str) -> frozenset[str]:
+    """Sets and maps a rule refers to (``@name``)."""
+    return frozenset(_SET_REF.findall(text))
+
+
+def referenced_chains(text: str) -> frozenset[str]:
+    """Chains a rule, or a verdict map value, jumps or goes to."""
+    return frozenset(_CHAIN_REF.findall(text))
+
+
 def _check_name(name: str, what: str) -> None:
     if not _NAME.match(name) or name in _RESERVED_NAMES:
         raise ValueError(f"{what} name {name!r} is not usable in nft")
@@ -62,6 +73,17 @@ def token(part: KeyPart) -> str:
         low, high = part
         return str(low) if low == high else f"{low}-{high}"
     return part
+
+
+def canonical_key(element_key: Key) -> Key:
+    """A key as the kernel reads back: a one-value range ``80-80`` is ``80``. (Policy maps spell
+    single ports as ranges on purpose, see :mod:`membrane.datapath.ruleset`; nft prints them as one
+    value.)"""
+    out = []
+    for tok in element_key:
+        low, dash, high = tok.partition("-")
+        out.append(low if dash and low == high else tok)
+    return tuple(out)
 
 
 def key(*parts: KeyPart) -> Key:
@@ -193,17 +215,52 @@ class Map:
 
 
 @dataclass(frozen=True)
+class Declaration:
+    """What a set or map is, without its elements: changing any of it means delete and re-add.
+    ``value_type`` is None for a set; flags are sorted (the kernel does not keep their order)."""
+
+    type: tuple[str, ...]
+    flags: tuple[str, ...] = ()
+    value_type: str | None = None
+    comment: str = ""
+
+    @property
+    def is_map(self) -> bool:
+        return self.value_type is not None
+
+
+def declaration_of(data: Set | Map) -> Declaration:
+    value_type = data.value_type if isinstance(data, Map) else None
+    return Declaration(data.type, tuple(sorted(data.flags)), value_type, data.comment)
+
+
+def rule_fingerprint(rule: Rule) -> str:
+    """A rule as the fake runner reports it back. The kernel reports its own normal form instead
+    (see :func:`~membrane.datapath.nft.runner.parse_table_json`); the two are never compared."""
+    return f'{rule.text} comment "{rule.comment}"' if rule.comment else rule.text
+
+
+@dataclass(frozen=True)
 class TableContents:
-    """Chains and elements of one table: what the reconciler and tests compare with the kernel."""
+    """Chains and elements of one table: what the reconciler and tests compare with the kernel.
+
+    Equality covers chain names and elements only. The detail drift repair needs is carried too but
+    left out of equality, because rules read back from the kernel are in nft's normal form, not in
+    the text that was rendered: ``rules`` (per chain, one fingerprint per rule, in order),
+    ``bases`` (per chain, its hook, or None for a regular chain) and ``declarations`` (per set/map).
+    """
 
     chains: frozenset[str] = frozenset()
     sets: Mapping[str, frozenset[Key]] = field(default_factory=dict)
     maps: Mapping[str, Mapping[Key, str]] = field(default_factory=dict)
+    rules: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    bases: Mapping[str, BaseChain | None] = field(default_factory=dict, compare=False)
+    declarations: Mapping[str, Declaration] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
 class Ruleset:
-    """The whole table. ``structure()`` (no elements) decides between a full and an element sync."""
+    """The whole table. ``structure()`` is the same table without elements."""
 
     family: str
     table: str
@@ -249,9 +306,22 @@ class Ruleset:
                 return m
         raise KeyError(name)
 
+    def data(self) -> tuple[Set | Map, ...]:
+        """Sets, then maps (one namespace in nft)."""
+        return (*self.sets, *self.maps)
+
+    def get_chain(self, name: str) -> Chain:
+        for c in self.chains:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
     def contents(self) -> TableContents:
         return TableContents(
             chains=frozenset(c.name for c in self.chains),
-            sets={s.name: s.elements for s in self.sets},
-            maps={m.name: m.mapping() for m in self.maps},
+            sets={s.name: frozenset(canonical_key(k) for k in s.elements) for s in self.sets},
+            maps={m.name: {canonical_key(k): v for k, v in m.elements} for m in self.maps},
+            rules={c.name: tuple(rule_fingerprint(r) for r in c.rules) for c in self.chains},
+            bases={c.name: c.base for c in self.chains},
+            declarations={d.name: declaration_of(d) for d in self.data()},
         )

@@ -9,8 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from membrane.datapath.nft.objects import Chain, Key, Map, Ruleset, Set, sort_keys
-from membrane.datapath.nft.transaction import AddElements, DeleteElements, Element, ReplaceTable, Transaction
+from membrane.datapath.nft.objects import Chain, Key, Map, Rule, Ruleset, Set, sort_keys
+from membrane.datapath.nft.transaction import (
+    AddChain,
+    AddElements,
+    AddRules,
+    AddSet,
+    DeleteChain,
+    DeleteElements,
+    DeleteSet,
+    Element,
+    FlushChain,
+    ReplaceTable,
+    Transaction,
+)
 
 INDENT = "\t"
 
@@ -54,6 +66,11 @@ def _map(m: Map) -> list[str]:
     return [*lines, f"{INDENT}}}"]
 
 
+def _rule(rule: Rule) -> str:
+    suffix = f" comment {_quote(rule.comment)}" if rule.comment else ""
+    return f"{rule.text}{suffix}"
+
+
 def _chain(c: Chain) -> list[str]:
     lines = [f"{INDENT}chain {c.name} {{"]
     if c.base is not None:
@@ -61,9 +78,7 @@ def _chain(c: Chain) -> list[str]:
         lines.append(f"{INDENT * 2}type {b.type} hook {b.hook} priority {b.render_priority()}; policy {b.policy};")
     if c.comment:
         lines.append(f"{INDENT * 2}comment {_quote(c.comment)}")
-    for rule in c.rules:
-        suffix = f" comment {_quote(rule.comment)}" if rule.comment else ""
-        lines.append(f"{INDENT * 2}{rule.text}{suffix}")
+    lines += [f"{INDENT * 2}{_rule(rule)}" for rule in c.rules]
     return [*lines, f"{INDENT}}}"]
 
 
@@ -88,6 +103,32 @@ def _element_list(items: Iterable[str]) -> str:
     return "{ " + ", ".join(items) + " }"
 
 
+def _chain_declaration(c: Chain) -> str:
+    parts = []
+    if c.base is not None:
+        b = c.base
+        parts.append(f"type {b.type} hook {b.hook} priority {b.render_priority()}; policy {b.policy};")
+    if c.comment:
+        parts.append(f"comment {_quote(c.comment)};")
+    return " { " + " ".join(parts) + " }" if parts else ""
+
+
+def _set_declaration(d: Set | Map) -> str:
+    if isinstance(d, Map):
+        parts = [f"type {' . '.join(d.type)} : {d.value_type};"]
+        items = [f"{_key(k)} : {v}" for k, v in d.elements]
+    else:
+        parts = [f"type {' . '.join(d.type)};"]
+        items = [_key(k) for k in sort_keys(d.elements)]
+    if d.flags:
+        parts.append(f"flags {', '.join(d.flags)};")
+    if d.comment:
+        parts.append(f"comment {_quote(d.comment)};")
+    if items:
+        parts.append(f"elements = {_element_list(items)};")
+    return " { " + " ".join(parts) + " }"
+
+
 def render_transaction(tx: Transaction) -> str:
     target = f"{tx.family} {tx.table}"
     lines: list[str] = []
@@ -95,6 +136,19 @@ def render_transaction(tx: Transaction) -> str:
         if isinstance(op, ReplaceTable):
             # "table" first so that "delete table" cannot fail on a missing table; one batch.
             lines += [f"table {target}", f"delete table {target}", render_table(op.ruleset).rstrip("\n")]
+        elif isinstance(op, AddChain):
+            lines.append(f"add chain {target} {op.chain.name}{_chain_declaration(op.chain)}")
+        elif isinstance(op, FlushChain):
+            lines.append(f"flush chain {target} {op.name}")
+        elif isinstance(op, DeleteChain):
+            lines.append(f"delete chain {target} {op.name}")
+        elif isinstance(op, AddRules):
+            lines += [f"add rule {target} {op.chain} {_rule(rule)}" for rule in op.rules]
+        elif isinstance(op, AddSet):
+            kind = "map" if isinstance(op.data, Map) else "set"
+            lines.append(f"add {kind} {target} {op.data.name}{_set_declaration(op.data)}")
+        elif isinstance(op, DeleteSet):
+            lines.append(f"delete {'map' if op.is_map else 'set'} {target} {op.name}")
         elif isinstance(op, DeleteElements):
             lines.append(f"delete element {target} {op.name} {_element_list(_key(k) for k in op.keys)}")
         else:

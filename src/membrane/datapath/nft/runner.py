@@ -8,6 +8,13 @@ pure). The fake lives in :mod:`membrane.datapath.nft.fake`.
 Read-back canonicalisation: nft prints ``iface_index`` values as interface names when they exist,
 integer intervals as prefixes when aligned (``0x00000000/0``) and protocols as names; all of it is
 mapped back to the tokens :func:`~membrane.datapath.nft.objects.token` produces.
+
+Rules are not mapped back to the text that was rendered: nft (1.0.6) prints its own normal form
+(``meta mark 0x1`` → ``meta mark 0x00000001``, ``ct status & confirmed == 0`` → ``ct status !
+confirmed``, ``tcp flags & (fin | syn | rst) == 0`` → ``tcp flags ! fin,syn,rst``), and re-parsing
+that reliably would mean a second nft grammar. Each rule is read back as a fingerprint instead: its
+JSON expression list and comment, with counter and quota state left out (traffic changes them). Drift
+repair compares a chain's fingerprints with those it saw earlier, never with rendered text.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any, Protocol
 from membrane.core.errors import DatapathError
 from membrane.core.protocols import PROTOCOL_NAMES
 from membrane.datapath.netns import if_nametoindex, netns_path
-from membrane.datapath.nft.objects import Key, TableContents
+from membrane.datapath.nft.objects import BaseChain, Declaration, Key, TableContents
 from membrane.datapath.nft.render import render_transaction
 from membrane.datapath.nft.transaction import Transaction
 
@@ -37,7 +44,8 @@ class NftRunner(Protocol):
         ...
 
     async def read_table(self, family: str, table: str) -> TableContents | None:
-        """Chains and elements of the table as the kernel has them; None when it does not exist."""
+        """The table as the kernel has it (chains, elements, and rule fingerprints, hooks and set
+        declarations for drift repair); None when it does not exist."""
         ...
 
 
@@ -163,12 +171,49 @@ def _verdict(raw: Any) -> str:
     return str(raw)
 
 
+def _stateless(expr: Any) -> Any:
+    """An expression without the state traffic changes (counter values, quota usage)."""
+    if isinstance(expr, list):
+        return [_stateless(e) for e in expr]
+    if isinstance(expr, dict):
+        out: dict[str, Any] = {}
+        for k, v in expr.items():
+            if k == "counter":
+                out[k] = None
+            elif k == "quota" and isinstance(v, dict):
+                out[k] = {kk: vv for kk, vv in v.items() if kk != "used"}
+            else:
+                out[k] = _stateless(v)
+        return out
+    return expr
+
+
+def rule_fingerprint_json(rule: dict[str, Any]) -> str:
+    """One rule of ``nft -j`` output as a comparable string (no handle, no counter values)."""
+    return json.dumps({"expr": _stateless(rule.get("expr", [])), "comment": rule.get("comment", "")}, sort_keys=True)
+
+
+def _base(obj: dict[str, Any]) -> BaseChain | None:
+    if "hook" not in obj:
+        return None
+    return BaseChain(type=obj["type"], hook=obj["hook"], priority=int(obj["prio"]), policy=obj.get("policy", "accept"))
+
+
+def _declaration(obj: dict[str, Any], value_type: str | None) -> Declaration:
+    flags = obj.get("flags", ())
+    flags = (flags,) if isinstance(flags, str) else flags
+    return Declaration(_types(obj), tuple(sorted(flags)), value_type, str(obj.get("comment", "")))
+
+
 def parse_table_json(data: dict[str, Any], family: str, table: str, resolve: Resolver) -> TableContents:
     """``nft -j list table`` output → chains and canonical elements of that table.
 
     ``resolve`` maps interface names to indexes in the namespace nft ran in (called once).
     """
     chains: set[str] = set()
+    rules: dict[str, list[str]] = {}
+    bases: dict[str, BaseChain | None] = {}
+    declarations: dict[str, Declaration] = {}
     raw_sets: dict[str, tuple[tuple[str, ...], list[list[Any]]]] = {}
     raw_maps: dict[str, tuple[tuple[str, ...], str, list[tuple[list[Any], Any]]]] = {}
     for item in data.get("nftables", []):
@@ -177,13 +222,20 @@ def parse_table_json(data: dict[str, Any], family: str, table: str, resolve: Res
             continue
         if kind == "chain":
             chains.add(obj["name"])
+            rules.setdefault(obj["name"], [])
+            bases[obj["name"]] = _base(obj)
+        elif kind == "rule":
+            # nft lists a chain's rules after the chain, in their order in the chain.
+            rules.setdefault(obj["chain"], []).append(rule_fingerprint_json(obj))
         elif kind == "set":
             types = _types(obj)
             raw_sets[obj["name"]] = (types, [_components(e, len(types)) for e in obj.get("elem", [])])
+            declarations[obj["name"]] = _declaration(obj, None)
         elif kind == "map":
             types = _types(obj)
             pairs = [(_components(k, len(types)), v) for k, v in obj.get("elem", [])]
             raw_maps[obj["name"]] = (types, str(obj.get("map")), pairs)
+            declarations[obj["name"]] = _declaration(obj, str(obj.get("map")))
     names: set[str] = set()
     for types, keys in raw_sets.values():
         names |= _iface_names(keys, types)
@@ -202,4 +254,11 @@ def parse_table_json(data: dict[str, Any], family: str, table: str, resolve: Res
         }
         for name, (types, value_type, pairs) in raw_maps.items()
     }
-    return TableContents(chains=frozenset(chains), sets=sets, maps=maps)
+    return TableContents(
+        chains=frozenset(chains),
+        sets=sets,
+        maps=maps,
+        rules={name: tuple(fingerprints) for name, fingerprints in rules.items()},
+        bases=bases,
+        declarations=declarations,
+    )
