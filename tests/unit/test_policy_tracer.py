@@ -9,6 +9,7 @@ The last tests run every conformance table through the tracer.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from collections.abc import Iterable
@@ -20,6 +21,8 @@ from typing import Any
 import pytest
 
 from membrane.api.manifest import parse_manifest_text
+from membrane.datapath.nft import full_sync
+from membrane.datapath.nft.fake import FakeNftRunner
 from membrane.datapath.nft.objects import Chain, Map, Rule, Ruleset, key
 from membrane.datapath.ruleset import (
     AUDIT_POLICY_INGRESS,
@@ -38,7 +41,10 @@ from membrane.datapath.ruleset import (
 from membrane.observe.events import (
     DROP_IPV6,
     DROP_SPOOFED_SOURCE,
+    TRACE_FIRST_REPLY,
     TRACE_NEW,
+    TRACE_TCP_ORIGINAL,
+    TRACE_TCP_REPLY,
     CodeVerdict,
     DropReason,
     EventKind,
@@ -251,6 +257,35 @@ spec:
     assert _trace(ruleset, "y/b", "x/a", proto="icmp", icmp_type=8).accepted
     assert not _trace(ruleset, "y/b", "x/a", proto="icmp", icmp_type=13).accepted
     assert not _trace(ruleset, "y/b", "x/a", proto="tcp").accepted
+
+
+def test_trace_events_follow_conntrack_direction_and_tcp_flags() -> None:
+    ruleset = _render(MODEL, "")
+    tracer = Tracer(ruleset)
+    syn_ack = _packet(MODEL, "x/a", "x/b", ct_state="established", ct_direction="reply",
+                      tcp_flags=frozenset({"syn", "ack"}))
+    assert tracer.trace(syn_ack).codes == [TRACE_TCP_REPLY]
+    retransmitted = _packet(MODEL, "x/b", "x/a", ct_confirmed=True)  # new, but the first SYN was seen
+    assert tracer.trace(retransmitted).codes == []
+    data = _packet(MODEL, "x/b", "x/a", ct_state="established", tcp_flags=frozenset({"ack", "psh"}))
+    assert tracer.trace(data).codes == []
+    fin = _packet(MODEL, "x/b", "x/a", ct_state="established", tcp_flags=frozenset({"fin", "ack"}))
+    assert tracer.trace(fin).codes == [TRACE_TCP_ORIGINAL]
+    # The first UDP reply is reported once: the rule marks the connection with a ct label.
+    reply = _packet(MODEL, "x/a", "x/b", "udp", ct_state="established", ct_direction="reply")
+    first = tracer.trace(reply)
+    assert first.codes == [TRACE_FIRST_REPLY] and first.ct_labels == {FLOW_LOG.reply_label}
+    assert tracer.trace(dataclasses.replace(reply, ct_labels=first.ct_labels)).codes == []
+
+
+async def test_the_fake_runners_table_traces_like_the_rendered_one() -> None:
+    ruleset = _render(MODEL, WEB)
+    runner = FakeNftRunner()
+    await runner.apply(full_sync(ruleset))
+    trace = Tracer.of_runner(runner).trace(_packet(MODEL, "x/b", "x/a", port=81))
+    assert trace.drop_codes == [DROP_POLICY_DENIED_INGRESS]
+    with pytest.raises(TracerError, match="no table"):
+        Tracer.of_runner(FakeNftRunner())
 
 
 # --- the tracer refuses what it does not understand --------------------------------------------------------
