@@ -26,7 +26,11 @@ Primitives: :class:`Packet` and :func:`decode_packet` (IPv4/IPv6 header → 5-tu
 ICMP type), :class:`NflogRecord`, :class:`NflogDecoder` (datagrams → records, loss accounting),
 :func:`config_request` (the bind/configure message), :class:`NflogSettings`,
 :class:`NflogStats`, :class:`NflogReader` (the asyncio reader), the :class:`FlowEventSource`
-protocol it implements and :class:`FakeFlowEventSource` for tests.
+protocol it implements and :class:`FakeFlowEventSource` for tests. Below the reader, the
+:class:`NflogSocket` protocol is the boundary with the kernel: :class:`NetlinkNflogSocket` is the
+real one, :class:`FakeNflog` a fake nfnetlink_log whose sockets carry the kernel's bytes, built
+with :func:`encode_packet`, :func:`encode_done` and :func:`encode_ack` (checked against the kernel
+by :mod:`membrane.testing.nflog_contract`).
 """
 
 from __future__ import annotations
@@ -61,9 +65,16 @@ NFULA_MARK = 2
 NFULA_TIMESTAMP = 3
 NFULA_IFINDEX_INDEV = 4
 NFULA_IFINDEX_OUTDEV = 5
+NFULA_HWADDR = 8
 NFULA_PAYLOAD = 9
 NFULA_PREFIX = 10
+NFULA_UID = 11
 NFULA_SEQ = 12
+NFULA_GID = 14
+NFULA_HWTYPE = 15
+NFULA_HWHEADER = 16
+NFULA_HWLEN = 17
+NLM_F_CAPPED = 0x100
 
 NFULA_CFG_CMD = 1
 NFULA_CFG_MODE = 2
@@ -311,6 +322,72 @@ def _attr(kind: int, value: bytes) -> bytes:
     return raw + b"\0" * (_align(len(raw)) - len(raw))
 
 
+# -- encoding: the kernel's messages, byte for byte (for fakes and tests) ---------------------------
+@dataclass(frozen=True)
+class NflogHardware:
+    """Link-layer attributes the kernel adds to a packet logged with an input device: the device
+    type, its header as received, and the source hardware address."""
+
+    hwtype: int
+    header: bytes
+    address: bytes
+
+
+#: What ``lo`` reports: ARPHRD_LOOPBACK, an all-zero Ethernet header (type IPv4), a zero address.
+LOOPBACK_HARDWARE = NflogHardware(hwtype=772, header=bytes(12) + b"\x08\x00", address=bytes(6))
+
+
+def encode_packet(
+    group: int, prefix: str, payload: bytes, *, hook: int, seq: int | None = None, indev: int = 0,
+    outdev: int = 0, mark: int = 0, hardware: NflogHardware | None = None, timestamp_ns: int | None = None,
+    uid: int | None = None, gid: int | None = None, family: int = socket.AF_INET, hw_protocol: int = 0x0800,
+) -> bytes:
+    """One NFULNL_MSG_PACKET as nfnetlink_log builds it, attributes in the kernel's order (checked
+    against the kernel by :mod:`membrane.testing.nflog_contract`): header, prefix, devices, mark,
+    hardware (input device only), timestamp (prerouting/input/forward), owner (local sockets),
+    sequence number, payload."""
+    attrs = _attr(NFULA_PACKET_HDR, struct.pack(">HBB", hw_protocol, hook, 0))
+    if prefix:
+        attrs += _attr(NFULA_PREFIX, prefix.encode() + b"\0")
+    if indev:
+        attrs += _attr(NFULA_IFINDEX_INDEV, _BE32.pack(indev))
+    if outdev:
+        attrs += _attr(NFULA_IFINDEX_OUTDEV, _BE32.pack(outdev))
+    if mark:
+        attrs += _attr(NFULA_MARK, _BE32.pack(mark))
+    if hardware is not None:
+        attrs += _attr(NFULA_HWADDR, struct.pack(">H2x8s", len(hardware.address), hardware.address))
+        attrs += _attr(NFULA_HWTYPE, _BE16.pack(hardware.hwtype))
+        attrs += _attr(NFULA_HWLEN, _BE16.pack(len(hardware.header)))
+        attrs += _attr(NFULA_HWHEADER, hardware.header)
+    if timestamp_ns is not None:
+        seconds, rest = divmod(timestamp_ns, 1_000_000_000)
+        attrs += _attr(NFULA_TIMESTAMP, _TIMESTAMP.pack(seconds, rest // 1000))
+    if uid is not None:
+        attrs += _attr(NFULA_UID, _BE32.pack(uid))
+    if gid is not None:
+        attrs += _attr(NFULA_GID, _BE32.pack(gid))
+    if seq is not None:
+        attrs += _attr(NFULA_SEQ, _BE32.pack(seq & 0xFFFFFFFF))
+    attrs += _attr(NFULA_PAYLOAD, payload)
+    body = struct.pack("=BBH", family, 0, socket.htons(group)) + attrs
+    return _NLMSGHDR.pack(16 + len(body), NFULNL_MSG_PACKET, 0, 0, 0) + body
+
+
+def encode_done(group: int) -> bytes:
+    """The NLMSG_DONE that closes a batch of more than one message."""
+    return _NLMSGHDR.pack(20, NLMSG_DONE, 0, 0, 0) + struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(group))
+
+
+def encode_ack(request: bytes, error: int, portid: int) -> bytes:
+    """The kernel's answer to ``request`` (errno ``error``, 0 for success): an ack echoes the
+    request's header (NLM_F_CAPPED), an error the whole request."""
+    seq = _NLMSGHDR.unpack_from(request)[3]
+    echoed, flags = (request[:16], NLM_F_CAPPED) if error == 0 else (request, 0)
+    body = _I32.pack(-error) + echoed
+    return _NLMSGHDR.pack(16 + len(body), NLMSG_ERROR, flags, seq, portid) + body
+
+
 @dataclass(frozen=True)
 class NflogSettings:
     """How the reader configures its group. ``timeout_cs`` (hundredths of a second) bounds how long
@@ -362,6 +439,26 @@ class FlowEventSource(Protocol):
         ...
 
 
+class NflogSocket(Protocol):
+    """The reader's end of the NFLOG boundary: a datagram socket that carries config requests to
+    nfnetlink_log and netlink messages (acks, logged packets) back. :class:`NetlinkNflogSocket` is
+    the kernel's; :class:`FakeNflog` makes ones fed with byte-exact messages.
+    ``recv_into`` raises BlockingIOError when nothing is waiting (the socket is non-blocking after
+    ``prepare``)."""
+
+    def prepare(self, settings: NflogSettings) -> None:
+        """Non-blocking, buffers sized for ``settings``, bound (a netlink port id assigned)."""
+        ...
+
+    def fileno(self) -> int: ...
+
+    def send(self, data: bytes) -> int: ...
+
+    def recv_into(self, buffer: bytearray | memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class NflogError(OSError):
     """The kernel refused to bind or configure the group (EPERM: another reader has it)."""
 
@@ -369,6 +466,43 @@ class NflogError(OSError):
 def open_nflog_socket() -> socket.socket:
     """A NETLINK_NETFILTER socket in the caller's network namespace (create it inside the node's)."""
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+
+class NetlinkNflogSocket:
+    """The real :class:`NflogSocket`: a NETLINK_NETFILTER socket (``sock``, or a new one in the
+    caller's network namespace)."""
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        self.sock = sock if sock is not None else open_nflog_socket()
+
+    def prepare(self, settings: NflogSettings) -> None:
+        sock = self.sock
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, settings.rcvbuf)
+        except PermissionError:  # without CAP_NET_ADMIN: whatever rmem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, settings.rcvbuf)
+        sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+        # Lets the kernel stamp packets as they arrive (NFULA_TIMESTAMP) instead of the reader
+        # stamping whole batches when it reads them.
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+        sock.bind((0, 0))
+
+    @property
+    def portid(self) -> int:
+        return int(self.sock.getsockname()[0])
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes) -> int:
+        return self.sock.send(data)
+
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        return self.sock.recv_into(buffer)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class NflogReader:
@@ -379,13 +513,13 @@ class NflogReader:
     loop, once per datagram, and must be quick (append to a ring, not await).
     """
 
-    def __init__(self, group: int, *, sock: socket.socket | None = None, settings: NflogSettings | None = None,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, group: int, *, sock: socket.socket | NflogSocket | None = None,
+                 settings: NflogSettings | None = None, clock: Callable[[], int] = time.time_ns) -> None:
         if not 0 <= group <= 0xFFFF:
             raise ValueError(f"NFLOG group {group} out of range (0-65535)")
         self.group = group
         self.settings = settings or NflogSettings()
-        self._sock = sock
+        self._sock: NflogSocket | None = NetlinkNflogSocket(sock) if isinstance(sock, socket.socket) else sock
         self._clock = clock
         self._decoder = NflogDecoder()
         self._buffer = bytearray(max(self.settings.nlbufsiz, 65536) + 4096)
@@ -396,11 +530,11 @@ class NflogReader:
         return self._decoder.stats
 
     async def run(self, sink: RecordSink) -> None:
-        sock = self._sock or open_nflog_socket()
+        sock = self._sock or NetlinkNflogSocket()
         self._sock = None  # a restarted run() opens a fresh socket: a closed one cannot be reused
         loop = asyncio.get_running_loop()
         try:
-            self._prepare(sock)
+            sock.prepare(self.settings)
             self._decoder.rebound()
             await self._bind(sock, sink)
             readable = asyncio.Event()
@@ -419,19 +553,7 @@ class NflogReader:
                 sock.send(config_request(self.group, self.settings, 0, command=NFULNL_CFG_CMD_UNBIND))
             sock.close()
 
-    def _prepare(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.settings.rcvbuf)
-        except PermissionError:  # without CAP_NET_ADMIN: whatever rmem_max allows
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.rcvbuf)
-        sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
-        # Lets the kernel stamp packets as they arrive (NFULA_TIMESTAMP) instead of the reader
-        # stamping whole batches when it reads them.
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
-        sock.bind((0, 0))
-
-    async def _bind(self, sock: socket.socket, sink: RecordSink, timeout: float = 5.0) -> None:
+    async def _bind(self, sock: NflogSocket, sink: RecordSink, timeout: float = 5.0) -> None:
         seq = 1
         sock.send(config_request(self.group, self.settings, seq))
         deadline = time.monotonic() + timeout
@@ -464,7 +586,7 @@ class NflogReader:
                     log.info("reading NFLOG group %d", self.group)
                     return
 
-    def _drain(self, sock: socket.socket, sink: RecordSink) -> None:
+    def _drain(self, sock: NflogSocket, sink: RecordSink) -> None:
         view = memoryview(self._buffer)
         for _ in range(self.settings.max_datagrams_per_wakeup):
             try:
@@ -509,3 +631,220 @@ class FakeFlowEventSource:
                 sink(batch)
         finally:
             self.bound.clear()
+
+
+# -- a fake nfnetlink_log -------------------------------------------------------------------------
+NFULNL_NLBUFSIZ_DEFAULT = 4096
+_DEFAULT_COPY_RANGE = 0xFFFF
+_DEFAULT_TIMEOUT_CS = 100
+_DEFAULT_QTHRESHOLD = 100
+_SO_SNDBUFFORCE = 32
+
+
+@dataclass
+class _FakeGroup:
+    """One bound group (the kernel's ``nfulnl_instance``), with its defaults."""
+
+    owner: FakeNflogSocket
+    copy_range: int = _DEFAULT_COPY_RANGE
+    nlbufsiz: int = NFULNL_NLBUFSIZ_DEFAULT
+    timeout_cs: int = _DEFAULT_TIMEOUT_CS
+    qthreshold: int = _DEFAULT_QTHRESHOLD
+    flags: int = 0
+    seq: int = 0
+    batch: list[bytes] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class FakeNflog:
+    """The nfnetlink_log of one network namespace, in memory: :meth:`socket` makes
+    :class:`NflogSocket` s whose config requests it answers, and :meth:`log` is a ``log group N``
+    rule firing. Messages are the kernel's bytes (:func:`encode_packet`), batched as the kernel
+    batches them (a queue threshold, a flush timer on the running event loop, the batch buffer
+    size), numbered per group from 0 at bind, cut at the copy range; a batch that finds the
+    reader's receive buffer full is dropped whole, leaving a gap in the numbers.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[int, _FakeGroup] = {}
+        self._next_portid = 0x1000
+        self.dropped_batches = 0
+
+    def socket(self) -> FakeNflogSocket:
+        return FakeNflogSocket(self)
+
+    def bound(self, group: int) -> bool:
+        return group in self._groups
+
+    def log(
+        self, group: int, prefix: str, payload: bytes, *, hook: int, indev: int = 0, outdev: int = 0, mark: int = 0,
+        hardware: NflogHardware | None = None, timestamp_ns: int | None = None, uid: int | None = None,
+        gid: int | None = None, snaplen: int = 0,
+    ) -> bool:
+        """A packet logged to ``group``: False when no socket has it bound (the kernel drops it)."""
+        state = self._groups.get(group)
+        if state is None:
+            return False
+        length = len(payload)
+        if snaplen:
+            length = min(length, snaplen)
+        payload = payload[: min(length, state.copy_range)]
+        seq = None
+        if state.flags & NFULNL_CFG_F_SEQ:
+            seq, state.seq = state.seq, (state.seq + 1) & 0xFFFFFFFF
+        message = encode_packet(group, prefix, payload, hook=hook, seq=seq, indev=indev, outdev=outdev, mark=mark,
+                                hardware=hardware, timestamp_ns=timestamp_ns, uid=uid, gid=gid)
+        pending = sum(len(m) for m in state.batch)
+        if state.batch and pending + len(message) + 20 > state.nlbufsiz:
+            self._flush(group, state)  # the batch buffer is full: send it, start another
+        state.batch.append(message)
+        if len(state.batch) >= state.qthreshold:
+            self._flush(group, state)
+        elif state.timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return True  # no loop: flush() sends the batch
+            state.timer = loop.call_later(state.timeout_cs / 100, self._flush, group, state)
+        return True
+
+    def flush(self) -> None:
+        """Send every partial batch now (what the flush timers do)."""
+        for group, state in list(self._groups.items()):
+            self._flush(group, state)
+
+    def _flush(self, group: int, state: _FakeGroup) -> None:
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        if not state.batch:
+            return
+        datagram = b"".join(state.batch) + (encode_done(group) if len(state.batch) > 1 else b"")
+        state.batch.clear()
+        if not state.owner.deliver(datagram):
+            self.dropped_batches += 1
+
+    def _portid(self) -> int:
+        self._next_portid += 1
+        return self._next_portid
+
+    def request(self, sock: FakeNflogSocket, data: bytes) -> None:
+        """Config requests from ``sock``, answered as nfnetlink_log does (``nfulnl_recv_config``)."""
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind, flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            request = data[offset : offset + length]
+            offset += _align(length)
+            if kind != NFULNL_MSG_CONFIG or length < 20:
+                sock.deliver(encode_ack(request, errno.EOPNOTSUPP, sock.portid))
+                continue
+            error = self._config(sock, request)
+            if error or flags & NLM_F_ACK:
+                sock.deliver(encode_ack(request, error, sock.portid))
+
+    def _config(self, sock: FakeNflogSocket, request: bytes) -> int:
+        group = socket.ntohs(struct.unpack_from("=H", request, 18)[0])
+        attrs: dict[int, bytes] = {}
+        offset = 20
+        while offset + 4 <= len(request):
+            nla_len, kind = _NLATTR.unpack_from(request, offset)
+            if nla_len < 4:
+                return errno.EINVAL
+            attrs[kind & NLA_TYPE_MASK] = request[offset + 4 : offset + nla_len]
+            offset += _align(nla_len)
+        state = self._groups.get(group)
+        if state is not None and state.owner is not sock:
+            return errno.EPERM
+        if NFULA_CFG_CMD in attrs:
+            command = attrs[NFULA_CFG_CMD][0]
+            if command == NFULNL_CFG_CMD_BIND:
+                if state is not None:
+                    return errno.EBUSY
+                state = self._groups[group] = _FakeGroup(owner=sock)
+            elif command == NFULNL_CFG_CMD_UNBIND:
+                if state is None:
+                    return errno.ENODEV
+                self._release(group)
+                return 0
+            else:
+                return errno.EOPNOTSUPP
+        if state is None:
+            return errno.ENODEV
+        if NFULA_CFG_MODE in attrs:
+            copy_range, _mode = struct.unpack_from(">IB", attrs[NFULA_CFG_MODE])
+            state.copy_range = min(copy_range, _DEFAULT_COPY_RANGE) or _DEFAULT_COPY_RANGE
+        if NFULA_CFG_TIMEOUT in attrs:
+            state.timeout_cs = _BE32.unpack(attrs[NFULA_CFG_TIMEOUT])[0]
+        if NFULA_CFG_NLBUFSIZ in attrs:
+            size = _BE32.unpack(attrs[NFULA_CFG_NLBUFSIZ])[0]
+            if size > NFULNL_NLBUFSIZ_MAX:
+                return errno.ERANGE
+            state.nlbufsiz = max(size, NFULNL_NLBUFSIZ_DEFAULT)
+        if NFULA_CFG_QTHRESH in attrs:
+            state.qthreshold = _BE32.unpack(attrs[NFULA_CFG_QTHRESH])[0] or 1
+        if NFULA_CFG_FLAGS in attrs:
+            state.flags = _BE16.unpack(attrs[NFULA_CFG_FLAGS][:2])[0]
+        return 0
+
+    def _release(self, group: int) -> None:
+        state = self._groups.pop(group)
+        if state.timer is not None:
+            state.timer.cancel()
+
+    def closed(self, sock: FakeNflogSocket) -> None:
+        """A socket closed: its groups are released (the kernel's netlink release notifier)."""
+        for group in [g for g, state in self._groups.items() if state.owner is sock]:
+            self._release(group)
+
+
+class FakeNflogSocket:
+    """A :class:`NflogSocket` served by a :class:`FakeNflog`: a real datagram socket pair, so the
+    reader's event-loop code runs as it does on netlink. The receive buffer is ``rcvbuf`` from the
+    settings, doubled as the kernel doubles it; a datagram is refused while more than that is
+    waiting (netlink's rule: an empty socket always takes one)."""
+
+    def __init__(self, nflog: FakeNflog) -> None:
+        self._nflog = nflog
+        self._reader, self._kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._kernel.setblocking(False)
+        self._waiting: list[int] = []  # sizes of the datagrams not read yet, oldest first
+        self.rcvbuf = 212992  # net.core.rmem_default
+        self.portid = 0
+
+    def prepare(self, settings: NflogSettings) -> None:
+        self._reader.setblocking(False)
+        self.rcvbuf = 2 * settings.rcvbuf
+        with contextlib.suppress(OSError):  # room for the emulated buffer in the pair itself
+            self._kernel.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, min(settings.rcvbuf, 64 << 20))
+        self.portid = self._nflog._portid()
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def send(self, data: bytes) -> int:
+        if not self.portid:
+            raise OSError(errno.ENOTCONN, "prepare() the socket first")
+        self._nflog.request(self, bytes(data))
+        return len(data)
+
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        size = self._reader.recv_into(buffer)
+        if self._waiting:
+            self._waiting.pop(0)
+        return size
+
+    def deliver(self, datagram: bytes) -> bool:
+        """The kernel side: False (dropped) when the receive buffer is over its size."""
+        if self._kernel.fileno() < 0 or sum(self._waiting) > self.rcvbuf:
+            return False
+        try:
+            self._kernel.send(datagram)
+        except OSError:  # the pair's own buffer is full: dropped all the same
+            return False
+        self._waiting.append(len(datagram))
+        return True
+
+    def close(self) -> None:
+        self._nflog.closed(self)
+        self._reader.close()
+        self._kernel.close()
