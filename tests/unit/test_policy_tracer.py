@@ -50,7 +50,7 @@ from membrane.observe.events import (
     EventKind,
     parse_prefix,
 )
-from membrane.policy.ipcache import flatten_ipcache, ipcache_elements
+from membrane.policy.ipcache import flatten_ipcache
 from membrane.policy.mapstate import EnforcementConfig
 from membrane.policy.reachability import NetpolModel, Reachability, default_model, probe_matrix
 from membrane.testing.tracer import Interface, Trace, TracePacket, Tracer, TracerError
@@ -73,12 +73,11 @@ def _render(model: NetpolModel, policies: str, config: EnforcementConfig | None 
     """Compile ``policies`` for the model's pods, render them as the agent does and build the table.
 
     The one place that names the policy renderer, so moving it touches only this function."""
-    from membrane.agent.policy import PolicyRenderer, render_policy
+    from membrane.datapath.policy import PolicyRenderer, render_policy
 
     compiled = model.compile(parse_manifest_text(policies), config)
     by_ifindex = {_veth(model, key).index: policy for key, policy in compiled.endpoints.items()}
-    ipcache = ipcache_elements(flatten_ipcache(model.ipcache(compiled)))
-    policy = render_policy(by_ifindex, ipcache, PolicyRenderer())
+    policy = render_policy(by_ifindex, flatten_ipcache(model.ipcache(compiled)), PolicyRenderer())
     endpoints = [EndpointAddress(_veth(model, p.key).index, p.ip) for p in model.pods]
     masq = Masquerade.of(POOL, [POOL]) if masquerade else None
     return build_ruleset(DesiredDatapath.from_endpoints(endpoints, masq, flow_log, policy))
