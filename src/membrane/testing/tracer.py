@@ -45,8 +45,8 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
 
+from membrane.core.protocols import PROTOCOL_NAMES
 from membrane.datapath.nft.objects import Chain, Map, Ruleset, Set
-from membrane.datapath.nft.runner import PROTOCOL_NAMES
 from membrane.observe.events import EventKind, FlowCode, parse_prefix
 
 Verdict = Literal["accept", "drop"]
