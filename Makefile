@@ -29,6 +29,7 @@ $(VENV)/.stamp-pip: pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: setup lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

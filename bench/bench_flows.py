@@ -270,10 +270,10 @@ def run(ctx: BenchContext) -> BenchResult:
     require_root()
     require_tools("nsenter", "ip", "ss", "nft", "sysctl")
     try:
+        from membrane.datapath.flowcodes import TRACE_NEW
         from membrane.datapath.nft.render import render_transaction
         from membrane.datapath.nft.transaction import full_sync
         from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, FlowLog, build_ruleset
-        from membrane.observe.events import TRACE_NEW
     except ImportError as exc:
         raise Skip(f"membrane's flow pipeline is not available: {exc}") from None
     tcprr = ctx.tool("tcprr")

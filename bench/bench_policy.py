@@ -66,7 +66,6 @@ from bench.netpath import (
 from membrane.api.cilium import CiliumNetworkPolicy
 from membrane.api.k8s import Namespace
 from membrane.api.meta import ApiObject
-from membrane.api.objects import ObjectClient
 from membrane.cni.client import AgentClient
 from membrane.datapath.nft.render import render_table
 from membrane.datapath.policy import PolicyRenderer, render_policy
@@ -81,6 +80,7 @@ from membrane.policy.engine import compile_policies
 from membrane.policy.ipcache import flatten_ipcache, with_cidr_identities
 from membrane.store import keys, open_store
 from membrane.store.base import Put, Store
+from membrane.store.objects import ObjectClient
 
 TITLE = "policy at scale: 1,000 policies / 5,000 identities, datapath cost and time to enforcement (1 node)"
 LAB_PREFIX = "y"

@@ -16,11 +16,11 @@ from collections import Counter
 import pytest
 
 from membrane.api.endpoint import EndpointRecord
-from membrane.api.objects import ObjectClient
 from membrane.api.registry import kind_info, validate_object
-from membrane.identity.allocator import IdentityAllocator
 from membrane.store import keys, open_store
 from membrane.store.base import Store
+from membrane.store.identities import IdentityAllocator
+from membrane.store.objects import ObjectClient
 from membrane.testing.agentnode import AgentNode
 
 pytestmark = pytest.mark.e2e

@@ -34,7 +34,6 @@ import yaml
 
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.meta import ApiObject
-from membrane.api.objects import ObjectClient
 from membrane.api.registry import ObjectRef
 from membrane.cni.client import AgentClient
 from membrane.lab import Lab
@@ -42,6 +41,7 @@ from membrane.lab.state import LabDirs
 from membrane.policy.reachability import NetpolModel, Reachability, default_model, engine_probe, probe_matrix
 from membrane.store import open_store
 from membrane.store.base import Delete
+from membrane.store.objects import ObjectClient, ref_key
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -147,14 +147,14 @@ class Netpol:
             wanted: dict[str, int] = {}
             stale = [ObjectRef.of(o) for o in self.current]
             if stale:
-                result = await store.txn([], [Delete(ref.key) for ref in stale])
+                result = await store.txn([], [Delete(ref_key(ref)) for ref in stale])
                 for ref in stale:
                     wanted[ref.info.plural] = max(wanted.get(ref.info.plural, 0), result.revision)
             if objects:
                 await ObjectClient(store).apply(objects)
                 for obj in objects:
                     ref = ObjectRef.of(obj)
-                    kv = await store.get(ref.key)
+                    kv = await store.get(ref_key(ref))
                     assert kv is not None
                     wanted[ref.info.plural] = max(wanted.get(ref.info.plural, 0), kv.mod_revision)
             return wanted

@@ -18,11 +18,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from membrane.datapath.netlink import AttachedEndpoint, EndpointSpec, PyrouteNetlink
-from membrane.datapath.nft import NftCommand
-from membrane.datapath.reconcilers import NftReconciler
-from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, FlowLog, build_ruleset
-from membrane.observe.events import (
+from membrane.datapath.flowcodes import (
     DROP_SPOOFED_SOURCE,
     TRACE_FIRST_REPLY,
     TRACE_NEW,
@@ -31,6 +27,10 @@ from membrane.observe.events import (
     FlowCode,
     parse_prefix,
 )
+from membrane.datapath.netlink import AttachedEndpoint, EndpointSpec, PyrouteNetlink
+from membrane.datapath.nft import NftCommand
+from membrane.datapath.reconcilers import NftReconciler
+from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, FlowLog, build_ruleset
 from membrane.observe.nflog import (
     HOOK_FORWARD,
     HOOK_INPUT,

@@ -24,7 +24,6 @@ from membrane.agent.intent import Intent
 from membrane.agent.policy import PolicyController
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
-from membrane.api.objects import encode
 from membrane.datapath.netlink import EndpointSpec, PyrouteNetlink
 from membrane.datapath.nft import NftCommand
 from membrane.datapath.reconcilers import NftReconciler
@@ -32,6 +31,7 @@ from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, build_ru
 from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
 from membrane.policy import EnforcementConfig
 from membrane.store import keys
+from membrane.store.objects import encode
 from membrane.testing.netns import Netns, NetnsFactory, missing_binaries, wait_until
 
 pytestmark = [

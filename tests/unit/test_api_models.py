@@ -10,10 +10,10 @@ import pytest
 from membrane.api import cilium, k8s
 from membrane.api.manifest import load_objects, parse_manifest_text
 from membrane.api.meta import LabelSelector, parse_selector
-from membrane.api.objects import decode, encode
 from membrane.api.registry import KINDS, find_kind, lookup_kind, validate_object
 from membrane.core.errors import InvalidInput
 from membrane.store.base import KeyValue
+from membrane.store.objects import decode, encode
 
 CORPUS = Path(__file__).parent / "golden" / "api" / "corpus"
 

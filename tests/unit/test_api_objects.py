@@ -11,11 +11,11 @@ import pytest
 from membrane.api import cilium, k8s
 from membrane.api.manifest import parse_manifest_text
 from membrane.api.meta import ApiObject
-from membrane.api.objects import ApplyRejected, Conflict, ObjectClient
 from membrane.core.errors import InvalidInput, MembraneError, NotFound
 from membrane.store import keys
 from membrane.store.base import Compare, Op, TxnResult
 from membrane.store.memory import MemoryStore
+from membrane.store.objects import ApplyRejected, Conflict, ObjectClient
 
 NAMESPACE = "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: a}}\n"
 POD = """

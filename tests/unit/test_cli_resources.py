@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from membrane.api import objects
-from membrane.api.objects import ObjectClient
 from membrane.cli import resources
 from membrane.cli.main import cli
-from membrane.store import keys
+from membrane.store import keys, objects
+from membrane.store.objects import ObjectClient
 from membrane.store.sqlite import SqliteStore
 
 GOLDEN = Path(__file__).parent / "golden" / "api"

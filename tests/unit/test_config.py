@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from membrane.agent.config import load_agent_config
 from membrane.agent.observer import ObserverSettings
-from membrane.core.config import load_agent_config
 from membrane.core.errors import InvalidInput
 
 

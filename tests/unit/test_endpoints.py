@@ -12,8 +12,8 @@ from membrane.agent.intent import Intent
 from membrane.api.endpoint import EndpointRecord
 from membrane.datapath.netlink.fake import FakeNetlink
 from membrane.datapath.nft.fake import FakeNftRunner
-from membrane.identity.allocator import IdentityAllocator
 from membrane.store import keys
+from membrane.store.identities import IdentityAllocator
 from membrane.store.memory import MemoryStore
 
 NODE = NodeContext(

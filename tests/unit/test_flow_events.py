@@ -13,21 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from membrane.datapath.nft import full_sync, render_transaction
-from membrane.datapath.ruleset import (
-    BASE_CHAINS,
-    FLOW_FORWARD,
-    FLOW_INPUT,
-    FLOW_OUTPUT,
-    FLOW_TCP,
-    FLOW_TRACE,
-    FROM_ENDPOINT,
-    DesiredDatapath,
-    EndpointAddress,
-    FlowLog,
-    build_ruleset,
-)
-from membrane.observe.events import (
+from membrane.datapath.flowcodes import (
     DROP_IPV6,
     DROP_SPOOFED_SOURCE,
     RULES,
@@ -43,6 +29,20 @@ from membrane.observe.events import (
     FlowCodeError,
     TraceReason,
     parse_prefix,
+)
+from membrane.datapath.nft import full_sync, render_transaction
+from membrane.datapath.ruleset import (
+    BASE_CHAINS,
+    FLOW_FORWARD,
+    FLOW_INPUT,
+    FLOW_OUTPUT,
+    FLOW_TCP,
+    FLOW_TRACE,
+    FROM_ENDPOINT,
+    DesiredDatapath,
+    EndpointAddress,
+    FlowLog,
+    build_ruleset,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "nft"

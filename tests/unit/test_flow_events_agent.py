@@ -14,9 +14,9 @@ import pytest
 from membrane.agent.observer import AgentObserver, ObserverSettings
 from membrane.api.endpoint import EndpointRecord
 from membrane.core.lifecycle import Lifecycle
+from membrane.datapath.flowcodes import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY
 from membrane.datapath.ruleset import FlowLog
 from membrane.observe.client import ObserverClient
-from membrane.observe.events import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY
 from membrane.observe.model import PERF_EVENT_RING_BUFFER, GetFlowsRequest
 from membrane.observe.nflog import (
     HOOK_FORWARD,

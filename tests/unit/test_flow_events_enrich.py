@@ -9,8 +9,7 @@ import pytest
 
 from membrane.agent.observer import state_from_store
 from membrane.api.endpoint import EndpointRecord
-from membrane.observe.enrich import EndpointInfo, EnrichmentState, FlowIds, NodeAddress, enrich
-from membrane.observe.events import (
+from membrane.datapath.flowcodes import (
     DROP_IPV6,
     DROP_SPOOFED_SOURCE,
     TRACE_FIRST_REPLY,
@@ -24,6 +23,7 @@ from membrane.observe.events import (
     FlowCode,
     FlowCodeError,
 )
+from membrane.observe.enrich import EndpointInfo, EnrichmentState, FlowIds, NodeAddress, enrich
 from membrane.observe.model import (
     DROPPED,
     EGRESS,

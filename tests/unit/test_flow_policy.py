@@ -15,7 +15,7 @@ from membrane.agent.observer import PolicyAttribution
 from membrane.agent.policy import PolicyController
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
-from membrane.api.objects import encode
+from membrane.datapath.flowcodes import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY, Direction
 from membrane.datapath.ruleset import (
     DROP_POLICY_DENIED_EGRESS,
     DROP_POLICY_DENIED_INGRESS,
@@ -24,12 +24,12 @@ from membrane.datapath.ruleset import (
 )
 from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
 from membrane.observe.enrich import EndpointInfo, EnrichmentState, PolicyDecision, PolicyRef, enrich
-from membrane.observe.events import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY, Direction
 from membrane.observe.jsonpb import to_json
 from membrane.observe.model import DROPPED, FORWARDED, Flow, flow_response
 from membrane.observe.nflog import HOOK_FORWARD, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, NflogRecord, Packet
 from membrane.observe.printer import Printer, PrinterOptions
 from membrane.store import keys
+from membrane.store.objects import encode
 
 NODE = "node1"
 PORT = 7000

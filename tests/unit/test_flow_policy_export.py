@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from membrane.agent.config import load_agent_config
 from membrane.agent.observer import AgentObserver, ObserverSettings, state_from_store
 from membrane.api.endpoint import EndpointRecord
-from membrane.core.config import load_agent_config
 from membrane.core.errors import InvalidInput
+from membrane.datapath.flowcodes import TRACE_NEW, Direction
 from membrane.datapath.ruleset import DROP_POLICY_DENY_INGRESS
 from membrane.observe.enrich import EndpointInfo, PolicyDecision, PolicyRef
-from membrane.observe.events import TRACE_NEW, Direction
 from membrane.observe.exporter import read_flows
 from membrane.observe.model import DROPPED, GetFlowsRequest
 from membrane.observe.nflog import HOOK_FORWARD, IPPROTO_TCP, TCP_SYN, FakeFlowEventSource, NflogRecord, Packet

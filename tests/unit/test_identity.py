@@ -1,10 +1,10 @@
 import asyncio
 
-from membrane.identity.allocator import IdentityAllocator, next_free_identity
 from membrane.identity.labels import Label, canonical, identity_labels_for_pod, is_identity_relevant
-from membrane.identity.reserved import identity_name
+from membrane.identity.reserved import identity_name, next_free_identity
 from membrane.store import keys
 from membrane.store.base import Put
+from membrane.store.identities import IdentityAllocator
 from membrane.store.memory import MemoryStore
 
 

@@ -3,9 +3,9 @@ import ipaddress
 import pytest
 
 from membrane.core.config import ClusterConfig
-from membrane.ipam.controller import PoolExhausted, claim_node_cidr, node_cidrs
 from membrane.ipam.pool import next_free_node_cidr, next_free_pod_ip, pod_capacity, router_ip
 from membrane.store import keys
+from membrane.store.ipam import PoolExhausted, claim_node_cidr, node_cidrs
 from membrane.store.memory import MemoryStore
 
 N = ipaddress.IPv4Network

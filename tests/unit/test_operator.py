@@ -5,8 +5,8 @@ import json
 from membrane.agent.intent import Intent
 from membrane.agent.operator import Operator, choose_node
 from membrane.core.config import ClusterConfig
-from membrane.identity.allocator import IdentityAllocator
 from membrane.store import keys
+from membrane.store.identities import IdentityAllocator
 from membrane.store.memory import ManualClock, MemoryStore
 
 CLUSTER = ClusterConfig(clusterPoolIPv4PodCIDRList=("10.244.0.0/22",), clusterPoolIPv4MaskSize=24)

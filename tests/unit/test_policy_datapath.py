@@ -19,7 +19,6 @@ from membrane.agent.intent import Intent
 from membrane.agent.policy import PolicyController
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
-from membrane.api.objects import ObjectClient, encode
 from membrane.cli.policy_cmd import (
     enforcement_columns,
     format_selectors,
@@ -51,6 +50,7 @@ from membrane.policy.reachability import default_model, engine_probe, probe_matr
 from membrane.policy.status import desired_status
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
+from membrane.store.objects import ObjectClient, encode
 
 GOLDEN = Path(__file__).parent / "golden" / "nft"
 

@@ -21,6 +21,18 @@ from typing import Any
 import pytest
 
 from membrane.api.manifest import parse_manifest_text
+from membrane.datapath.flowcodes import (
+    DROP_IPV6,
+    DROP_SPOOFED_SOURCE,
+    TRACE_FIRST_REPLY,
+    TRACE_NEW,
+    TRACE_TCP_ORIGINAL,
+    TRACE_TCP_REPLY,
+    CodeVerdict,
+    DropReason,
+    EventKind,
+    parse_prefix,
+)
 from membrane.datapath.nft import full_sync
 from membrane.datapath.nft.fake import FakeNftRunner
 from membrane.datapath.nft.objects import Chain, Map, Rule, Ruleset, key
@@ -37,18 +49,6 @@ from membrane.datapath.ruleset import (
     FlowLog,
     Masquerade,
     build_ruleset,
-)
-from membrane.observe.events import (
-    DROP_IPV6,
-    DROP_SPOOFED_SOURCE,
-    TRACE_FIRST_REPLY,
-    TRACE_NEW,
-    TRACE_TCP_ORIGINAL,
-    TRACE_TCP_REPLY,
-    CodeVerdict,
-    DropReason,
-    EventKind,
-    parse_prefix,
 )
 from membrane.policy.ipcache import flatten_ipcache
 from membrane.policy.mapstate import EnforcementConfig

@@ -16,8 +16,8 @@ from membrane.agent.runner import PodRunner
 from membrane.datapath.netlink.fake import FakeNetlink
 from membrane.datapath.nft.fake import FakeNftRunner
 from membrane.datapath.process_fake import FakeNetnsHost, Scripted
-from membrane.identity.allocator import IdentityAllocator
 from membrane.store import keys
+from membrane.store.identities import IdentityAllocator
 from membrane.store.memory import MemoryStore
 
 NODE = NodeContext(

@@ -31,11 +31,11 @@ from membrane.agent.contract import (
 )
 from membrane.api.endpoint import EndpointOrigin, EndpointRecord
 from membrane.core.errors import DatapathError, MembraneError
-from membrane.identity.allocator import IdentityAllocator
 from membrane.identity.labels import Label, canonical
 from membrane.ipam.pool import next_free_pod_ip
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, Put, Store
+from membrane.store.identities import IdentityAllocator
 
 log = logging.getLogger(__name__)
 

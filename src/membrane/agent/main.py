@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from membrane.agent.api import AgentApiServer
+from membrane.agent.config import AgentConfig
 from membrane.agent.datapath import NodeDatapath
 from membrane.agent.endpoints import EndpointManager, NodeContext
 from membrane.agent.intent import ENDPOINTS, IDENTITIES, NAMESPACES, NODES, PODS, POLICY_PREFIXES, Intent
@@ -32,14 +33,13 @@ from membrane.agent.operator import Operator
 from membrane.agent.policy import PolicyController
 from membrane.agent.routing import LocalNode, RoutingController, RoutingReconciler, masquerade_for
 from membrane.agent.runner import PodRunner
-from membrane.api.objects import ObjectClient
 from membrane.cni.queue import drain_del_queue
-from membrane.core.config import AgentConfig
 from membrane.core.lifecycle import Lifecycle
-from membrane.identity.allocator import IdentityAllocator
 from membrane.ipam.pool import pod_capacity
 from membrane.policy.compiler import enforcement_config
 from membrane.store import open_store
+from membrane.store.identities import IdentityAllocator
+from membrane.store.objects import ObjectClient
 from membrane.store.reflector import Reflector
 
 log = logging.getLogger("membrane.agent")

@@ -19,7 +19,8 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from membrane.core.config import AgentConfig, ClusterConfig
+from membrane.agent.config import AgentConfig
+from membrane.core.config import ClusterConfig
 from membrane.core.errors import InvalidInput, MembraneError
 from membrane.ipam.pool import router_ip
 from membrane.store import keys

@@ -35,15 +35,17 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
+from membrane.agent.config import AgentConfig
 from membrane.api.endpoint import EndpointRecord
-from membrane.core.config import AgentConfig, export_filters
 from membrane.core.errors import MembraneError
 from membrane.core.lifecycle import Lifecycle
+from membrane.datapath.flowcodes import Direction, FlowCodeError
 from membrane.datapath.netlink.model import TUNNEL_DEVICE
 from membrane.datapath.ruleset import FlowLog
 from membrane.identity.labels import parse_labels
 from membrane.identity.reserved import WORLD
 from membrane.ipam.pool import router_ip
+from membrane.observe.config import export_filters
 from membrane.observe.enrich import (
     EndpointInfo,
     EnrichmentState,
@@ -54,7 +56,6 @@ from membrane.observe.enrich import (
     PolicyRef,
     enrich,
 )
-from membrane.observe.events import Direction, FlowCodeError
 from membrane.observe.exporter import FlowExporter
 from membrane.observe.metrics import FlowMetrics, MetricsServer
 from membrane.observe.model import PERF_EVENT_RING_BUFFER, FlowFilter

@@ -23,10 +23,10 @@ from typing import Any
 from membrane.agent.intent import Intent
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, MembraneError
-from membrane.identity.allocator import IdentityAllocator
-from membrane.ipam.controller import claim_node_cidr, node_cidrs
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, Put, Store
+from membrane.store.identities import IdentityAllocator
+from membrane.store.ipam import claim_node_cidr, node_cidrs
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ from typing import Any
 
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
-from membrane.api.objects import now_rfc3339
 from membrane.core.errors import InvalidInput, NotFound
 from membrane.datapath.policy import PolicyRenderer, render_policy
 from membrane.datapath.ruleset import PolicyDatapath
@@ -35,6 +34,7 @@ from membrane.identity.labels import parse_labels
 from membrane.policy.compiler import ImportedPolicy, IpcacheBuilder, PolicyCompiler, policy_endpoint
 from membrane.policy.mapstate import EnforcementConfig
 from membrane.policy.status import STATUS_KINDS, desired_status
+from membrane.store.objects import now_rfc3339
 
 log = logging.getLogger(__name__)
 

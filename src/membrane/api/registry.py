@@ -5,7 +5,8 @@ Primitives:
 - :class:`KindInfo` -- one kind: its apiVersions, plural/singular/short names, scope, model.
 - :data:`KINDS`, :func:`lookup_kind` (kind, plural, singular or short name, any case, with an
   optional ``.group`` suffix as kubectl accepts), :func:`kind_info` (by exact kind).
-- :class:`ObjectRef` -- (kind, namespace, name) of an object, with its store key and kubectl names.
+- :class:`ObjectRef` -- (kind, namespace, name) of an object, with its kubectl names (its store key
+  is :func:`membrane.store.objects.ref_key`: the models know nothing of the store).
 - :func:`validate_object` -- a mapping to a validated :class:`~membrane.api.meta.ApiObject`, or
   :class:`ObjectInvalid` carrying one (field path, message) per problem.
 """
@@ -21,7 +22,6 @@ from pydantic import ValidationError
 from membrane.api import cilium, k8s
 from membrane.api.meta import ApiObject, collect_problems, join_path
 from membrane.core.errors import InvalidInput
-from membrane.store import keys
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,6 @@ class ObjectRef:
     @property
     def info(self) -> KindInfo:
         return kind_info(self.kind)
-
-    @property
-    def key(self) -> str:
-        return keys.object_key(self.info.plural, self.namespace, self.name)
 
     def slash_name(self) -> str:
         """``pod/web``, ``ciliumnetworkpolicy.cilium.io/rule1`` (apply, label output)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from membrane.core.config import load_agent_config
+from membrane.agent.config import load_agent_config
 from membrane.core.errors import MembraneError
 from membrane.core.log import setup_logging
 

@@ -22,13 +22,13 @@ from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
 from membrane.core.config import DEFAULT_RUN_DIR
 from membrane.core.errors import InvalidInput
-from membrane.identity.allocator import decode_identity
 from membrane.identity.ipcache import EndpointAddress, NodeAddresses, build_ipcache
 from membrane.identity.labels import Label
 from membrane.identity.reserved import MAX_CLUSTER_IDENTITY, MIN_CLUSTER_IDENTITY, RESERVED, RESERVED_BY_ID
 from membrane.ipam.pool import router_ip
 from membrane.store import keys
 from membrane.store.base import Store
+from membrane.store.identities import decode_identity
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -17,12 +17,12 @@ from typing import Any
 
 import click
 
-from membrane.api.objects import ObjectClient
 from membrane.api.registry import ObjectInvalid, kind_info, validate_object
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.core.errors import AlreadyExists, InvalidInput, MembraneError, NotFound
 from membrane.store import keys
 from membrane.store.base import Store
+from membrane.store.objects import ObjectClient
 
 _PORT = re.compile(
     r"^(?:(?P<name>[a-z0-9]([-a-z0-9]*[a-z0-9])?):)?(?P<port>\d+)(?:/(?P<proto>TCP|UDP|SCTP|tcp|udp|sctp))?$"

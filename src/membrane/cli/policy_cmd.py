@@ -25,7 +25,6 @@ from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import InvalidInput
-from membrane.identity.allocator import decode_identity
 from membrane.identity.labels import Label, parse_labels
 from membrane.policy import (
     CIDRSelector,
@@ -44,6 +43,7 @@ from membrane.policy.compiler import PolicyCompiler, enforcement_config, ipcache
 from membrane.policy.rules import RuleOrigin
 from membrane.store import keys
 from membrane.store.base import Store
+from membrane.store.identities import decode_identity
 
 POLICY_PLURALS = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
 

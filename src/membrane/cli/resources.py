@@ -1,7 +1,7 @@
 """``membrane apply | get | delete | label``: the resource commands, as kubectl has them.
 
 Each command opens the store the CLI context names, does its work through
-:class:`~membrane.api.objects.ObjectClient` and prints what kubectl would print. User errors are
+:class:`~membrane.store.objects.ObjectClient` and prints what kubectl would print. User errors are
 :class:`~membrane.core.errors.MembraneError`\\s (``Error: ...`` on stderr, exit 1); usage errors
 exit 2 through click.
 """
@@ -16,11 +16,11 @@ import click
 
 from membrane.api.manifest import Manifest, load_objects, load_refs
 from membrane.api.meta import ApiObject, parse_selector
-from membrane.api.objects import ApplyRejected, ObjectClient
 from membrane.api.registry import KindInfo, ObjectRef, lookup_kind
 from membrane.cli import printers
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.core.errors import InvalidInput, NotFound
+from membrane.store.objects import ApplyRejected, ObjectClient
 
 
 def now() -> datetime:

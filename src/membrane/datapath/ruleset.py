@@ -51,7 +51,7 @@ tunnel, leaves with the node's address. The exempt destinations are one interval
 source in both routing modes: its destination is in a pool (and in VXLAN mode it also leaves through
 the tunnel). NAT rules see only a connection's first packet; conntrack does the rest.
 
-Flow logging (:class:`FlowLog`, :func:`flow_logging`; see also :mod:`membrane.observe.events`): ``log
+Flow logging (:class:`FlowLog`, :func:`flow_logging`; see also :mod:`membrane.datapath.flowcodes`): ``log
 group N`` rules report packets to the agent's NFLOG reader, each with a compact prefix (event,
 verdict, reason, rule id). Drops log from the dropping rule itself (:func:`drop_statement`, used by
 anti-spoofing and policy). Trace events come from three base chains of their own at priority 200,
@@ -84,6 +84,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
+from membrane.datapath.flowcodes import (
+    DROP_IPV6,
+    DROP_SPOOFED_SOURCE,
+    TRACE_FIRST_REPLY,
+    TRACE_NEW,
+    TRACE_TCP_ORIGINAL,
+    TRACE_TCP_REPLY,
+    CodeVerdict,  # policy enforcement
+    Direction,  # policy enforcement
+    DropReason,  # policy enforcement
+    EventKind,  # policy enforcement
+    FlowCode,
+)
 from membrane.datapath.netlink.model import ENDPOINT_IFNAME_PREFIX, TUNNEL_DEVICE, AttachedEndpoint
 from membrane.datapath.nft.objects import (
     PRIORITY_DSTNAT,
@@ -98,19 +111,6 @@ from membrane.datapath.nft.objects import (
     Ruleset,
     Set,
     key,
-)
-from membrane.observe.events import (
-    DROP_IPV6,
-    DROP_SPOOFED_SOURCE,
-    TRACE_FIRST_REPLY,
-    TRACE_NEW,
-    TRACE_TCP_ORIGINAL,
-    TRACE_TCP_REPLY,
-    CodeVerdict,  # policy enforcement
-    Direction,  # policy enforcement
-    DropReason,  # policy enforcement
-    EventKind,  # policy enforcement
-    FlowCode,
 )
 
 TABLE_FAMILY = "inet"

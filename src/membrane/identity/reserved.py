@@ -47,3 +47,14 @@ def identity_name(identity: int) -> str:
     """How Hubble prints an identity: reserved ones by name, others by number."""
     reserved = RESERVED_BY_ID.get(identity)
     return reserved.name if reserved else str(identity)
+
+
+def next_free_identity(used: set[int], after: int) -> int | None:
+    """The first unused cluster identity after ``after``, wrapping around once."""
+    span = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
+    start = max(after + 1, MIN_CLUSTER_IDENTITY)
+    for offset in range(span):
+        candidate = MIN_CLUSTER_IDENTITY + (start - MIN_CLUSTER_IDENTITY + offset) % span
+        if candidate not in used:
+            return candidate
+    return None

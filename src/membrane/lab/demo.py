@@ -14,10 +14,10 @@ from collections.abc import Callable
 from importlib import resources
 
 from membrane.api.manifest import parse_manifest_text
-from membrane.api.objects import ObjectClient
 from membrane.cli.pods import wait_for_pod
 from membrane.lab.lab import Lab
 from membrane.store import keys, open_store
+from membrane.store.objects import ObjectClient
 
 # (client pod, method, path, what the request means)
 STARWARS_REQUESTS = (

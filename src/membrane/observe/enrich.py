@@ -1,7 +1,7 @@
 """Enrichment, pure: an NFLOG record + what the agent knows → a Hubble ``flow.Flow``.
 
 The record says what the kernel saw (addresses, ports, flags, interfaces, hook) and, through its
-log prefix (:mod:`membrane.observe.events`), why it was logged. :class:`EnrichmentState` is the
+log prefix (:mod:`membrane.datapath.flowcodes`), why it was logged. :class:`EnrichmentState` is the
 agent's knowledge at that moment, rebuilt whenever endpoints or nodes change:
 
 - local endpoints by host veth index (endpoint ID, pod, namespace, labels, identity);
@@ -49,8 +49,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
 
-from membrane.identity.reserved import HOST, REMOTE_NODE, WORLD
-from membrane.observe.events import (
+from membrane.datapath.flowcodes import (
     CodeVerdict,
     Direction,
     DropReason,
@@ -59,6 +58,7 @@ from membrane.observe.events import (
     TraceReason,
     parse_prefix,
 )
+from membrane.identity.reserved import HOST, REMOTE_NODE, WORLD
 from membrane.observe.model import (
     AUDIT,
     DROPPED,
@@ -396,7 +396,7 @@ def enrich(record: NflogRecord, state: EnrichmentState, *, flow_id: str = "",
            code: FlowCode | None = None, policy: PolicyLookup | None = None) -> Flow | None:
     """The flow for ``record``; None when the record is not one of ours (a foreign prefix) or
     carries no IP header. With ``policy``, the policies that allowed or denied it are filled in.
-    Raises :class:`~membrane.observe.events.FlowCodeError` for a malformed
+    Raises :class:`~membrane.datapath.flowcodes.FlowCodeError` for a malformed
     prefix of ours.
 
     The per-packet work is a copy of a cached static part (see :func:`_static_part`) plus time,

@@ -20,7 +20,7 @@ Loss. When the reader's receive buffer is full the kernel drops a whole batch. W
 from the gaps; the socket also sets ``NETLINK_NO_ENOBUFS`` (so an overflow does not fail the next
 read) and a large ``SO_RCVBUFFORCE``. Conntrack data cannot ride along on this kernel
 (``NFULNL_CFG_F_CONNTRACK`` needs CONFIG_NETFILTER_NETLINK_GLUE_CT: EOPNOTSUPP), which is why the
-datapath encodes direction and reason in the prefix (see :mod:`membrane.observe.events`).
+datapath encodes direction and reason in the prefix (see :mod:`membrane.datapath.flowcodes`).
 
 Primitives: :class:`Packet` and :func:`decode_packet` (IPv4/IPv6 header → 5-tuple, TCP flags,
 ICMP type), :class:`NflogRecord`, :class:`NflogDecoder` (datagrams → records, loss accounting),

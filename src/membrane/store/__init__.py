@@ -1,5 +1,6 @@
 """The resource store: a protocol (``base``), the embedded SQLite backend, the etcd backend and
-an in-memory fake.
+an in-memory fake; the key layout (``keys``) and what lives under it: API objects (``objects``,
+the typed client), identities (``identities``) and node pod CIDRs (``ipam``).
 
 :func:`open_store` turns a store URL into a :class:`~membrane.store.base.Store`:
 

@@ -28,7 +28,7 @@ because a rule was skipped:
   ``!=``/``==``; concatenations ``a . b . c`` looked up in a set (``@set``) or verdict map
   (``vmap @map``), interval elements included (an element range per component);
 - statements: ``counter``, ``log prefix "…" group N snaplen N`` (recorded, decoded with
-  :func:`membrane.observe.events.parse_prefix`, and the rule goes on), ``ct mark set V`` and
+  :func:`membrane.datapath.flowcodes.parse_prefix`, and the rule goes on), ``ct mark set V`` and
   ``ct mark set <expr> map @map`` (a miss ends the rule), ``ct label set N``, ``masquerade``,
   ``snat to A``, ``dnat to A[:P]`` (recorded; dnat rewrites the destination for later hooks);
 - verdicts: ``accept``, ``drop``, ``return``, ``jump C``, ``goto C`` and the verdicts of maps.
@@ -46,8 +46,8 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
 
 from membrane.core.protocols import PROTOCOL_NAMES
+from membrane.datapath.flowcodes import EventKind, FlowCode, parse_prefix
 from membrane.datapath.nft.objects import Chain, Map, Ruleset, Set
-from membrane.observe.events import EventKind, FlowCode, parse_prefix
 
 Verdict = Literal["accept", "drop"]
 CtState = Literal["new", "established", "related", "invalid", "untracked"]

@@ -8,6 +8,12 @@ Garbage collection is reference-based: endpoints reference identities. Every end
 rewrites the identity's ``id/<n>`` key in the same transaction (see :func:`touch_ops`), so a
 collector that saw the identity unreferenced deletes it only if ``id/<n>`` is unchanged since —
 a concurrent new reference makes the collector's compare fail instead of leaving a dangling id.
+
+The pure parts (labels and their canonical form, the reserved ids and the cluster range) are
+:mod:`membrane.identity`'s; this module is where they meet the store.
+
+Primitives: :class:`IdentityAllocator`, :class:`AllocatedIdentity`, :func:`decode_identity`,
+:class:`IdentitySpaceExhausted`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 
 from membrane.core.errors import MembraneError
 from membrane.identity.labels import Label, canonical, parse_labels
-from membrane.identity.reserved import MAX_CLUSTER_IDENTITY, MIN_CLUSTER_IDENTITY
+from membrane.identity.reserved import MIN_CLUSTER_IDENTITY, next_free_identity
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, KeyValue, Put, Store
 
@@ -46,17 +52,6 @@ def _encode(labels: Iterable[Label]) -> bytes:
 def decode_identity(kv: KeyValue) -> tuple[int, frozenset[Label]]:
     identity = int(kv.key.rsplit("/", 1)[1])
     return identity, parse_labels(json.loads(kv.value))
-
-
-def next_free_identity(used: set[int], after: int) -> int | None:
-    """The first unused cluster identity after ``after``, wrapping around once."""
-    span = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
-    start = max(after + 1, MIN_CLUSTER_IDENTITY)
-    for offset in range(span):
-        candidate = MIN_CLUSTER_IDENTITY + (start - MIN_CLUSTER_IDENTITY + offset) % span
-        if candidate not in used:
-            return candidate
-    return None
 
 
 class IdentityAllocator:

@@ -1,6 +1,6 @@
 """The resource API over the store: apply, get, list, delete, label, status -- with Kubernetes' rules.
 
-Objects live under ``store.keys.object_key(plural, namespace, name)`` as the JSON of the
+Objects live under :func:`ref_key` (``keys.object_key(plural, namespace, name)``) as the JSON of the
 normalized object (defaults filled, unset fields omitted, no ``resourceVersion``); the
 ``resourceVersion`` a reader sees is the key's ``mod_revision``. Watchers decode values with
 :func:`decode`.
@@ -21,7 +21,10 @@ Rules (as the Kubernetes API server applies them):
 - Every Namespace carries the label ``kubernetes.io/metadata.name=<name>``.
 
 Primitives: :class:`ObjectClient`, :class:`ApplyResult`, :class:`Rejection`,
-:class:`ApplyRejected`, :func:`encode`, :func:`decode`, :func:`default_namespace`.
+:class:`ApplyRejected`, :func:`encode`, :func:`decode`, :func:`default_namespace`, :func:`ref_key`.
+
+The models and their validation are :mod:`membrane.api`'s, which knows nothing of the store; this
+module is where the two meet.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ def decode(kv: KeyValue) -> ApiObject:
         return info.model.model_validate(data)
     except (ValueError, KeyError, TypeError, InvalidInput, ValidationError) as exc:
         raise StoreError(f"stored object {kv.key} cannot be decoded: {exc}") from None
+
+
+def ref_key(ref: ObjectRef) -> str:
+    """The store key of the object ``ref`` names."""
+    return keys.object_key(ref.info.plural, ref.namespace, ref.name)
 
 
 def default_namespace() -> k8s.Namespace:
@@ -273,7 +281,7 @@ class ObjectClient:
     async def get(self, kind: str, namespace: str | None, name: str) -> ApiObject:
         """The object, or NotFound (``pods "web" not found``)."""
         ref = self._ref(kind, namespace, name)
-        kv = await self.store.get(ref.key)
+        kv = await self.store.get(ref_key(ref))
         if kv is None:
             if _is_default_namespace(ref):
                 return default_namespace()
@@ -360,20 +368,21 @@ class ObjectClient:
                     if namespace_kvs[ns] is None:
                         rejections.append(Rejection(index, ref, f'namespaces "{ns}" not found'))
                         continue
-            kv = await self.store.get(ref.key)
-            plan.compare(ref.key, kv)
+            key = ref_key(ref)
+            kv = await self.store.get(key)
+            plan.compare(key, kv)
             if kv is None and _is_default_namespace(ref):
                 # `default` exists even when no object for it is stored: applying it is an update.
                 if _declared(obj) == _declared(default_namespace()):
                     results.append(ApplyResult(ref, "unchanged", default_namespace()))
                 else:
                     created = self._created(obj)
-                    plan.ops.append(Put(ref.key, encode(created)))
+                    plan.ops.append(Put(key, encode(created)))
                     results.append(ApplyResult(ref, "configured", created))
                 continue
             if kv is None:
                 created = self._created(obj)
-                plan.ops.append(Put(ref.key, encode(created)))
+                plan.ops.append(Put(key, encode(created)))
                 results.append(ApplyResult(ref, "created", created))
                 continue
             old = decode(kv)
@@ -386,7 +395,7 @@ class ObjectClient:
             if encode(updated) == encode(old):
                 results.append(ApplyResult(ref, "unchanged", old))
                 continue
-            plan.ops.append(Put(ref.key, encode(updated)))
+            plan.ops.append(Put(key, encode(updated)))
             results.append(ApplyResult(ref, "configured", updated))
         if rejections:
             raise ApplyRejected(rejections)
@@ -454,8 +463,9 @@ class ObjectClient:
     ) -> ApiObject:
         """Set the status to ``compute(current object)``; recomputed on every compare-and-swap retry."""
         ref = self._ref(kind, namespace, name)
+        key = ref_key(ref)
         for _ in range(MAX_ATTEMPTS):
-            kv = await self.store.get(ref.key)
+            kv = await self.store.get(key)
             if kv is None:
                 raise NotFound(ref.not_found())
             if resource_version is not None and str(kv.mod_revision) != resource_version:
@@ -475,7 +485,7 @@ class ObjectClient:
                 raise InvalidInput([f"{ref}: {line}" for line in exc.problems]) from None
             if encode(updated) == encode(current):
                 return current
-            txn = await self.store.txn([Compare(ref.key, kv.mod_revision)], [Put(ref.key, encode(updated))])
+            txn = await self.store.txn([Compare(key, kv.mod_revision)], [Put(key, encode(updated))])
             if txn.succeeded:
                 return _with_meta(updated, resourceVersion=str(txn.revision))
             if resource_version is not None:
@@ -503,8 +513,9 @@ class ObjectClient:
         if problems:
             raise InvalidInput(problems)
         ref = self._ref(kind, namespace, name)
+        object_key = ref_key(ref)
         for _ in range(MAX_ATTEMPTS):
-            kv = await self.store.get(ref.key)
+            kv = await self.store.get(object_key)
             if kv is not None:
                 current = decode(kv)
             elif _is_default_namespace(ref):
@@ -528,7 +539,7 @@ class ObjectClient:
                 "unlabeled" if not overwrite and len(updated.labels) < len(current.labels) else "labeled"
             )
             txn = await self.store.txn(
-                [Compare(ref.key, kv.mod_revision if kv else 0)], [Put(ref.key, encode(updated))]
+                [Compare(object_key, kv.mod_revision if kv else 0)], [Put(object_key, encode(updated))]
             )
             if txn.succeeded:
                 return _with_meta(updated, resourceVersion=str(txn.revision)), verdict, warnings
@@ -562,14 +573,15 @@ class ObjectClient:
             deleted: builtins.list[ApiObject] = []
             missing: builtins.list[ObjectRef] = []
             for ref in refs:
-                if ref.key in plan.compares:
+                key = ref_key(ref)
+                if key in plan.compares:
                     continue
-                kv = await self.store.get(ref.key)
+                kv = await self.store.get(key)
                 if kv is None:
                     missing.append(ref)
                     continue
-                plan.compare(ref.key, kv)
-                plan.ops.append(Delete(ref.key))
+                plan.compare(key, kv)
+                plan.ops.append(Delete(key))
                 deleted.append(decode(kv))
                 if ref.kind == "Namespace":
                     await self._plan_namespace_contents(ref.name, plan)

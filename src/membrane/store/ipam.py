@@ -1,4 +1,8 @@
-"""Node pod-CIDR claims in the store (compare-and-swap, so two nodes never share a subnet)."""
+"""Node pod-CIDR claims in the store (compare-and-swap, so two nodes never share a subnet).
+
+The pool arithmetic is :mod:`membrane.ipam.pool`'s (pure); this module is where it meets the
+store. Primitives: :func:`claim_node_cidr`, :func:`node_cidrs`, :class:`PoolExhausted`.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
 """The flow event code: what the datapath's ``log`` rules say, and what it means (pure, no I/O).
 
+It is the contract between the datapath, which writes the prefixes into its rules
+(:mod:`membrane.datapath.ruleset`), and the observer, which reads them back from NFLOG
+(:mod:`membrane.observe.enrich`); it lives on the writing side so that the datapath needs
+nothing of the observer.
+
 Every nft rule that reports a packet carries a compact log prefix; the NFLOG parser hands it back
 with the packet and :func:`parse_prefix` expands it. The prefix is short (NFLOG copies it with
 every event) and versioned by its leading tag::
