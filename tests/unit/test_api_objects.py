@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 from collections.abc import Callable, Sequence
@@ -308,6 +309,22 @@ async def test_objects_written_by_agents_with_extra_status_fields_decode(
     assert isinstance(got, cilium.CiliumNode)
     assert got.address("InternalIP") == "172.31.0.11"
     assert got.to_dict()["status"] == {"routing": "vxlan", "mtu": 1450}
+    assert got.internal_ip() == ipaddress.IPv4Address("172.31.0.11")
+    assert got.pod_cidr() == ipaddress.IPv4Network("10.244.1.0/24")
+
+
+def test_a_nodes_ipv4_address_and_pod_cidr_skip_what_is_not_ipv4() -> None:
+    node = cilium.CiliumNode.model_validate({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": "node1"},
+        "spec": {"addresses": [{"type": "ExternalIP", "ip": "198.51.100.9"}, {"type": "InternalIP", "ip": "fd00::11"},
+                               {"type": "InternalIP", "ip": "172.31.0.11"}],
+                 "ipam": {"podCIDRs": ["fd00:10:244::/64", "10.244.1.0/24"]}},
+    })
+    assert node.internal_ip() == ipaddress.IPv4Address("172.31.0.11")
+    assert node.pod_cidr() == ipaddress.IPv4Network("10.244.1.0/24")
+    bare = cilium.CiliumNode.model_validate({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                                             "metadata": {"name": "node2"}})
+    assert bare.internal_ip() is None and bare.pod_cidr() is None
 
 
 async def test_list_with_revision_gives_a_watch_start(client: ObjectClient, store: MemoryStore) -> None:

@@ -1,6 +1,7 @@
 """Inspection output (status, node/endpoint/identity/ip list) from a fixed cluster view."""
 
 import ipaddress
+import json
 
 from membrane.api.endpoint import EndpointRecord
 from membrane.cli.inspect import (
@@ -11,8 +12,11 @@ from membrane.cli.inspect import (
     format_ip_list,
     format_node_list,
     format_status,
+    load_cluster_view,
 )
 from membrane.identity.labels import parse_labels
+from membrane.store import keys
+from membrane.store.memory import MemoryStore
 
 WEB = ("k8s:app=web", "k8s:io.kubernetes.pod.namespace=x")
 VIEW = ClusterView(
@@ -66,3 +70,19 @@ def test_status_without_agent_says_why():
     assert "KVStore:               Ok   sqlite:///s.db (revision 42)" in text
     assert "Membrane:              Unavailable   agent not running" in text
     assert "Cluster health:        1/2 nodes ready" in text
+
+
+async def test_cluster_view_reads_nodes_with_their_model():
+    store = MemoryStore()
+    node = {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": "node1"},
+            "spec": {"addresses": [{"type": "InternalIP", "ip": "fd00::11"},
+                                   {"type": "InternalIP", "ip": "172.31.0.11"}],
+                     "ipam": {"podCIDRs": ["10.244.0.0/24"]}},
+            "status": {"routing": "native", "mtu": 1500}}
+    bare = {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": "node2"}}
+    for obj in (node, bare):
+        await store.put(keys.object_key("ciliumnodes", None, obj["metadata"]["name"]), json.dumps(obj).encode())
+    await store.put(keys.HEARTBEATS + "node1", json.dumps({"time": 1000.0}).encode())
+    view = await load_cluster_view(store)
+    assert view.nodes == [NodeView("node1", "172.31.0.11", ["10.244.0.0/24"], "native", True, 1000.0, 1500),
+                          NodeView("node2", "", [], "", False, None, 0)]

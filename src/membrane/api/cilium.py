@@ -13,7 +13,8 @@ Primitives:
 - LB-IPAM and announcements: :class:`CiliumLoadBalancerIPPool`, :class:`CiliumL2AnnouncementPolicy`;
 - BGP: :class:`CiliumBGPPeeringPolicy` (v1), :class:`CiliumBGPClusterConfig`,
   :class:`CiliumBGPPeerConfig`, :class:`CiliumBGPAdvertisement` (v2);
-- nodes: :class:`CiliumNode` (written by the agents).
+- nodes: :class:`CiliumNode` (written by the agents), with :meth:`CiliumNode.internal_ip` and
+  :meth:`CiliumNode.pod_cidr` for the two facts every reader of a node wants.
 """
 
 from __future__ import annotations
@@ -1180,6 +1181,25 @@ class CiliumNode(ApiObject):
         for item in self.spec.addresses or ():
             if item.type == type_:
                 return item.ip
+        return None
+
+    def internal_ip(self) -> ipaddress.IPv4Address | None:
+        """The first ``InternalIP`` address that is IPv4 (the node's address for tunnels and the ipcache)."""
+        for item in self.spec.addresses or ():
+            if item.type == "InternalIP":
+                try:
+                    return ipaddress.IPv4Address(item.ip)
+                except ValueError:
+                    continue
+        return None
+
+    def pod_cidr(self) -> ipaddress.IPv4Network | None:
+        """The first ``spec.ipam.podCIDRs`` entry that is an IPv4 network (the node's pod pool)."""
+        for cidr in (self.spec.ipam.podCIDRs or ()) if self.spec.ipam is not None else ():
+            try:
+                return ipaddress.IPv4Network(cidr)
+            except ValueError:
+                continue
         return None
 
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import click
 
+from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
+from membrane.store.objects import decode
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
 from membrane.core.config import DEFAULT_RUN_DIR
@@ -60,16 +62,18 @@ async def load_cluster_view(store: Store) -> ClusterView:
     beats = {kv.key.removeprefix(keys.HEARTBEATS): json.loads(kv.value) for kv in beat_kvs}
     nodes = []
     for kv in node_kvs:
-        obj = json.loads(kv.value)
-        spec, status = obj.get("spec") or {}, obj.get("status") or {}
-        addresses = [a.get("ip", "") for a in spec.get("addresses") or [] if a.get("type") == "InternalIP"]
-        name = obj["metadata"]["name"]
-        beat = beats.get(name)
+        node = decode(kv)
+        if not isinstance(node, CiliumNode):
+            continue
+        node_ip = node.internal_ip()
+        # What the agent adds to its node's status beyond Cilium's fields (routing mode, MTU).
+        extra = (node.status.model_extra if node.status is not None else None) or {}
+        beat = beats.get(node.name)
         nodes.append(NodeView(
-            name=name, node_ip=addresses[0] if addresses else "",
-            pod_cidrs=list((spec.get("ipam") or {}).get("podCIDRs") or []),
-            routing=status.get("routing", ""), ready=beat is not None,
-            last_heartbeat=beat.get("time") if beat else None, mtu=int(status.get("mtu", 0)),
+            name=node.name, node_ip=str(node_ip) if node_ip is not None else "",
+            pod_cidrs=list(node.spec.ipam.podCIDRs or ()) if node.spec.ipam is not None else [],
+            routing=str(extra.get("routing", "")), ready=beat is not None,
+            last_heartbeat=beat.get("time") if beat else None, mtu=int(extra.get("mtu", 0)),
         ))
     endpoints = []
     for kv in (await store.list(keys.ENDPOINTS))[0]:

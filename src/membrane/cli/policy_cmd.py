@@ -20,11 +20,15 @@ from typing import Any
 
 import click
 
+from membrane.api import k8s
+from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
+from membrane.api.meta import ApiObject
+from membrane.store.objects import decode
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
 from membrane.core.config import ClusterConfig
-from membrane.core.errors import InvalidInput
+from membrane.core.errors import InvalidInput, StoreError
 from membrane.identity.labels import Label, parse_labels
 from membrane.policy import (
     CIDRSelector,
@@ -42,7 +46,7 @@ from membrane.policy import (
 from membrane.policy.compiler import PolicyCompiler, enforcement_config, ipcache_entries, policy_endpoint
 from membrane.policy.rules import RuleOrigin
 from membrane.store import keys
-from membrane.store.base import Store
+from membrane.store.base import KeyValue, Store
 from membrane.store.identities import decode_identity
 
 POLICY_PLURALS = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
@@ -54,8 +58,8 @@ class StorePolicyView:
 
     compiler: PolicyCompiler
     records: list[EndpointRecord]
-    pods: dict[tuple[str, str], dict[str, Any]]
-    nodes: dict[str, dict[str, Any]]
+    pods: dict[tuple[str, str], k8s.Pod]
+    nodes: dict[str, CiliumNode]
     revision: int  # the newest modification of a policy object (0: none)
 
     def endpoint_policies(self) -> dict[str, EndpointPolicy]:
@@ -65,7 +69,7 @@ class StorePolicyView:
 
     def intervals(self, node: str | None) -> tuple[IpcacheInterval, ...]:
         """The ipcache as ``node`` sees it (its own addresses are host, the others remote-node)."""
-        entries = ipcache_entries(self.records, self.nodes, node, self.compiler.compiled.cidr_identities)
+        entries = ipcache_entries(self.records, self.nodes.values(), node, self.compiler.compiled.cidr_identities)
         return flatten_ipcache(entries)
 
     def record(self, ref: str) -> EndpointRecord | None:
@@ -85,15 +89,23 @@ async def _cluster_config(store: Store) -> ClusterConfig:
         return ClusterConfig()
 
 
+def _decoded(kvs: Iterable[KeyValue]) -> Iterable[tuple[KeyValue, ApiObject]]:
+    """The stored objects decoded once with their models; one that does not decode is left out, as
+    the agents leave it out."""
+    for kv in kvs:
+        try:
+            yield kv, decode(kv)
+        except StoreError:
+            continue
+
+
 async def load_policy_view(store: Store) -> StorePolicyView:
-    policies: dict[str, dict[str, Any]] = {}
+    policies: dict[str, ApiObject] = {}
     revision = 0
     for plural in POLICY_PLURALS:
-        for kv in (await store.list(keys.objects_prefix(plural)))[0]:
-            try:
-                policies[kv.key] = json.loads(kv.value)
-            except ValueError:
-                continue
+        kvs, _ = await store.list(keys.objects_prefix(plural))
+        for kv, obj in _decoded(kvs):
+            policies[kv.key] = obj
             revision = max(revision, kv.mod_revision)
     identities: dict[int, frozenset[Label]] = {}
     for kv in (await store.list(keys.IDENTITY_BY_ID))[0]:
@@ -108,13 +120,10 @@ async def load_policy_view(store: Store) -> StorePolicyView:
             records.append(EndpointRecord.from_json(kv.value))
         except (ValueError, TypeError, KeyError):
             continue
-    pods: dict[tuple[str, str], dict[str, Any]] = {}
-    for kv in (await store.list(keys.objects_prefix("pods")))[0]:
-        obj = json.loads(kv.value)
-        meta = obj.get("metadata") or {}
-        pods[(meta.get("namespace", "default"), meta.get("name", ""))] = obj
-    nodes = {kv.key.removeprefix(keys.objects_prefix("ciliumnodes")): json.loads(kv.value)
-             for kv in (await store.list(keys.objects_prefix("ciliumnodes")))[0]}
+    pods = {(obj.namespace or "default", obj.name): obj
+            for _, obj in _decoded((await store.list(keys.objects_prefix("pods")))[0]) if isinstance(obj, k8s.Pod)}
+    nodes = {obj.name: obj for _, obj in _decoded((await store.list(keys.objects_prefix("ciliumnodes")))[0])
+             if isinstance(obj, CiliumNode)}
     cluster = await _cluster_config(store)
     compiler = PolicyCompiler(cluster_name=cluster.clusterName, config=enforcement_config(cluster))
     compiler.update(policies, identities, records, pods)

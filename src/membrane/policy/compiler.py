@@ -1,7 +1,7 @@
 """The policy compiler: stored policy objects, identities and endpoint records → endpoint policies,
 recompiling only what a change requires (pure: no store, no agent, no datapath).
 
-    policy objects ──import (decode + normalize, cached per body)──▶ rules
+    policy objects ──import (normalize, cached per object, then per body)──▶ rules
     rules, identities, named ports ──compile_policies──▶ repository + selector cache
     identities only changed ──▶ SelectorCache.update (no recompile)
     per endpoint: EndpointPolicy (memoized per identity, namespace and named ports)
@@ -11,13 +11,14 @@ It is shared by the agent's policy controller and the CLI (``membrane policy tra
 same store revision. The ipcache side: :func:`ipcache_entries` (the table) and
 :class:`IpcacheBuilder` (this node's flattened intervals, incrementally).
 
-Inputs are the raw stored objects (policies, Pods, CiliumNodes as dicts) and
-:class:`~membrane.api.endpoint.EndpointRecord` values; outputs are the engine's typed
-:class:`~membrane.policy.EndpointPolicy` and :class:`~membrane.policy.IpcacheInterval` values,
-which the datapath renders.
+Inputs are the decoded API objects (policies, :class:`~membrane.api.k8s.Pod`,
+:class:`~membrane.api.cilium.CiliumNode`: frozen models, replaced rather than changed, so an
+unchanged input is recognized by identity) and :class:`~membrane.api.endpoint.EndpointRecord`
+values; outputs are the engine's typed :class:`~membrane.policy.EndpointPolicy` and
+:class:`~membrane.policy.IpcacheInterval` values, which the datapath renders.
 
 Primitives: :class:`ImportedPolicy`, :func:`import_policy`, :func:`policy_endpoint`,
-:func:`node_addresses`, :func:`ipcache_entries`, :class:`IpcacheBuilder`, :class:`PolicyCompiler`,
+:func:`same_body`, :func:`node_addresses`, :func:`ipcache_entries`, :class:`IpcacheBuilder`, :class:`PolicyCompiler`,
 :func:`enforcement_config`.
 """
 
@@ -27,7 +28,7 @@ import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any
 
 from membrane.api import cilium, k8s
@@ -35,14 +36,20 @@ from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import MembraneError
-from membrane.core.protocols import PROTOCOLS
 from membrane.identity.ipcache import EndpointAddress, IpcacheEntry, NodeAddresses, build_ipcache
 from membrane.identity.labels import Label
 from membrane.identity.reserved import WORLD
 from membrane.ipam.pool import router_ip
 from membrane.policy.engine import CompiledPolicy, compile_policies
 from membrane.policy.ipcache import IpcacheInterval, flatten_ipcache, with_cidr_identities
-from membrane.policy.mapstate import EndpointPolicy, EnforcementConfig, NamedPorts, PolicyEndpoint, compute_policies
+from membrane.policy.mapstate import (
+    EndpointPolicy,
+    EnforcementConfig,
+    NamedPorts,
+    PolicyEndpoint,
+    compute_policies,
+    named_ports_of,
+)
 from membrane.policy.rules import PolicyRule, normalize
 
 #: Endpoint record states whose address is in the ipcache (``creating`` holds its address already).
@@ -60,30 +67,70 @@ _POLICY_MODELS: dict[str, type[ApiObject]] = {
 
 @dataclass(frozen=True)
 class ImportedPolicy:
-    """One policy object as the engine took it: its rules, or why it could not be imported."""
+    """One policy object as the engine took it: its rules, or why it could not be imported.
+
+    ``obj`` is the object last seen under ``key`` (a newer object with the same body replaces it
+    without a new import). ``body`` is computed from it on first use, not on import: comparing
+    objects by identity and equality settles almost every update without serializing anything."""
 
     key: str  # the store key
     kind: str
     namespace: str
     name: str
     generation: int
-    body: str  # canonical JSON of everything but metadata and status: what decides recompilation
     rules: tuple[PolicyRule, ...] = ()
     error: str = ""
     unsupported: tuple[str, ...] = ()  # parts that select nothing yet
     l7: tuple[str, ...] = ()  # paths of L7 rules: the traffic they select is denied
     obj: ApiObject | None = field(default=None, compare=False, repr=False)
+    _body: str | None = field(default=None, compare=False, repr=False)  # body, once computed
 
     @property
     def ok(self) -> bool:
         return not self.error
 
+    @property
+    def body(self) -> str:
+        """Canonical JSON of everything but metadata and status, with namespace, name and uid:
+        what decides recompilation."""
+        if self._body is None:
+            # Set once on a frozen value: a cache, invisible to equality and hashing.
+            object.__setattr__(self, "_body", _model_body(self.obj) if self.obj is not None else "")
+        assert self._body is not None
+        return self._body
 
-def _body(data: Mapping[str, Any]) -> str:
+
+def _canonical(essential: dict[str, Any], namespace: object, name: object, uid: object) -> str:
+    essential["@"] = [namespace or "", name or "", uid or ""]
+    return json.dumps(essential, sort_keys=True, separators=(",", ":"))
+
+
+def _model_body(obj: ApiObject) -> str:
+    return _canonical(obj.body(), obj.metadata.namespace, obj.metadata.name, obj.metadata.uid)
+
+
+#: The fields of a policy object that are not its body.
+_NOT_BODY = frozenset({"apiVersion", "kind", "metadata", "status"})
+
+
+def same_body(a: ApiObject, b: ApiObject) -> bool:
+    """Whether two objects have the same :attr:`ImportedPolicy.body`, without serializing either:
+    the frozen models compare field by field (strict scalars: equal values dump equal), so a
+    status write or a label change costs a comparison, not a dump."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    ma, mb = a.metadata, b.metadata
+    if (ma.namespace, ma.name, ma.uid) != (mb.namespace, mb.name, mb.uid):
+        return False
+    return all(getattr(a, name) == getattr(b, name) for name in type(a).model_fields if name not in _NOT_BODY)
+
+
+def _mapping_body(data: Mapping[str, Any]) -> str:
     meta = data.get("metadata") or {}
     essential = {k: v for k, v in data.items() if k not in ("metadata", "status")}
-    essential["@"] = [meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", "")]
-    return json.dumps(essential, sort_keys=True, separators=(",", ":"))
+    return _canonical(essential, meta.get("namespace"), meta.get("name"), meta.get("uid"))
 
 
 def _unsupported(rules: Iterable[PolicyRule]) -> tuple[str, ...]:
@@ -104,67 +151,73 @@ def _l7_paths(rules: Iterable[PolicyRule]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def import_policy(key: str, data: Mapping[str, Any], cluster_name: str = "default") -> ImportedPolicy:
-    """Decode and normalize one stored policy object; failures are reported, not raised."""
-    meta = data.get("metadata") or {}
+def _error_text(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def import_policy(key: str, obj: ApiObject | Mapping[str, Any], cluster_name: str = "default") -> ImportedPolicy:
+    """Normalize one policy object; failures are reported in ``error``, not raised.
+
+    A model is taken as validated; a mapping (a stored object not decoded yet) is validated as its
+    kind's model first."""
+    if not isinstance(obj, ApiObject):
+        return _import_mapping(key, obj, cluster_name)
+    meta = obj.metadata
+    base = ImportedPolicy(key=key, kind=obj.kind, namespace=meta.namespace or "", name=meta.name or "",
+                          generation=meta.generation or 0, obj=obj)
+    try:
+        if type(obj) not in _POLICY_MODELS.values():
+            raise ValueError(f"{obj.kind!r} is not a policy kind")
+        rules = normalize(obj, cluster_name)
+    except (MembraneError, ValueError, TypeError, KeyError) as exc:
+        return dataclasses.replace(base, error=_error_text(exc))
+    return dataclasses.replace(base, rules=rules, unsupported=_unsupported(rules), l7=_l7_paths(rules))
+
+
+def _import_mapping(key: str, data: Mapping[str, Any], cluster_name: str) -> ImportedPolicy:
     kind = str(data.get("kind", ""))
-    base = ImportedPolicy(key=key, kind=kind, namespace=str(meta.get("namespace") or ""),
-                          name=str(meta.get("name", "")), generation=int(meta.get("generation") or 0),
-                          body=_body(data))
     try:
         model = _POLICY_MODELS.get(kind)
         if model is None:
             raise ValueError(f"{kind!r} is not a policy kind")
         obj = model.model_validate(dict(data))
-        rules = normalize(obj, cluster_name)
     except (MembraneError, ValueError, TypeError, KeyError) as exc:
-        message = " ".join(str(exc).split())[:300] or type(exc).__name__
-        return dataclasses.replace(base, error=message)
-    return dataclasses.replace(base, rules=rules, unsupported=_unsupported(rules), l7=_l7_paths(rules), obj=obj)
+        meta = data.get("metadata") or {}
+        return ImportedPolicy(key=key, kind=kind, namespace=str(meta.get("namespace") or ""),
+                              name=str(meta.get("name", "")), generation=int(meta.get("generation") or 0),
+                              error=_error_text(exc), _body=_mapping_body(data))
+    return import_policy(key, obj, cluster_name)
 
 
 # --- endpoints and the ipcache ----------------------------------------------------------------------------
 
 
-def _pod_spec_ports(pod: Mapping[str, Any] | None) -> NamedPorts:
-    """The named container ports of a stored Pod (``named_ports_of`` on the raw object: this runs for
-    every pod of the cluster on every recompilation, so no model validation)."""
-    found: dict[str, set[tuple[int, int]]] = {}
-    for container in ((pod or {}).get("spec") or {}).get("containers") or ():
-        for port in container.get("ports") or ():
-            name, number = port.get("name"), port.get("containerPort")
-            protocol = PROTOCOLS.get(str(port.get("protocol") or "TCP"))
-            if name and isinstance(number, int) and protocol is not None:
-                found.setdefault(str(name).lower(), set()).add((protocol, number))
-    return {name: frozenset(ports) for name, ports in found.items()}
+def _pod_spec_ports(pod: k8s.Pod | None) -> NamedPorts:
+    return named_ports_of(pod.spec) if pod is not None else {}
 
 
-def policy_endpoint(record: EndpointRecord, pods: Mapping[tuple[str, str], Mapping[str, Any]]) -> PolicyEndpoint:
+def policy_endpoint(record: EndpointRecord, pods: Mapping[tuple[str, str], k8s.Pod]) -> PolicyEndpoint:
     """An endpoint as policy sees it, keyed ``NS/POD``, with the named ports of its pod's spec."""
     ports = _pod_spec_ports(pods.get((record.namespace, record.pod)))
     return PolicyEndpoint(f"{record.namespace}/{record.pod}", record.identity, record.namespace, ports)
 
 
-def node_addresses(nodes: Mapping[str, Mapping[str, Any]]) -> list[NodeAddresses]:
-    """The InternalIP and router IP of every CiliumNode (identities host / remote-node)."""
+def node_addresses(nodes: Iterable[cilium.CiliumNode]) -> list[NodeAddresses]:
+    """The InternalIP and router IP of every CiliumNode that has an IPv4 InternalIP (identities
+    host / remote-node)."""
     found = []
-    for name, obj in nodes.items():
-        spec = obj.get("spec") or {}
-        ips = [a.get("ip") for a in spec.get("addresses") or () if a.get("type") == "InternalIP" and a.get("ip")]
-        if not ips:
+    for node in nodes:
+        node_ip = node.internal_ip()
+        if node_ip is None:
             continue
-        cidrs = (spec.get("ipam") or {}).get("podCIDRs") or ()
-        try:
-            router = router_ip(IPv4Network(cidrs[0])) if cidrs else None
-            found.append(NodeAddresses(name, IPv4Address(ips[0]), router))
-        except ValueError:
-            continue
+        cidr = node.pod_cidr()
+        found.append(NodeAddresses(node.name, node_ip, router_ip(cidr) if cidr is not None else None))
     return found
 
 
 def ipcache_entries(
     records: Iterable[EndpointRecord],
-    nodes: Mapping[str, Mapping[str, Any]],
+    nodes: Iterable[cilium.CiliumNode],
     local_node: str | None,
     cidr_identities: Mapping[IPv4Network, int],
 ) -> list[IpcacheEntry]:
@@ -180,20 +233,23 @@ def ipcache_entries(
 class IpcacheBuilder:
     """This node's ipcache intervals, kept up to date incrementally: the /32 of an endpoint record is
     rebuilt only when that record object changed (the intent replaces a record on every write), and
-    the table is flattened again only when an entry, a node or a policy prefix changed (else the
-    same tuple object is returned, so a renderer can skip it). The result equals
+    the table is flattened again only when an entry, a node object (compared by identity: nodes are
+    replaced, never changed) or a policy prefix changed (else the same tuple object is returned, so
+    a renderer can skip it). The result equals
     :func:`ipcache_entries` flattened (endpoints win over nodes, nodes over policy prefixes)."""
 
     def __init__(self, local_node: str | None) -> None:
         self.local_node = local_node
         self._records: dict[str, tuple[EndpointRecord, tuple[IPv4Network, int] | None]] = {}
-        self._others: tuple[object, ...] | None = None
+        # The node objects themselves (kept alive, so identity comparisons stay sound) and the prefixes.
+        self._nodes: tuple[tuple[str, cilium.CiliumNode], ...] | None = None
+        self._prefixes: tuple[tuple[IPv4Network, int], ...] = ()
         self._intervals: tuple[IpcacheInterval, ...] = ()
 
     def intervals(
         self,
         records: Mapping[str, EndpointRecord],
-        nodes: Mapping[str, Mapping[str, Any]],
+        nodes: Mapping[str, cilium.CiliumNode],
         cidr_identities: Mapping[IPv4Network, int],
     ) -> tuple[IpcacheInterval, ...]:
         changed = False
@@ -208,16 +264,24 @@ class IpcacheBuilder:
             if cached is None or cached[1] != entry:
                 changed = True
             self._records[key] = (record, entry)
-        others = (tuple((n, id(obj)) for n, obj in nodes.items()), tuple(sorted(cidr_identities.items())))
-        if changed or others != self._others:
-            self._others = others
+        prefixes = tuple(sorted(cidr_identities.items()))
+        if changed or prefixes != self._prefixes or not self._same_nodes(nodes):
+            self._nodes = tuple(nodes.items())
+            self._prefixes = prefixes
             endpoints = [entry for _, entry in self._records.values() if entry is not None]
             world = IPv4Network("0.0.0.0/0")
-            fixed = [e for e in build_ipcache((), node_addresses(nodes), self.local_node) if e.prefix != world]
+            fixed = [e for e in build_ipcache((), node_addresses(nodes.values()), self.local_node)
+                     if e.prefix != world]
             table: list[IpcacheEntry | tuple[IPv4Network, int]] = [
                 *endpoints, *fixed, (world, WORLD.id), *cidr_identities.items()]
             self._intervals = flatten_ipcache(table)
         return self._intervals
+
+    def _same_nodes(self, nodes: Mapping[str, cilium.CiliumNode]) -> bool:
+        last = self._nodes
+        if last is None or len(last) != len(nodes):
+            return False
+        return all(name in nodes and nodes[name] is node for name, node in last)
 
 
 # --- the compiler --------------------------------------------------------------------------------------
@@ -228,7 +292,8 @@ class PolicyCompiler:
     a change requires:
 
     - a policy body or the named ports of an identity changed → ``compile_policies`` again (CIDR
-      identity numbers kept);
+      identity numbers kept); a policy object is looked at only when it is not the object imported
+      last, and then compared field by field (:func:`same_body`), never serialized;
     - identities appeared or went → ``SelectorCache.update``, selections adjusted in place;
     - otherwise (status writes, pod status, endpoints of known identities) → nothing.
 
@@ -246,7 +311,8 @@ class PolicyCompiler:
         self._named: dict[int, NamedPorts] = {}
         self._identities: dict[int, frozenset[Label]] = {}
         self._memo: dict[tuple[object, ...], EndpointPolicy] = {}
-        self._ports: dict[int, tuple[EndpointRecord, object, NamedPorts]] = {}  # by id(record): kept alive here
+        # By id(record): the record and pod are kept alive here, so identity comparisons stay sound.
+        self._ports: dict[int, tuple[EndpointRecord, k8s.Pod | None, NamedPorts]] = {}
 
     @property
     def compiled(self) -> CompiledPolicy:
@@ -260,10 +326,10 @@ class PolicyCompiler:
 
     def update(
         self,
-        policies: Mapping[str, Mapping[str, Any]],
+        policies: Mapping[str, ApiObject],
         identities: Mapping[int, frozenset[Label]],
         records: Iterable[EndpointRecord],
-        pods: Mapping[tuple[str, str], Mapping[str, Any]],
+        pods: Mapping[tuple[str, str], k8s.Pod],
     ) -> bool:
         """Take the current inputs; True when verdicts may have changed."""
         policies_changed = self._import(policies)
@@ -290,12 +356,12 @@ class PolicyCompiler:
         return False
 
     def _named_ports(
-        self, records: Iterable[EndpointRecord], pods: Mapping[tuple[str, str], Mapping[str, Any]]
+        self, records: Iterable[EndpointRecord], pods: Mapping[tuple[str, str], k8s.Pod]
     ) -> dict[int, NamedPorts]:
         """Every identity's named ports (the union over its pods: egress named ports resolve on
         these), re-reading a pod's ports only when its record or Pod
         object changed (the intent replaces both on every write), and merging again only then."""
-        seen: dict[int, tuple[EndpointRecord, object, NamedPorts]] = {}
+        seen: dict[int, tuple[EndpointRecord, k8s.Pod | None, NamedPorts]] = {}
         changed = False
         previous = self._ports
         for record in records:
@@ -315,17 +381,23 @@ class PolicyCompiler:
                 merged.setdefault(record.identity, {}).setdefault(name, set()).update(values)
         return {identity: {n: frozenset(p) for n, p in named.items()} for identity, named in merged.items()}
 
-    def _import(self, policies: Mapping[str, Mapping[str, Any]]) -> bool:
+    def _import(self, policies: Mapping[str, ApiObject]) -> bool:
         changed = False
         for key in [k for k in self.imported if k not in policies]:
             del self.imported[key]
             self.imported_at.pop(key, None)
             changed = True
-        for key, data in policies.items():
+        for key, obj in policies.items():
             current = self.imported.get(key)
-            if current is not None and current.body == _body(data):
-                continue
-            self.imported[key] = import_policy(key, data, self.cluster_name)
+            if current is not None and current.obj is not None:
+                if obj is current.obj:
+                    continue
+                if same_body(obj, current.obj):
+                    # Only status or metadata changed: the same import, holding the newer object (so the
+                    # next update settles by identity again).
+                    self.imported[key] = dataclasses.replace(current, obj=obj)
+                    continue
+            self.imported[key] = import_policy(key, obj, self.cluster_name)
             self.imported_at[key] = self.revision + 1
             changed = True
         return changed
