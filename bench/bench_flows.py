@@ -144,17 +144,19 @@ def reader(node: NetnsPlace, mode: str, group: int, pods: str) -> Iterator[Reade
 
 
 async def _serve_reader(mode: str, group: int, pods: str) -> None:
+    from membrane.agent.intent import IntentTables
     from membrane.agent.observer import AgentObserver, ObserverSettings
+    from membrane.core.statedb import StateDB
     from membrane.observe.enrich import EndpointInfo, EnrichmentState
     from membrane.observe.nflog import NflogReader
-    from membrane.store.memory import MemoryStore
 
     source = NflogReader(group)
     counted = 0
     observer = None
     if mode == "full":
+        intent = IntentTables.create(StateDB())
         observer = AgentObserver(ObserverSettings(listen=None, metrics_listen=None), node_name="bench",
-                                 store=MemoryStore(), source=source)
+                                 endpoints=intent.endpoints, nodes=intent.nodes, source=source)
         infos = []
         for i, item in enumerate(pods.split(",")):
             ifindex, ip, name = item.split(":")

@@ -16,22 +16,20 @@ import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
 
 import pytest
 
-from membrane.agent.intent import Intent
-from membrane.agent.policy import PolicyController
+from membrane.api import k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
 from membrane.datapath.netlink import EndpointSpec, PyrouteNetlink
 from membrane.datapath.nft import NftCommand
 from membrane.datapath.reconcilers import NftReconciler
 from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, build_ruleset
-from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
+from membrane.identity.labels import canonical, identity_labels_for_pod
 from membrane.policy import EnforcementConfig
-from membrane.store import keys
-from membrane.store.objects import encode
+from membrane.testing.agentkit import PolicyHarness
+from membrane.testing.agentkit import pod as pod_object
 from membrane.testing.netns import Netns, NetnsFactory, missing_binaries, wait_until
 
 pytestmark = [
@@ -71,20 +69,16 @@ class Node:
     node: Netns
     pods: dict[str, Netns]
     records: list[EndpointRecord]
-    intent: Intent
+    pod_objects: list[k8s.Pod]
     reconciler: NftReconciler
 
     async def enforce(self, manifest: str, config: EnforcementConfig | None = None) -> None:
-        self.intent.policies = {}
-        for obj in parse_manifest_text(manifest) if manifest.strip() else []:
-            data = json.loads(encode(obj))
-            data["metadata"]["generation"] = 1
-            self.intent.policies[keys.object_key(obj.kind.lower(), obj.namespace, obj.name)] = data
-        controller = PolicyController(self.intent, "node1", config=config)
-        controller.refresh()
+        """The agent's policy controller over these pods and ``manifest``, rendered and applied."""
+        policies = parse_manifest_text(manifest) if manifest.strip() else []
+        harness = PolicyHarness("node1", config=config).load(policies=policies, records=self.records,
+                                                            pods=self.pod_objects)
         desired = DesiredDatapath.from_endpoints(
-            (EndpointAddress(r.host_ifindex, r.ipv4) for r in self.records),
-            policy=controller.policy_datapath(self.records))
+            (EndpointAddress(r.host_ifindex, r.ipv4) for r in self.records), policy=harness.policy_datapath())
         await self.reconciler.sync(build_ruleset(desired))
 
     def tcp(self, source: str, target: str, port: int = 80) -> bool:
@@ -125,10 +119,6 @@ class Node:
         raise AssertionError(f"no counter in {chain}")
 
 
-def _pod_object(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default",
-                                                             "labels": {"app": name}},
-            "spec": {"containers": [{"name": "c", "image": "i"}]}}
 
 
 async def build_lan(netns_factory: NetnsFactory, prefix: str) -> Node:
@@ -138,7 +128,6 @@ async def build_lan(netns_factory: NetnsFactory, prefix: str) -> Node:
     await netlink.ensure_host_device(ROUTER, 1500)
     pods: dict[str, Netns] = {}
     records = []
-    intent = Intent()
     for index, (name, (ip, identity)) in enumerate(PODS.items()):
         pods[name] = netns_factory(f"{prefix}pod-", lo_up=True)
         attached = await netlink.attach_endpoint(EndpointSpec(f"ctr-{name}", pods[name].path, "eth0",
@@ -147,11 +136,9 @@ async def build_lan(netns_factory: NetnsFactory, prefix: str) -> Node:
         records.append(EndpointRecord(f"ctr-{name}", index + 1, "node1", "default", name, "eth0", pods[name].path,
                                       IPv4Address(ip), identity, tuple(canonical(labels)), "runner", "ready",
                                       attached.host_ifname, attached.host_ifindex))
-        intent.identities[identity] = parse_labels(canonical(labels))
-        intent.pods[("default", name)] = _pod_object(name)
         pods[name].spawn(sys.executable, "-c", SERVER)
-    intent.endpoints = {r.key: r for r in records}
-    lan = Node(node, pods, records, intent, NftReconciler(NftCommand(node.path)))
+    pod_objects = [pod_object("default", name, {"app": name}) for name in PODS]
+    lan = Node(node, pods, records, pod_objects, NftReconciler(NftCommand(node.path)))
     await lan.enforce("")
     wait_until(lambda: lan.tcp("client", PODS["web"][0], 81), timeout=10, what="the web pod serving")
     return lan

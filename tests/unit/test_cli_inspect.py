@@ -86,3 +86,26 @@ async def test_cluster_view_reads_nodes_with_their_model():
     view = await load_cluster_view(store)
     assert view.nodes == [NodeView("node1", "172.31.0.11", ["10.244.0.0/24"], "native", True, 1000.0, 1500),
                           NodeView("node2", "", [], "", False, None, 0)]
+
+
+def test_status_verbose_lists_every_reconciler_with_its_failures():
+    agent = {
+        "node": "node1", "nodeIP": "172.31.0.11", "podCIDR": "10.244.0.0/24", "controllers": {},
+        "reconcilers": [
+            {"module": "datapath", "kind": "reconciler", "name": "nft", "rows": 12, "done": 12, "errors": 0,
+             "lastFullSync": 990.0, "lastError": "", "failing": []},
+            {"module": "routing", "kind": "reconciler", "name": "routing", "rows": 2, "done": 1, "errors": 1,
+             "lastFullSync": 0, "lastError": "route refused",
+             "failing": [{"key": "node3", "message": "route 10.244.3.0/24: refused", "retries": 4}]},
+            {"module": "policy", "kind": "controller", "name": "policy", "runs": 7, "restarts": 0, "lastError": ""},
+        ],
+    }
+    text = format_status(VIEW, "sqlite:///s.db", agent, "", True, now=1000.0)
+    assert "Reconcilers:           1/2 healthy, 1 objects failing" in text
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith(("datapath/", "routing/",
+                                                                                       "policy/"))}
+    assert lines["datapath/nft"].split()[1:6] == ["reconciler", "12/12", "10s", "ago", "0"]
+    assert "node3: route 10.244.3.0/24: refused" in lines["routing/routing"]
+    assert lines["routing/routing"].split()[2:6] == ["1/2", "never", "1", "4"]
+    assert "7 runs, no error" in lines["policy/policy"]
+    assert "Controllers and reconcilers" not in format_status(VIEW, "sqlite:///s.db", agent, "", False, now=1000.0)

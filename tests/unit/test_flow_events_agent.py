@@ -4,16 +4,18 @@ Observer API (on a unix socket) and metrics."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
+from membrane.agent.intent import IntentTables
 from membrane.agent.observer import AgentObserver, ObserverSettings
+from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
 from membrane.core.lifecycle import Lifecycle
+from membrane.core.statedb import StateDB
 from membrane.datapath.flowcodes import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY
 from membrane.datapath.ruleset import FlowLog
 from membrane.observe.client import ObserverClient
@@ -28,8 +30,6 @@ from membrane.observe.nflog import (
     NflogRecord,
     Packet,
 )
-from membrane.store import keys
-from membrane.store.memory import MemoryStore
 from membrane.testing.netns import async_wait_until
 
 NODE = "node1"
@@ -48,25 +48,28 @@ def record(prefix: str, src: str, dst: str, flags: int, indev: int, outdev: int,
 
 @pytest.fixture
 async def observer(tmp_path: Path) -> AsyncIterator[tuple[AgentObserver, FakeFlowEventSource]]:
-    store = MemoryStore()
-    for ep in (endpoint("aaa", "client", "10.244.1.10", 1001, 7), endpoint("bbb", "server", "10.244.1.11", 1002, 9)):
-        await store.put(ep.key, ep.to_json())
-    node = {"metadata": {"name": NODE}, "spec": {"addresses": [{"type": "InternalIP", "ip": "172.31.0.11"}],
-                                                  "ipam": {"podCIDRs": ["10.244.1.0/24"]}}}
-    await store.put(keys.object_key("ciliumnodes", None, NODE), json.dumps(node).encode())
+    intent = IntentTables.create(StateDB())
+    endpoints, nodes = intent.endpoints.writer("test"), intent.nodes.writer("test")
+    endpoints.upsert(endpoint("aaa", "client", "10.244.1.10", 1001, 7))
+    node = {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": NODE},
+            "spec": {"addresses": [{"type": "InternalIP", "ip": "172.31.0.11"}],
+                     "ipam": {"podCIDRs": ["10.244.1.0/24"]}}}
+    nodes.upsert(CiliumNode.model_validate(node))
     source = FakeFlowEventSource()
     settings = ObserverSettings(listen=None, unix_socket=tmp_path / "observer.sock", metrics_listen="127.0.0.1:0",
                                 capacity=63)
-    agent_observer = AgentObserver(settings, node_name=NODE, store=store, source=source, tunnel_ifindex=lambda: 0)
+    agent_observer = AgentObserver(settings, node_name=NODE, endpoints=intent.endpoints, nodes=intent.nodes,
+                                   source=source, tunnel_ifindex=lambda: 0)
     lifecycle = Lifecycle()
     await agent_observer.start(lifecycle)
-    await async_wait_until(lambda: 9 in agent_observer.state.local_by_ifindex, what="the endpoints in the state")
+    assert 7 in agent_observer.state.local_by_ifindex  # the tables as they were at start
+    endpoints.upsert(endpoint("bbb", "server", "10.244.1.11", 1002, 9))  # and as they change
+    await async_wait_until(lambda: 9 in agent_observer.state.local_by_ifindex, what="the new endpoint in the state")
     try:
         yield agent_observer, source
     finally:
         await agent_observer.close()
         await lifecycle.stop()
-        await store.close()
 
 
 async def test_events_become_flows_served_over_the_observer_socket(
@@ -116,9 +119,11 @@ async def test_a_prefix_from_a_newer_datapath_is_counted_not_fatal(
 
 
 def test_turned_off_it_asks_for_no_log_rules() -> None:
+    intent = IntentTables.create(StateDB())
     settings = ObserverSettings(enabled=False)
-    observer = AgentObserver(settings, node_name=NODE, store=MemoryStore(), source=FakeFlowEventSource())
+    observer = AgentObserver(settings, node_name=NODE, endpoints=intent.endpoints, nodes=intent.nodes,
+                             source=FakeFlowEventSource())
     assert observer.flow_log is None
     assert observer.status() == {"summary": "Disabled"}
-    assert AgentObserver(ObserverSettings(), node_name=NODE, store=MemoryStore(),
+    assert AgentObserver(ObserverSettings(), node_name=NODE, endpoints=intent.endpoints, nodes=intent.nodes,
                          source=FakeFlowEventSource()).flow_log == FlowLog()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from ipaddress import IPv4Address
 
 import pytest
 
-from membrane.agent.observer import state_from_store
+from membrane.agent.observer import enrichment_state
+from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
 from membrane.datapath.flowcodes import (
     DROP_IPV6,
@@ -52,7 +52,6 @@ from membrane.observe.nflog import (
     Packet,
 )
 from membrane.observe.pb.flow import flow_pb2
-from membrane.store.base import KeyValue
 
 NODE = "node1"
 CLIENT = EndpointInfo(ip="10.244.1.10", identity=1001, namespace="default", pod_name="client",
@@ -239,18 +238,17 @@ def test_flow_ids_are_unique_and_shaped_like_uuids() -> None:
     assert all(len(i) == 36 and i.count("-") == 4 for i in many)
 
 
-def test_state_from_the_store_knows_every_pod_and_node() -> None:
-    def kv(key: str, value: bytes) -> KeyValue:
-        return KeyValue(key, value, 1, 1)
-
+def test_state_from_the_intent_knows_every_pod_and_node() -> None:
     local = EndpointRecord("c1", 3, NODE, "default", "client", "eth0", "/run/netns/x", IPv4Address(CLIENT.ip),
                            1001, CLIENT.labels, "runner", "ready", "lxcaaaaaaaaaaa", 7)
     remote = EndpointRecord("c2", 9, "node2", "default", "far", "eth0", "/run/netns/y", IPv4Address(REMOTE.ip),
                             1003, REMOTE.labels, "runner", "ready", "lxccccccccccc", 12)
-    node2 = {"metadata": {"name": "node2"}, "spec": {"addresses": [{"type": "InternalIP", "ip": "172.31.0.12"}],
-                                                      "ipam": {"podCIDRs": ["10.244.2.0/24"]}}}
-    st = state_from_store(NODE, [kv("e1", local.to_json()), kv("e2", remote.to_json()), kv("bad", b"{")],
-                          [kv("n2", json.dumps(node2).encode()), kv("n?", b"[")], tunnel_ifindex=TUNNEL)
+    node2 = CiliumNode.model_validate(
+        {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": "node2"},
+         "spec": {"addresses": [{"type": "InternalIP", "ip": "172.31.0.12"}], "ipam": {"podCIDRs": ["10.244.2.0/24"]}}})
+    no_address = CiliumNode.model_validate({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                                            "metadata": {"name": "node3"}})
+    st = enrichment_state(NODE, [local, remote], [node2, no_address], tunnel_ifindex=TUNNEL)
     assert st.local_by_ifindex[7].pod_name == "client"
     assert 12 not in st.local_by_ifindex  # another node's veth index means nothing here
     far = st.lookup(REMOTE.ip)

@@ -10,11 +10,11 @@ import json
 from ipaddress import IPv4Address
 from typing import Any
 
-from membrane.agent.intent import Intent
 from membrane.agent.observer import PolicyAttribution
 from membrane.agent.policy import PolicyController
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
+from membrane.api.meta import ApiObject
 from membrane.datapath.flowcodes import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY, Direction
 from membrane.datapath.ruleset import (
     DROP_POLICY_DENIED_EGRESS,
@@ -22,14 +22,14 @@ from membrane.datapath.ruleset import (
     DROP_POLICY_DENY_INGRESS,
     DROP_POLICY_L7_INGRESS,
 )
-from membrane.identity.labels import canonical, identity_labels_for_pod, parse_labels
+from membrane.identity.labels import canonical, identity_labels_for_pod
 from membrane.observe.enrich import EndpointInfo, EnrichmentState, PolicyDecision, PolicyRef, enrich
 from membrane.observe.jsonpb import to_json
 from membrane.observe.model import DROPPED, FORWARDED, Flow, flow_response
 from membrane.observe.nflog import HOOK_FORWARD, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, NflogRecord, Packet
 from membrane.observe.printer import Printer, PrinterOptions
-from membrane.store import keys
-from membrane.store.objects import encode
+from membrane.testing.agentkit import PolicyHarness, policy_object
+from membrane.testing.agentkit import pod as pod_object
 
 NODE = "node1"
 PORT = 7000
@@ -79,19 +79,20 @@ def endpoint_record(pod: str) -> EndpointRecord:
 RECORDS = {pod: endpoint_record(pod) for pod in IDS}
 
 
+def stored(obj: ApiObject, name: str | None = None) -> ApiObject:
+    """A policy as the store holds it: uid and generation set."""
+    meta = obj.metadata.model_copy(update={"uid": f"uid-{obj.name}", "generation": 1, "name": name or obj.name})
+    return obj.model_copy(update={"metadata": meta})
+
+
+def harness() -> PolicyHarness:
+    return PolicyHarness(NODE).load(
+        policies=[stored(obj) for obj in parse_manifest_text(POLICIES)], records=RECORDS.values(),
+        pods=[pod_object("default", pod, POD_LABELS[pod], node=NODE) for pod in IDS])
+
+
 def controller() -> PolicyController:
-    intent = Intent()
-    for obj in parse_manifest_text(POLICIES):
-        data = json.loads(encode(obj))
-        data["metadata"].update(uid=f"uid-{obj.name}", generation=1)
-        intent.policies[keys.object_key("ciliumnetworkpolicies", obj.namespace, obj.name)] = data
-    intent.identities = {r.identity: parse_labels(r.labels) for r in RECORDS.values()}
-    intent.endpoints = {r.key: r for r in RECORDS.values()}
-    intent.pods = {("default", pod): {"metadata": {"name": pod, "namespace": "default", "labels": POD_LABELS[pod]},
-                                      "spec": {"nodeName": NODE}} for pod in IDS}
-    ctl = PolicyController(intent, NODE)
-    ctl.refresh()
-    return ctl
+    return harness().controller
 
 
 def info(pod: str) -> EndpointInfo:
@@ -195,15 +196,15 @@ def test_replies_and_non_policy_drops_are_not_attributed() -> None:
 
 
 def test_a_policy_change_is_seen_by_the_next_flow() -> None:
-    ctl = controller()
-    attribution = PolicyAttribution(ctl)
+    h = harness()
+    attribution = PolicyAttribution(h.controller)
     record = packet_record(TRACE_NEW.prefix(), "client", "server")
     first = enrich(record, STATE, policy=attribution)
     assert first is not None and names(first.ingress_allowed_by) == ["CiliumNetworkPolicy default/server-in"]
-    key = keys.object_key("ciliumnetworkpolicies", "default", "server-in")
-    data = ctl.intent.policies[key]
-    ctl.intent.policies[key] = {**data, "metadata": {**data["metadata"], "name": "server-in-v2"}}
-    assert ctl.refresh()
+    server_in = next(p for p in parse_manifest_text(POLICIES) if p.name == "server-in")
+    h.policies.delete(policy_object(server_in).key)
+    h.policies.upsert(policy_object(stored(server_in, "server-in-v2")))
+    h.compute()
     second = enrich(record, STATE, policy=attribution)
     assert second is not None and names(second.ingress_allowed_by) == ["CiliumNetworkPolicy default/server-in-v2"]
     assert second.ingress_allowed_by[0].revision > first.ingress_allowed_by[0].revision

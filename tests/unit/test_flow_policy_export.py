@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 
 from membrane.agent.config import load_agent_config
-from membrane.agent.observer import AgentObserver, ObserverSettings, state_from_store
+from membrane.agent.intent import IntentTables
+from membrane.agent.observer import AgentObserver, ObserverSettings
 from membrane.api.endpoint import EndpointRecord
 from membrane.core.errors import InvalidInput
+from membrane.core.statedb import StateDB
 from membrane.datapath.flowcodes import TRACE_NEW, Direction
 from membrane.datapath.ruleset import DROP_POLICY_DENY_INGRESS
 from membrane.observe.enrich import EndpointInfo, PolicyDecision, PolicyRef
 from membrane.observe.exporter import read_flows
 from membrane.observe.model import DROPPED, GetFlowsRequest
 from membrane.observe.nflog import HOOK_FORWARD, IPPROTO_TCP, TCP_SYN, FakeFlowEventSource, NflogRecord, Packet
-from membrane.store.base import KeyValue
-from membrane.store.memory import MemoryStore
 
 NODE = "node1"
 DENY = PolicyRef(name="no-intruders", namespace="default", kind="CiliumNetworkPolicy",
@@ -90,10 +90,13 @@ hubble:
                  port: int) -> PolicyDecision:
         return PolicyDecision("deny", (DENY,))
 
-    observer = AgentObserver(ObserverSettings.for_agent(config), node_name=NODE, store=MemoryStore(),
-                             source=FakeFlowEventSource(), tunnel_ifindex=lambda: 0, policy=deny_all)
+    intent = IntentTables.create(StateDB())
+    observer = AgentObserver(ObserverSettings.for_agent(config), node_name=NODE, endpoints=intent.endpoints,
+                             nodes=intent.nodes, source=FakeFlowEventSource(), tunnel_ifindex=lambda: 0,
+                             policy=deny_all)
     records = [endpoint("aaa", "intruder", "10.244.1.10", 1001, 7), endpoint("bbb", "server", "10.244.1.11", 1002, 9)]
-    observer.state = state_from_store(NODE, [KeyValue(r.key, r.to_json(), 1, 1) for r in records], [])
+    intent.endpoints.writer("test").upsert(*records)
+    observer.rebuild_state()
     observer.ingest([syn(TRACE_NEW.prefix(), "10.244.1.10", "10.244.1.11", 7, 9, 0),
                      syn(DROP_POLICY_DENY_INGRESS.prefix(), "10.244.1.10", "10.244.1.11", 7, 9, 1)])
     assert observer.exporter is not None

@@ -2,12 +2,24 @@
 
 import json
 
-from membrane.agent.intent import Intent
+from membrane.agent.intent import IntentTables
 from membrane.agent.operator import Operator, choose_node
+from membrane.api.cilium import CiliumNode
 from membrane.core.config import ClusterConfig
+from membrane.core.statedb import StateDB
 from membrane.store import keys
 from membrane.store.identities import IdentityAllocator
 from membrane.store.memory import ManualClock, MemoryStore
+from membrane.testing.agentkit import pod as pod_object
+
+
+class Intent:
+    """Intent tables the test writes, as the reflectors would."""
+
+    def __init__(self) -> None:
+        self.tables = IntentTables.create(StateDB())
+        self.nodes = self.tables.nodes.writer("test")
+        self.pods = self.tables.pods.writer("test")
 
 CLUSTER = ClusterConfig(clusterPoolIPv4PodCIDRList=("10.244.0.0/22",), clusterPoolIPv4MaskSize=24)
 
@@ -17,7 +29,7 @@ async def node_object(store: MemoryStore, name: str, intent: Intent, cidr: str |
     spec = {"addresses": [{"type": "InternalIP", "ip": "172.31.0.1"}], "ipam": {"podCIDRs": [cidr]} if cidr else {}}
     obj = {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": name}, "spec": spec}
     await store.put(keys.object_key("ciliumnodes", None, name), json.dumps(obj).encode())
-    intent.nodes[name] = obj
+    intent.nodes.upsert(CiliumNode.model_validate(obj))
 
 
 async def pod_cidrs(store: MemoryStore) -> dict[str, list[str]]:
@@ -27,7 +39,7 @@ async def pod_cidrs(store: MemoryStore) -> dict[str, list[str]]:
 
 
 def operator(store: MemoryStore, node: str, lease: int, intent: Intent | None = None) -> Operator:
-    return Operator(store, node, lambda: lease, intent or Intent(), IdentityAllocator(store), CLUSTER)
+    return Operator(store, node, lambda: lease, (intent or Intent()).tables, IdentityAllocator(store), CLUSTER)
 
 
 async def test_only_one_agent_holds_the_role_and_it_moves_when_the_holder_dies():
@@ -58,7 +70,7 @@ async def test_new_nodes_get_distinct_cidrs_and_removed_nodes_release_theirs():
     await store.put(keys.endpoint_key("n3", "c1"), b'{"identity": 300, "ipv4": "10.244.2.2"}')
     await store.put(keys.POD_IPS + "10.244.2.2", keys.endpoint_key("n3", "c1").encode())
     await store.delete(keys.object_key("ciliumnodes", None, "n3"))
-    del intent.nodes["n3"]
+    intent.nodes.delete("n3")
     await op.forget_removed_nodes()
     assert (await store.list(keys.endpoints_prefix("n3")))[0] == []
     assert (await store.list(keys.POD_IPS))[0] == []
@@ -74,9 +86,9 @@ async def test_pending_pods_are_spread_over_ready_nodes():
         await store.put(keys.heartbeat_key(name), b"{}", lease=lease)
     intent = Intent()
     for i in range(4):
-        pod = {"metadata": {"name": f"p{i}", "namespace": "x"}, "spec": {"containers": []}}
-        await store.put(keys.object_key("pods", "x", f"p{i}"), json.dumps(pod).encode())
-        intent.pods[("x", f"p{i}")] = pod
+        pod = pod_object("x", f"p{i}", node=None)
+        await store.put(keys.object_key("pods", "x", f"p{i}"), json.dumps(pod.to_dict()).encode())
+        intent.pods.upsert(pod)
     await operator(store, "n1", lease, intent).schedule_pending_pods()
     placed = [json.loads(kv.value)["spec"]["nodeName"] for kv in (await store.list(keys.objects_prefix("pods")))[0]]
     assert sorted(placed) == ["n1", "n1", "n2", "n2"]

@@ -7,7 +7,6 @@ Regenerate the golden file after an intended change with
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -17,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from membrane.agent.intent import Intent
-from membrane.agent.policy import PolicyController
+from membrane.agent.policy import PolicyStatusOperations
 from membrane.api import k8s
 from membrane.api.cilium import CiliumNetworkPolicy, CiliumNode
 from membrane.api.endpoint import EndpointRecord
@@ -31,6 +29,7 @@ from membrane.cli.policy_cmd import (
     load_policy_view,
     trace_text,
 )
+from membrane.core.reconciler import Reconciler
 from membrane.datapath.nft import full_sync, plan_sync, render_transaction
 from membrane.datapath.policy import EGRESS_VERDICTS, INGRESS_VERDICTS, PolicyRenderer, render_policy, rendered_probe
 from membrane.datapath.ruleset import (
@@ -55,7 +54,8 @@ from membrane.policy.reachability import default_model, engine_probe, probe_matr
 from membrane.policy.status import desired_status
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
-from membrane.store.objects import ObjectClient, encode
+from membrane.store.objects import ObjectClient, decode, encode
+from membrane.testing.agentkit import PolicyHarness
 
 GOLDEN = Path(__file__).parent / "golden" / "nft"
 
@@ -167,20 +167,25 @@ def with_changes(obj: ApiObject, change: Any) -> ApiObject:
     return type(obj).model_validate(data)
 
 
-def intent(text: str = POLICIES) -> Intent:
-    state = Intent()
-    state.policies = policy_objects(text)
-    state.identities = dict(IDENTITIES)
-    state.endpoints = {r.key: r for r in RECORDS}
-    state.pods = {key: pod(*key) for key in PODS}
-    state.nodes = {"node1": NODE, "node2": NODE2}
-    return state
+class Controller:
+    """The agent's policy controller over this file's cluster (policies, pods, nodes, identities)."""
+
+    def __init__(self, text: str, config: EnforcementConfig | None, *, records: list[EndpointRecord] = RECORDS,
+                 identities: dict[int, frozenset[Any]] = IDENTITIES) -> None:
+        self.harness = PolicyHarness("node1", config=config).load(
+            policies=typed_policies(text).values(), records=records, pods=typed_pods().values(),
+            identities=identities, nodes=[CiliumNode.model_validate(n) for n in (NODE, NODE2)])
+        self.compiler = self.harness.controller.compiler
+
+    def policy_datapath(self, local: list[EndpointRecord]) -> PolicyDatapath:
+        """The policy elements for ``local`` as this node's endpoints."""
+        self.harness.local_writer.replace_all(local)
+        self.harness.compute()
+        return self.harness.policy_datapath()
 
 
-def controller(text: str = POLICIES, config: EnforcementConfig | None = None) -> PolicyController:
-    ctl = PolicyController(intent(text), "node1", config=config)
-    ctl.refresh()
-    return ctl
+def controller(text: str = POLICIES, config: EnforcementConfig | None = None) -> Controller:
+    return Controller(text, config)
 
 
 # --- the ruleset ------------------------------------------------------------------------------------------
@@ -365,10 +370,9 @@ def test_ipcache_from_typed_nodes() -> None:
 
 
 def test_an_endpoint_unknown_to_the_intent_gets_its_policy_at_once() -> None:
-    ctl = controller()
-    ctl.intent.identities.pop(257)  # x/b: its identity has not reached the intent yet
-    ctl.intent.endpoints.pop(RECORDS[1].key)
-    ctl.refresh()
+    # x/b: neither its identity nor its record has reached the intent yet, only the local table.
+    ctl = Controller(POLICIES, None, records=[RECORDS[0], RECORDS[2]],
+                     identities={i: labels for i, labels in IDENTITIES.items() if i != 257})
     policy = ctl.policy_datapath(RECORDS)
     assert ((str(RECORDS[0].host_ifindex), "257", "tcp", "80"), "return") in policy.ingress
     assert (("10.244.1.12",), "257") in policy.ipcache
@@ -447,35 +451,28 @@ def test_l7_rules_are_valid_but_unsupported_and_their_traffic_is_denied() -> Non
     assert chains["pol_l7_in"] == ["counter drop"]
 
 
-async def test_controller_syncs_the_datapath_and_writes_status_once() -> None:
+async def test_the_status_reconciler_writes_each_policys_status_once() -> None:
     store = MemoryStore()
     client = ObjectClient(store)
     await client.apply(parse_manifest_text(NAMESPACE_OBJECTS + "---" + POLICIES))
-    state = intent()
-    state.policies = {}
-    for kv in (await store.list(keys.objects_prefix("ciliumnetworkpolicies")))[0]:
-        state.policies[kv.key] = json.loads(kv.value)
-    syncs: list[PolicyDatapath] = []
-
-    async def sync() -> None:
-        syncs.append(ctl.policy_datapath(RECORDS))
-
-    ctl = PolicyController(state, "node1", sync_datapath=sync, write_status=client.modify_status, debounce=0)
-    task = asyncio.create_task(ctl.run())
-    try:
-        ctl.wake.set()
-        while len(syncs) < 1 or ctl._status_wake.is_set():
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        ping = await client.get("cnp", "x", "ping")
-        status = ping.status  # type: ignore[attr-defined]
-        assert status.nodes["node1"].enforcing and status.nodes["node1"].ok
-        audited = await client.get("cnp", "y", "audited")
-        assert audited.status.nodes["node1"].enforcing  # type: ignore[attr-defined]
-        assert await ctl.write_statuses() == 0  # nothing changed: no write
-        assert ctl.status()["policies"] == 2
-    finally:
-        task.cancel()
+    stored = [decode(kv) for kv in (await store.list(keys.objects_prefix("ciliumnetworkpolicies")))[0]]
+    h = PolicyHarness("node1").load(policies=stored, records=RECORDS, pods=typed_pods().values(),
+                                    nodes=[CiliumNode.model_validate(n) for n in (NODE, NODE2)])
+    statuses = Reconciler("policy-status", h.db, h.controller.tables.status,
+                          PolicyStatusOperations("node1", client.modify_status))
+    await statuses.reconcile_once()
+    ping = await client.get("cnp", "x", "ping")
+    status = ping.status  # type: ignore[attr-defined]
+    assert status.nodes["node1"].enforcing and status.nodes["node1"].ok
+    audited = await client.get("cnp", "y", "audited")
+    assert audited.status.nodes["node1"].enforcing  # type: ignore[attr-defined]
+    assert statuses.health()["done"] == 2
+    # A full resync updates every row again; nothing changed, so nothing is written.
+    revision = (await store.list(keys.OBJECTS))[1]
+    statuses.request_full_sync()
+    await statuses.reconcile_once()
+    assert (await store.list(keys.OBJECTS))[1] == revision
+    assert h.controller.status()["policies"] == 2
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------
@@ -532,7 +529,7 @@ def test_renderer_reuses_unchanged_endpoints() -> None:
     ctl = controller()
     renderer = PolicyRenderer()
     policies = ctl.compiler.endpoint_policies(
-        [(policy_endpoint(r, ctl.intent.pods), parse_labels(r.labels)) for r in RECORDS])
+        [(policy_endpoint(r, typed_pods()), parse_labels(r.labels)) for r in RECORDS])
     first = render_policy({r.host_ifindex: policies[f"{r.namespace}/{r.pod}"] for r in RECORDS}, (), renderer)
     cached = renderer.direction(101, policies["x/a"].ingress)
     assert renderer.direction(101, policies["x/a"].ingress) is cached

@@ -3,8 +3,6 @@ reconciler and its loop against FakeNetlink."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -13,14 +11,18 @@ import pytest
 from membrane.agent.routing import (
     LocalNode,
     PeerNode,
-    RoutingController,
     RoutingReconciler,
     desired_routing,
     peers_from_nodes,
+    routing_module,
     tunnel_entries,
 )
+from membrane.api.cilium import CiliumNode
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import DatapathError
+from membrane.core.lifecycle import Lifecycle
+from membrane.core.modules import ModuleRunner
+from membrane.core.statedb import StateDB
 from membrane.datapath.netlink import (
     TUNNEL_DEVICE,
     FakeNetlink,
@@ -41,21 +43,28 @@ POOLS = [IPv4Network("10.244.0.0/16")]
 LOCAL = LocalNode("node1", IPv4Address("172.31.0.11"), "eth0", 1500, IPv4Network("10.244.1.0/24"))
 
 
-def node_object(ip: str | None, cidr: str | None) -> dict[str, Any]:
+def node_object(ip: str | None, cidr: str | None, name: str = "") -> CiliumNode:
     spec: dict[str, Any] = {}
     if ip is not None:
         spec["addresses"] = [{"type": "ExternalIP", "ip": "198.51.100.9"}, {"type": "InternalIP", "ip": ip}]
     if cidr is not None:
         spec["ipam"] = {"podCIDRs": [cidr]}
-    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "spec": spec}
+    return CiliumNode.model_validate({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                                      "metadata": {"name": name}, "spec": spec})
+
+
+def named(objects: dict[str, CiliumNode]) -> list[CiliumNode]:
+    """Node objects carry their names (the dict keys)."""
+    return [obj.model_copy(update={"metadata": obj.metadata.model_copy(update={"name": n})})
+            for n, obj in objects.items()]
 
 
 def peer(k: int) -> PeerNode:
     return PeerNode(f"node{k}", IPv4Address(f"172.31.0.{10 + k}"), IPv4Network(f"10.244.{k}.0/24"))
 
 
-def nodes(*numbers: int) -> dict[str, dict[str, Any]]:
-    return {f"node{k}": node_object(f"172.31.0.{10 + k}", f"10.244.{k}.0/24") for k in numbers}
+def nodes(*numbers: int) -> dict[str, CiliumNode]:
+    return {f"node{k}": node_object(f"172.31.0.{10 + k}", f"10.244.{k}.0/24", f"node{k}") for k in numbers}
 
 
 def fake_node() -> FakeNetlink:
@@ -76,7 +85,7 @@ def owned(fake: FakeNetlink) -> set[tuple[str, str, str | None]]:
 
 def test_every_other_node_with_an_address_and_a_pod_cidr_is_a_peer() -> None:
     objects = {**nodes(1, 2, 3), "node4": node_object("172.31.0.14", None), "node5": node_object(None, "10.244.5.0/24")}
-    found = peers_from_nodes(objects, LOCAL, POOLS)
+    found = peers_from_nodes(named(objects), LOCAL, POOLS)
     # node1 is this node; node4 waits for its CIDR and node5 has no address: not peers, and not problems.
     assert found.peers == (peer(2), peer(3))
     assert found.skipped == ()
@@ -90,7 +99,7 @@ def test_conflicting_nodes_are_skipped_the_same_way_on_every_node() -> None:
         "node3": node_object("172.31.0.12", "10.244.3.0/24"),  # node2's address
         "node9": node_object("172.31.0.19", "10.244.2.0/25"),  # inside node2's CIDR
     }
-    found = peers_from_nodes(objects, LOCAL, POOLS)
+    found = peers_from_nodes(named(objects), LOCAL, POOLS)
     assert found.peers == (peer(2),)
     assert found.skipped == (
         "node a-outside: pod CIDR 10.99.0.0/24 is outside the cluster pools",
@@ -260,49 +269,53 @@ async def test_an_unreachable_peer_is_reported_the_others_are_routed_and_the_nex
 # -- the loop ------------------------------------------------------------------------------------
 
 
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+class RoutingHarness:
+    """The routing module (nodes → peers → kernel) on a FakeNetlink, with a node table the test writes."""
+
+    def __init__(self, fake: FakeNetlink, resync_interval: float = 60.0) -> None:
+        db = StateDB()
+        self.nodes = db.table("nodes", primary=lambda n: n.name)
+        self.writer = self.nodes.writer("test")
+        module = routing_module(db, self.nodes, fake, LOCAL, VXLAN, resync_interval=resync_interval)
+        self.reconciler = module.reconcilers[0]
+        self.lifecycle = Lifecycle()
+        self.runner = ModuleRunner(self.lifecycle, [module])
+
+    async def __aenter__(self) -> RoutingHarness:
+        await self.runner.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.stop()
 
 
 async def test_node_changes_reach_the_kernel_and_drift_is_repaired_by_the_periodic_resync() -> None:
     fake = fake_node()
-    objects = nodes(1, 2)
-    wake = asyncio.Event()
-    controller = RoutingController(RoutingReconciler(fake, LOCAL, VXLAN), lambda: objects, wake,
-                                   resync_interval=0.2)
-    task = asyncio.create_task(controller.run())
-    try:
+    async with RoutingHarness(fake, resync_interval=0.2) as h:
+        h.writer.upsert(*nodes(1, 2).values())
         await async_wait_until(lambda: len(owned(fake)) == 1, what="node2's route")
-        objects.update(nodes(3))
-        wake.set()
+        h.writer.upsert(*nodes(3).values())
         await async_wait_until(lambda: ("10.244.3.0/24", TUNNEL_DEVICE, "10.244.3.1") in owned(fake),
                                what="node3's route")
-        del objects["node2"]
-        wake.set()
+        h.writer.delete("node2")
         await async_wait_until(lambda: owned(fake) == {("10.244.3.0/24", TUNNEL_DEVICE, "10.244.3.1")},
                                what="node2's route to go")
         fake.node.routes.clear()  # drift nobody announces
         await async_wait_until(lambda: len(owned(fake)) == 1, timeout=5, what="the resync to repair it")
-        assert controller.status()["failures"] == 0
-    finally:
-        await stop(task)
+        assert h.reconciler.health()["errors"] == 0
 
 
 async def test_a_failed_sync_is_retried_until_it_succeeds() -> None:
     fake = fake_node()
     fake.fail["apply_routing"] = DatapathError("netlink: No buffer space available")
-    objects = nodes(2)
-    controller = RoutingController(RoutingReconciler(fake, LOCAL, VXLAN), lambda: objects, asyncio.Event(),
-                                   retry_initial=0.01)
-    task = asyncio.create_task(controller.run())
-    try:
+    async with RoutingHarness(fake) as h:
+        h.reconciler.retry_initial = 0.01
+        h.writer.upsert(*nodes(2).values())
         await async_wait_until(lambda: len(owned(fake)) == 1, what="the retry to succeed")
-        assert controller.failures == 0 and controller.last_error == ""
-        assert fake.calls.count("apply_routing") == 2
-    finally:
-        await stop(task)
+        health = h.reconciler.health()
+        assert health["errors"] == 0 and health["done"] == 1
+        assert "No buffer space" in health["lastError"]
+        assert fake.calls.count("apply_routing") >= 2
 
 
 def test_overlap_check_agrees_with_pairwise_comparison() -> None:

@@ -37,6 +37,9 @@ class AgentConfig(BaseModel):
     # Device facing the underlay; empty picks the default route's device.
     device: str = ""
     heartbeatTTL: float = Field(default=10.0, gt=0)
+    # Every reconciler (nft table, endpoint wiring, peer routes, policy status) reads the kernel or
+    # the store back this often and repairs what drifted (Cilium's reconciler full sync).
+    resyncInterval: float = Field(default=60.0, gt=0, le=3600)
     hubble: HubbleConfig = Field(default_factory=HubbleConfig)
     # Settings the first agent of a cluster writes to the store.
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)

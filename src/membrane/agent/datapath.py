@@ -1,24 +1,43 @@
-"""This node's datapath as the agent drives it: netlink wiring per endpoint and the nft table.
+"""The datapath module: local endpoints and policy tables → desired nft objects → the kernel.
 
-:class:`NodeDatapath` owns the two kernel boundaries (a :class:`Netlink` and an
-:class:`NftRunner`, real or fake) and turns the endpoint manager's records (and the node's
-masquerade settings) into the desired ruleset, which :class:`NftReconciler` applies as one transaction.
+    local_endpoints · endpoint_policies · ipcache        (+ masquerade and flow-log settings)
+        │  DatapathController.compute (pure): render_policy → DesiredDatapath → build_ruleset
+        ▼
+    nft          one row per chain, set and map of the table ``inet membrane``
+        │  Reconciler "nft" → NftOperations: one transaction per pass, chain-granular
+        │  (NftReconciler.sync); every resync period a read-back repair (NftReconciler.repair)
+        ▼
+    kernel
+
+A CNI ADD answers only once its endpoint's anti-spoofing entry is in the kernel:
+:meth:`DatapathModule.wait_programmed` waits until the nft reconciler has realized a desired table
+computed from that revision of ``local_endpoints``. The same bookkeeping tells which store
+revision of the intent the kernel enforces (``status``: ``policy.syncedRevisions``).
+
+Primitives: :class:`NftObject`, :class:`DatapathController`, :class:`NftOperations`,
+:class:`DatapathModule`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from membrane.agent.endpoints import NodeContext, Wired
+from membrane.agent.policy import PolicyTables
 from membrane.api.endpoint import EndpointRecord
-from membrane.datapath.netlink.model import EndpointSpec
-from membrane.datapath.netlink.protocol import Netlink
+from membrane.core.modules import Controller, Module
+from membrane.core.reconciler import DEFAULT_RESYNC_INTERVAL, Reconciler
+from membrane.core.statedb import StateDB, Table, wait_any
+from membrane.datapath.nft.objects import Chain, Map, Ruleset, Set
 from membrane.datapath.nft.runner import NftRunner
-from membrane.datapath.reconcilers import NftReconciler, SyncResult
+from membrane.datapath.policy import PolicyRenderer, render_policy
+from membrane.datapath.reconcilers import NftReconciler
 from membrane.datapath.ruleset import (
+    TABLE_COMMENT,
+    TABLE_FAMILY,
+    TABLE_NAME,
     DesiredDatapath,
     EndpointAddress,
     FlowLog,
@@ -27,93 +46,146 @@ from membrane.datapath.ruleset import (
     build_ruleset,
 )
 
-#: The policy controller's share of a sync: the ready records in, the policy elements out.
-PolicySource = Callable[[list[EndpointRecord]], PolicyDatapath]
+NftKind = str  # "chain" | "set" | "map"
 
 
-def _spec(record: EndpointRecord, node: NodeContext) -> EndpointSpec:
-    return EndpointSpec(
-        container_id=record.container_id, netns=record.netns, ifname=record.ifname,
-        pod_ip=record.ipv4, router_ip=node.router_ip, mtu=node.mtu,
+@dataclass(frozen=True)
+class NftObject:
+    """One chain, set or map of the owned table. ``order`` keeps the rendered order."""
+
+    name: str
+    kind: NftKind
+    order: int
+    obj: Chain | Set | Map
+
+
+def nft_objects(ruleset: Ruleset) -> list[NftObject]:
+    """The table's objects as rows, in the order the ruleset lists them."""
+    objects: list[tuple[NftKind, Chain | Set | Map]] = [
+        *(("chain", c) for c in ruleset.chains),
+        *(("set", s) for s in ruleset.sets),
+        *(("map", m) for m in ruleset.maps),
+    ]
+    return [NftObject(obj.name, kind, order, obj) for order, (kind, obj) in enumerate(objects)]
+
+
+def ruleset_of(rows: Sequence[NftObject]) -> Ruleset:
+    ordered = sorted(rows, key=lambda r: r.order)
+    return Ruleset(
+        family=TABLE_FAMILY, table=TABLE_NAME, comment=TABLE_COMMENT,
+        chains=tuple(r.obj for r in ordered if isinstance(r.obj, Chain)),
+        sets=tuple(r.obj for r in ordered if r.kind == "set" and isinstance(r.obj, Set)),
+        maps=tuple(r.obj for r in ordered if isinstance(r.obj, Map)),
     )
 
 
-class NetlinkWiring:
-    """The endpoint manager's view of the netlink boundary."""
+class NftOperations:
+    """The owned nft table as a batch target: every pass is one atomic transaction."""
 
-    def __init__(self, netlink: Netlink) -> None:
-        self._netlink = netlink
+    def __init__(self, reconciler: NftReconciler) -> None:
+        self.reconciler = reconciler
+        self.last_kind = ""
 
-    async def attach(self, record: EndpointRecord, node: NodeContext) -> Wired:
-        attached = await self._netlink.attach_endpoint(_spec(record, node))
-        return Wired(attached.host_ifname, attached.host_ifindex, attached.container_mac)
+    async def apply(self, desired: Sequence[NftObject], updated: Sequence[NftObject],
+                    deleted: Sequence[NftObject]) -> None:
+        self.last_kind = (await self.reconciler.sync(ruleset_of(desired))).kind
 
-    async def detach(self, record: EndpointRecord) -> None:
-        await self._netlink.detach_endpoint(record.container_id, record.host_ifname or None)
-
-    async def check(self, record: EndpointRecord, node: NodeContext) -> None:
-        await self._netlink.check_endpoint(_spec(record, node))
-
-    async def prune(self, keep_host_ifnames: set[str]) -> list[str]:
-        # Routes go with their veth, so keeping the veths keeps exactly the kept endpoints' routes.
-        return list(await self._netlink.prune(keep_host_ifnames))
+    async def repair(self, desired: Sequence[NftObject]) -> None:
+        self.last_kind = (await self.reconciler.repair(ruleset_of(desired))).kind
 
 
-class NodeDatapath:
-    """``masquerade``: this node's masquerade inputs (see :func:`membrane.agent.routing.masquerade_for`);
-    None leaves pods' traffic with their own addresses."""
+StoreRevisions = tuple[tuple[str, int], ...]
 
-    def __init__(
-        self,
-        node: NodeContext,
-        netlink: Netlink | None = None,
-        nft: NftRunner | None = None,
-        masquerade: Masquerade | None = None,
-        flow_log: FlowLog | None = None,  # flow observability: the log rules (None: off)
-        policy: PolicySource | None = None,  # policy enforcement (None: no policy section)
-    ) -> None:
-        if netlink is None:
-            from membrane.datapath.netlink.pyroute import PyrouteNetlink
 
-            netlink = PyrouteNetlink()
-        if nft is None:
-            from membrane.datapath.nft.runner import NftCommand
+def policy_datapath(tables: PolicyTables, renderer: PolicyRenderer) -> tuple[PolicyDatapath, StoreRevisions]:
+    """The policy tables rendered as map and set elements (and the store revisions they reflect)."""
+    ipcache = tables.ipcache.snapshot().get("ipcache")
+    by_ifindex = {row.ifindex: row.policy for row in tables.endpoint_policies.snapshot()}
+    renderer.forget(set(by_ifindex))
+    rendered = render_policy(by_ifindex, ipcache.intervals if ipcache else (), renderer)
+    return rendered, ipcache.store_revisions if ipcache else ()
 
-            nft = NftCommand()
-        self._node = node
-        self._netlink = netlink
-        self._masquerade = masquerade
-        self._flow_log = flow_log
-        self.policy = policy  # set after construction when the controller needs the datapath first
-        self.wiring = NetlinkWiring(netlink)
-        self._reconciler = NftReconciler(nft)
-        self._last: SyncResult | None = None
-        self._last_time = 0.0
-        self._syncs = 0
-        self._lock = asyncio.Lock()
 
-    @property
-    def netlink(self) -> Netlink:
-        """The node's netlink boundary (shared with the routing reconciler)."""
-        return self._netlink
+class DatapathController:
+    """Computes the desired nft objects (pure: reads tables, writes the ``nft`` table)."""
 
-    async def start(self) -> None:
-        await self._netlink.ensure_host_device(self._node.router_ip, self._node.mtu)
+    def __init__(self, local_endpoints: Table[EndpointRecord], policy: PolicyTables | None, nft: Table[NftObject],
+                 masquerade: Masquerade | None, flow_log: FlowLog | None) -> None:
+        self.local_endpoints = local_endpoints
+        self.policy = policy
+        self.nft = nft
+        self.masquerade = masquerade
+        self.flow_log = flow_log
+        self._writer = nft.writer("datapath controller")
+        self._renderer = PolicyRenderer()
+        #: (nft table revision, local_endpoints revision, store revisions) of each computation.
+        self.computed: list[tuple[int, int, tuple[tuple[str, int], ...]]] = []
+        #: Set after the next computation.
+        self.next_compute = asyncio.Event()
 
-    async def sync(self, records: list[EndpointRecord]) -> None:
-        async with self._lock:
-            # Rendered under the lock: concurrent syncs apply in the order their state was computed.
-            desired = DesiredDatapath.from_endpoints(
-                (EndpointAddress(r.host_ifindex, r.ipv4) for r in records if r.host_ifindex), self._masquerade,
-                self._flow_log, self.policy(records) if self.policy is not None else None,
-            )
-            self._last = await self._reconciler.sync(build_ruleset(desired))
-            self._last_time = time.time()
-            self._syncs += 1
+    def compute(self) -> None:
+        endpoints_snap = self.local_endpoints.snapshot()
+        ready = [r for r in endpoints_snap if r.state == "ready" and r.host_ifindex]
+        policy = None
+        store_revisions: tuple[tuple[str, int], ...] = ()
+        if self.policy is not None:
+            policy, store_revisions = policy_datapath(self.policy, self._renderer)
+        desired = DesiredDatapath.from_endpoints((EndpointAddress(r.host_ifindex, r.ipv4) for r in ready),
+                                                 self.masquerade, self.flow_log, policy)
+        self._writer.replace_all(nft_objects(build_ruleset(desired)))
+        self.computed = [*self.computed[-63:], (self.nft.revision, endpoints_snap.revision, store_revisions)]
+        done, self.next_compute = self.next_compute, asyncio.Event()
+        done.set()
+
+
+class DatapathModule:
+    """Wires the controller and the nft reconciler; answers "is this endpoint programmed yet"."""
+
+    def __init__(self, db: StateDB, local_endpoints: Table[EndpointRecord], policy: PolicyTables | None,
+                 nft_runner: NftRunner, masquerade: Masquerade | None, flow_log: FlowLog | None, *,
+                 resync_interval: float = DEFAULT_RESYNC_INTERVAL) -> None:
+        self.table: Table[NftObject] = db.table("nft", primary=lambda r: r.name, initialized=False)
+        self.controller = DatapathController(local_endpoints, policy, self.table, masquerade, flow_log)
+        self.operations = NftOperations(NftReconciler(nft_runner))
+        self.reconciler = Reconciler("nft", db, self.table, self.operations, resync_interval=resync_interval)
+        reads: tuple[Table[Any], ...] = (local_endpoints,)
+        if policy is not None:
+            reads += (policy.endpoint_policies, policy.ipcache)
+        self._controller = Controller("datapath", reads, self.controller.compute, outputs=[self.table])
+        self.module = Module("datapath", reads=reads, writes=(self.table,), start=self._first_sync,
+                             controllers=(self._controller,), reconcilers=(self.reconciler,))
+
+    async def _first_sync(self) -> None:
+        """Program the kernel once before anything downstream starts (the API answers CNI)."""
+        self._controller.run_once()
+        await self.reconciler.reconcile_once()
+
+    def _realized(self) -> tuple[int, tuple[tuple[str, int], ...]] | None:
+        """(local_endpoints revision, store revisions) the kernel holds, or None before the first pass."""
+        realized = self.reconciler.realized_revision
+        done = [(ep, store) for nft_rev, ep, store in self.controller.computed if nft_rev <= realized]
+        return done[-1] if done else None
+
+    async def wait_programmed(self, endpoints_revision: int, timeout: float = 30.0) -> None:
+        """Return once the kernel holds a ruleset computed from ``local_endpoints`` at
+        ``endpoints_revision`` or later."""
+        async with asyncio.timeout(timeout):
+            while True:
+                realized = self._realized()
+                if realized is not None and realized[0] >= endpoints_revision:
+                    return
+                # A computation with unchanged rows needs no pass; a changed one waits for it.
+                await wait_any([self.reconciler.next_pass, self.controller.next_compute])
+
+    def synced_revisions(self) -> dict[str, int]:
+        realized = self._realized()
+        return dict(realized[1]) if realized is not None else {}
 
     def status(self) -> dict[str, Any]:
-        last = self._last
-        summary = "not synced yet" if last is None else (
-            f"Ok   {self._syncs} syncs, last {last.kind} ({last.added} added, {last.deleted} deleted)")
-        return {"summary": summary, "syncs": self._syncs, "lastSync": self._last_time}
-
+        health = self.reconciler.health()
+        state = "Ok" if not health["errors"] else "Failing"
+        summary = (f"{state}   {self.reconciler.passes} passes, {health['fullSyncs']} full resyncs, "
+                   f"last {self.operations.last_kind or 'none'}; {health['rows']} chains, sets and maps")
+        if health["lastError"] and health["errors"]:
+            summary += f"; error: {health['lastError']}"
+        return {"summary": summary, "syncs": self.reconciler.passes, "lastSync": health["lastFullSync"]}

@@ -1,12 +1,21 @@
-"""The endpoint manager: CNI ADD/DEL/CHECK for this node, and endpoint restoration after a restart.
+"""The endpoints module: CNI ADD/DEL/CHECK for this node, and endpoint restoration after a restart.
 
-    ADD:  identity (store CAS) -> address + record "creating" (one store txn) -> kernel wiring
-          -> datapath sync (anti-spoofing entry) -> record "ready" -> CNI result
-    DEL:  kernel unwiring -> datapath sync -> record + address released (one store txn)
+    ADD:  identity (store CAS) -> address + record "creating" (one store txn)
+          -> desired wiring row -> wiring reconciler attaches the veth (wait until done)
+          -> record "ready" (store, then the local_endpoints table)
+          -> wait until the nft reconciler holds the anti-spoofing entry -> CNI result
+    DEL:  record "disconnecting" -> wiring row deleted -> reconciler detaches (wait)
+          -> local_endpoints updated, nft programmed -> record + address released (one store txn)
 
 The order is what makes crashes harmless: the store names a container before the kernel holds
 anything for it and forgets it only once the kernel is clean, so :meth:`restore` can finish or
-undo whatever a killed agent left half-done.
+undo whatever a killed agent left half-done. The manager writes two tables: ``endpoint_wiring``
+(what the kernel must hold, realized by the wiring reconciler through the netlink boundary, which
+also repairs drift and prunes veths no row names on every full resync) and ``local_endpoints``
+(this node's records, read by the policy and datapath modules).
+
+Primitives: :class:`NodeContext`, :class:`EndpointWiringOperations`, :class:`EndpointManager`,
+:func:`endpoints_module`.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +40,11 @@ from membrane.agent.contract import (
 )
 from membrane.api.endpoint import EndpointOrigin, EndpointRecord
 from membrane.core.errors import DatapathError, MembraneError
+from membrane.core.modules import Module
+from membrane.core.reconciler import DEFAULT_RESYNC_INTERVAL, ReconcileFailed, Reconciler
+from membrane.core.statedb import StateDB, Table
+from membrane.datapath.netlink.model import AttachedEndpoint, EndpointSpec, endpoint_ifname
+from membrane.datapath.netlink.protocol import Netlink
 from membrane.identity.labels import Label, canonical
 from membrane.ipam.pool import next_free_pod_ip
 from membrane.store import keys
@@ -56,25 +70,47 @@ class Wired:
     mac: str
 
 
-class EndpointWiring(Protocol):
-    """The kernel side of an endpoint (implemented over the netlink boundary)."""
+def endpoint_spec(record: EndpointRecord, node: NodeContext) -> EndpointSpec:
+    return EndpointSpec(container_id=record.container_id, netns=record.netns, ifname=record.ifname,
+                        pod_ip=record.ipv4, router_ip=node.router_ip, mtu=node.mtu)
 
-    async def attach(self, record: EndpointRecord, node: NodeContext) -> Wired: ...
 
-    async def detach(self, record: EndpointRecord) -> None: ...
+class EndpointWiringOperations:
+    """The ``endpoint_wiring`` table's target: one veth (and /32 route) per row, over netlink.
 
-    async def check(self, record: EndpointRecord, node: NodeContext) -> None: ...
+    ``update`` is the netlink attach, idempotent: a retried or periodic one repairs what drifted.
+    ``prune`` (every full resync) repairs the host device and removes endpoint veths no row names
+    (their routes go with them). What an attach made is kept in :attr:`attached` for the CNI result.
+    """
 
-    async def prune(self, keep_host_ifnames: set[str]) -> list[str]:
-        """Remove endpoint links not kept (their routes go with them); returns what was removed."""
-        ...
+    def __init__(self, netlink: Netlink, node: NodeContext) -> None:
+        self.netlink = netlink
+        self.node = node
+        self.attached: dict[str, AttachedEndpoint] = {}
+
+    async def ensure_host(self) -> None:
+        await self.netlink.ensure_host_device(self.node.router_ip, self.node.mtu)
+
+    async def update(self, spec: EndpointSpec) -> None:
+        self.attached[spec.container_id] = await self.netlink.attach_endpoint(spec)
+
+    async def delete(self, spec: EndpointSpec) -> None:
+        attached = self.attached.pop(spec.container_id, None)
+        await self.netlink.detach_endpoint(spec.container_id, attached.host_ifname if attached else None)
+
+    async def prune(self, specs: Sequence[EndpointSpec]) -> None:
+        await self.ensure_host()
+        removed = await self.netlink.prune({endpoint_ifname(s.container_id) for s in specs})
+        if removed:
+            log.info("pruned endpoint veths no endpoint names: %s", ", ".join(removed))
 
 
 class LabelSource(Protocol):
     def endpoint_labels(self, namespace: str, pod: str) -> frozenset[Label]: ...
 
 
-DatapathSync = Callable[[], Awaitable[None]]
+#: Waits until the kernel holds a ruleset computed from this revision of ``local_endpoints``.
+WaitProgrammed = Callable[[int], Awaitable[None]]
 
 
 def netns_exists(path: str) -> bool:
@@ -88,24 +124,34 @@ class EndpointManager:
         self,
         store: Store,
         node: NodeContext,
-        wiring: EndpointWiring,
+        db: StateDB,
+        netlink: Netlink,
         identities: IdentityAllocator,
         labels: LabelSource,
-        sync_datapath: DatapathSync,
+        wait_programmed: WaitProgrammed,
+        *,
         netns_present: Callable[[str], bool] = netns_exists,
+        resync_interval: float = DEFAULT_RESYNC_INTERVAL,
     ) -> None:
         self._netns_present = netns_present
         self._store = store
         self.node = node
-        self._wiring = wiring
+        self.wiring = EndpointWiringOperations(netlink, node)
+        #: Filled by :meth:`restore` first: until then the reconciler neither attaches nor prunes.
+        self.wiring_table: Table[EndpointSpec] = db.table("endpoint_wiring", primary=lambda s: s.container_id,
+                                                          initialized=False)
+        self._wiring_writer = self.wiring_table.writer("endpoint manager")
+        self.reconciler = Reconciler("endpoint-wiring", db, self.wiring_table, self.wiring,
+                                     resync_interval=resync_interval)
+        self.local: Table[EndpointRecord] = db.table("local_endpoints", primary=lambda r: r.container_id)
+        self._local_writer = self.local.writer("endpoint manager")
         self._identities = identities
         self._labels = labels
-        self._sync_datapath = sync_datapath
+        self._wait_programmed = wait_programmed
         self._records: dict[str, tuple[EndpointRecord, int]] = {}  # container id -> (record, mod_revision)
         self._alloc_lock = asyncio.Lock()  # this agent is the only writer of its node's addresses
         self._container_locks: dict[str, asyncio.Lock] = {}
         self._last_ip: ipaddress.IPv4Address | None = None
-        self.on_change: Callable[[], None] = lambda: None
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -154,7 +200,7 @@ class EndpointManager:
                 state="ready", host_ifname=wired.host_ifname, host_ifindex=wired.host_ifindex, mac=wired.mac
             )
             await self._write(ready)
-            await self._sync_datapath()
+            await self._programmed()
             return self._result(ready)
 
     async def cni_del(self, request: CniRequest) -> None:
@@ -169,7 +215,7 @@ class EndpointManager:
         if record is None or record.state != "ready":
             raise CniFailure(CNI_ERR_UNKNOWN_CONTAINER, f"container {request.container_id} is not attached")
         try:
-            await self._wiring.check(record, self.node)
+            await self.wiring.netlink.check_endpoint(endpoint_spec(record, self.node))
         except DatapathError as exc:
             raise CniFailure(CNI_ERR_DATAPATH, "endpoint does not match its configuration", str(exc)) from None
 
@@ -210,10 +256,13 @@ class EndpointManager:
     async def restore(self) -> None:
         """Load this node's records and make kernel and store agree again.
 
-        - ``creating`` records were interrupted mid-ADD: undo them (the runtime retries or DELs).
-        - records whose network namespace is gone: the container is gone: remove them.
-        - ready records: re-wire idempotently (a no-op when the kernel is intact).
-        - kernel links and routes no record names, and addresses no record holds, are pruned.
+        - ready records whose network namespace exists are wired again (idempotent: a no-op when the
+          kernel is intact) by the wiring reconciler's first pass, which also prunes every endpoint
+          veth no record names and repairs the host device;
+        - ``creating`` records were interrupted mid-ADD, and records whose namespace is gone belong
+          to containers that are gone: once the prune has cleaned the kernel, they are forgotten
+          (the runtime retries or DELs);
+        - addresses no record holds are released.
         """
         kvs, _ = await self._store.list(keys.endpoints_prefix(self.node.name))
         self._records = {}
@@ -225,26 +274,30 @@ class EndpointManager:
                 await self._store.delete(kv.key)
                 continue
             self._records[rec.container_id] = (rec, kv.mod_revision)
-        for rec in self.records():
-            if rec.state != "ready" or not self._netns_present(rec.netns):
-                log.info("removing endpoint %s/%s (%s, netns present: %s)", rec.namespace, rec.pod,
-                         rec.state, self._netns_present(rec.netns))
-                await self._remove(rec, sync=False)
-                continue
+        keep = [rec for rec in self.records() if rec.state == "ready" and self._netns_present(rec.netns)]
+        gone = [rec for rec in self.records() if rec not in keep]
+        await self.wiring.ensure_host()
+        self._wiring_writer.replace_all(endpoint_spec(rec, self.node) for rec in keep)
+        revision = self.wiring_table.revision
+        self.wiring_table.initialized.set()
+        for rec in keep:
             try:
-                wired = await self._wire(rec)
-            except DatapathError as exc:
-                log.warning("re-wiring %s/%s failed: %s", rec.namespace, rec.pod, exc)
+                await self.reconciler.wait_done(rec.container_id, revision, timeout=60)
+            except ReconcileFailed as exc:
+                log.warning("re-wiring %s/%s failed (retrying): %s", rec.namespace, rec.pod, exc)
                 continue
+            wired = self._wired(rec.container_id)
             if wired.host_ifindex != rec.host_ifindex or wired.mac != rec.mac:
                 await self._write(rec.replace(host_ifindex=wired.host_ifindex, mac=wired.mac,
                                               host_ifname=wired.host_ifname))
-        keep = {rec.host_ifname for rec in self.records() if rec.host_ifname}
-        removed = await self._wiring.prune(keep)
-        if removed:
-            log.info("pruned orphaned kernel objects: %s", ", ".join(removed))
+        for rec in gone:
+            # The first pass pruned its veth (no row names it): the kernel holds nothing for it.
+            log.info("removing endpoint %s/%s (%s, netns present: %s)", rec.namespace, rec.pod, rec.state,
+                     self._netns_present(rec.netns))
+            await self._forget(rec)
         await self._release_orphan_addresses()
         self._last_ip = max((rec.ipv4 for rec in self.records()), default=None)
+        self._publish()
 
     async def _release_orphan_addresses(self) -> None:
         """Address keys pointing at this node's endpoint records that no longer exist."""
@@ -306,7 +359,24 @@ class EndpointManager:
             await self._store.txn([Compare(ip_key, kv.mod_revision)], [Delete(ip_key)])
 
     async def _wire(self, record: EndpointRecord) -> Wired:
-        return await self._wiring.attach(record, self.node)
+        """Ask the wiring reconciler for this endpoint and wait until the kernel holds it."""
+        self._wiring_writer.upsert(endpoint_spec(record, self.node))
+        try:
+            await self.reconciler.wait_done(record.container_id, self.wiring_table.revision, timeout=60)
+        except (ReconcileFailed, TimeoutError) as exc:
+            raise DatapathError(str(exc) or "wiring timed out") from None
+        return self._wired(record.container_id)
+
+    def _wired(self, container_id: str) -> Wired:
+        attached = self.wiring.attached[container_id]
+        return Wired(attached.host_ifname, attached.host_ifindex, attached.container_mac)
+
+    def _publish(self) -> None:
+        """The local_endpoints table follows the records (one transaction per change)."""
+        self._local_writer.replace_all(rec for rec, _ in self._records.values())
+
+    async def _programmed(self) -> None:
+        await self._wait_programmed(self.local.revision)
 
     async def _write(
         self,
@@ -322,9 +392,9 @@ class EndpointManager:
         if not result.succeeded:
             raise MembraneError(f"endpoint record {record.key} changed underneath the agent")
         self._records[record.container_id] = (record, result.revision)
-        self.on_change()
+        self._publish()
 
-    async def _remove(self, record: EndpointRecord, sync: bool = True) -> None:
+    async def _remove(self, record: EndpointRecord) -> None:
         entry = self._records.get(record.container_id)
         mod_revision = entry[1] if entry else 0
         if entry is not None:
@@ -332,10 +402,23 @@ class EndpointManager:
             with contextlib.suppress(MembraneError):
                 await self._write(disconnecting)
                 mod_revision = self._records[record.container_id][1]
-        await self._wiring.detach(record)
+        self._wiring_writer.delete(record.container_id)
+        try:
+            await self.reconciler.wait_deleted(record.container_id, timeout=60)
+        except (ReconcileFailed, TimeoutError) as exc:
+            # The record stays (disconnecting): the reconciler retries, and a restart prunes.
+            raise DatapathError(f"unwiring {record.namespace}/{record.pod} failed: {exc}") from None
         self._records.pop(record.container_id, None)
-        if sync:
-            await self._sync_datapath()
+        self._publish()
+        await self._programmed()
+        await self._release(record, mod_revision)
+
+    async def _forget(self, record: EndpointRecord) -> None:
+        """Release a record whose kernel side is known to be clean (after a prune)."""
+        entry = self._records.pop(record.container_id, None)
+        await self._release(record, entry[1] if entry else 0)
+
+    async def _release(self, record: EndpointRecord, mod_revision: int) -> None:
         ip_key = keys.pod_ip_key(record.ipv4)
         ip_kv = await self._store.get(ip_key)
         ops: list[Put | Delete] = [Delete(record.key)]
@@ -347,7 +430,6 @@ class EndpointManager:
             await self._store.delete(record.key)
             await self._forget_foreign_address(ip_key)
         self._container_locks.pop(record.container_id, None)
-        self.on_change()
 
     def _result(self, record: EndpointRecord) -> dict[str, Any]:
         """The CNI 1.0.0 result of an attached endpoint."""
@@ -361,3 +443,10 @@ class EndpointManager:
             "routes": [{"dst": "0.0.0.0/0", "gw": str(self.node.router_ip)}],
             "dns": {},
         }
+
+
+def endpoints_module(manager: EndpointManager, reads: tuple[Table[Any], ...] = ()) -> Module:
+    """Restores this node's endpoints before anything downstream starts (policy, datapath, API).
+    ``reads``: the tables its label source reads (pods, namespaces)."""
+    return Module("endpoints", reads=reads, writes=(manager.wiring_table, manager.local), start=manager.restore,
+                  reconcilers=(manager.reconciler,))

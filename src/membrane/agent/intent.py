@@ -1,141 +1,229 @@
-"""The agent's in-memory intent: the store objects it acts on, decoded once, keyed by name.
+"""The agent's intent: one reflector per store prefix fills one typed table, shared by every module.
 
-Filled by reflectors (list + watch); read by the controllers. Values are the stored JSON
-objects; each change bumps ``version`` so controllers can tell when to recompute.
+    store prefix                        table          row (decoded once, immutable)      key
+    /membrane/objects/namespaces/       namespaces     k8s.Namespace                       name
+    /membrane/objects/pods/             pods           k8s.Pod            index node        (namespace, name)
+    /membrane/objects/ciliumnodes/      nodes          cilium.CiliumNode                   name
+    /membrane/objects/{netpol,cnp,ccnp} policies       PolicyObject (store key + model)    store key
+    /membrane/identities/id/            identities     IdentityRow                          id
+    /membrane/endpoints/                endpoints      EndpointRecord     index node        store key
+
+Each store transaction becomes one table transaction (a reflector batch never splits a revision),
+so a reader never sees half of one. A re-list (after a compaction or a restart of the reflector)
+arrives as the difference from what the table holds, deletions included. A value that cannot be decoded is
+left out and logged once: its writer went around the API.
+
+Primitives: :class:`IntentTables`, :class:`PolicyObject`, :class:`IdentityRow`,
+:class:`IntentReflector`, :func:`intent_module`, :func:`endpoint_labels`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
+from membrane.api import cilium, k8s
 from membrane.api.endpoint import EndpointRecord
+from membrane.api.meta import ApiObject
+from membrane.core.errors import MembraneError
+from membrane.core.modules import Module
+from membrane.core.statedb import StateDB, Table, Writer
 from membrane.identity.labels import Label, identity_labels_for_pod, parse_labels
 from membrane.store import keys
-from membrane.store.base import EventType, KeyValue, WatchEvent
+from membrane.store.base import EventType, KeyValue, Store
+from membrane.store.objects import decode
+from membrane.store.reflector import Reflector, ReflectorBatch
 
-PODS = keys.objects_prefix("pods")
-NAMESPACES = keys.objects_prefix("namespaces")
-NODES = keys.objects_prefix("ciliumnodes")
-# -- policy inputs (agent/policy.py): policy objects, identities, every node's endpoint records --
-NETWORK_POLICIES = keys.objects_prefix("networkpolicies")
-CILIUM_POLICIES = keys.objects_prefix("ciliumnetworkpolicies")
-CLUSTERWIDE_POLICIES = keys.objects_prefix("ciliumclusterwidenetworkpolicies")
-POLICY_PREFIXES = (NETWORK_POLICIES, CILIUM_POLICIES, CLUSTERWIDE_POLICIES)
-IDENTITIES = keys.IDENTITY_BY_ID
-ENDPOINTS = keys.ENDPOINTS
+log = logging.getLogger(__name__)
+
+POLICY_PLURALS = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
 
 
-def _name_from_key(prefix: str, key: str) -> tuple[str, str]:
-    rest = key.removeprefix(prefix)
-    namespace, _, name = rest.rpartition("/")
-    return namespace, name
+@dataclass(frozen=True, slots=True)
+class PolicyObject:
+    """A stored policy: its store key (the compiler orders rules by it) and its model."""
+
+    key: str
+    obj: ApiObject
 
 
-@dataclass
-class Intent:
-    cluster_name: str = "default"
-    pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # CiliumNode objects by name
-    # -- policy inputs --
-    policies: dict[str, dict[str, Any]] = field(default_factory=dict)  # policy objects by store key
-    identities: dict[int, frozenset[Label]] = field(default_factory=dict)  # identity -> labels
-    endpoints: dict[str, EndpointRecord] = field(default_factory=dict)  # every node's records by store key
-    #: The store revision each prefix is known up to (the reflector's batch revision, else the
-    #: newest event): lets the policy controller report which revision its datapath reflects.
-    revisions: dict[str, int] = field(default_factory=dict)
-    version: int = 0
+@dataclass(frozen=True, slots=True)
+class IdentityRow:
+    id: int
+    labels: frozenset[Label]
 
-    def load(self, prefix: str, kvs: Iterable[KeyValue]) -> None:
-        for kv in kvs:
-            self._put(prefix, kv)
-        self.version += 1
 
-    def apply(self, prefix: str, events: Iterable[WatchEvent], revision: int | None = None) -> None:
-        newest = self.revisions.get(prefix, 0)
-        for event in events:
-            if event.type is EventType.PUT:
-                self._put(prefix, event.kv)
-            else:
-                self._delete(prefix, event.kv.key)
-            newest = max(newest, event.kv.mod_revision)
-        self.revisions[prefix] = max(newest, revision or 0)
-        self.version += 1
+@dataclass(frozen=True)
+class IntentTables:
+    """The intent tables of one agent (see the module docstring)."""
 
-    def replace_all(self, prefix: str, kvs: Iterable[KeyValue]) -> None:
-        if prefix == PODS:
-            self.pods.clear()
-        elif prefix == NAMESPACES:
-            self.namespaces.clear()
-        elif prefix == NODES:
-            self.nodes.clear()
-        elif prefix in POLICY_PREFIXES:
-            for key in [k for k in self.policies if k.startswith(prefix)]:
-                del self.policies[key]
-        elif prefix == IDENTITIES:
-            self.identities.clear()
-        elif prefix == ENDPOINTS:
-            self.endpoints.clear()
-        self.load(prefix, kvs)
+    namespaces: Table[k8s.Namespace]
+    pods: Table[k8s.Pod]
+    nodes: Table[cilium.CiliumNode]
+    policies: Table[PolicyObject]
+    identities: Table[IdentityRow]
+    endpoints: Table[EndpointRecord]
 
-    def _put(self, prefix: str, kv: KeyValue) -> None:
-        if prefix in (IDENTITIES, ENDPOINTS):
-            self._put_policy_input(prefix, kv)
-            return
+    @classmethod
+    def create(cls, db: StateDB) -> IntentTables:
+        return cls(
+            namespaces=db.table("namespaces", primary=lambda ns: ns.name),
+            pods=db.table("pods", primary=lambda p: (p.namespace or "default", p.name),
+                          indexes={"node": lambda p: [p.spec.nodeName or ""]}),
+            nodes=db.table("nodes", primary=lambda n: n.name),
+            policies=db.table("policies", primary=lambda p: p.key),
+            identities=db.table("identities", primary=lambda i: i.id),
+            endpoints=db.table("endpoints", primary=lambda e: e.key, indexes={"node": lambda e: [e.node]}),
+        )
+
+    def all(self) -> tuple[Table[Any], ...]:
+        return (self.namespaces, self.pods, self.nodes, self.policies, self.identities, self.endpoints)
+
+
+def endpoint_labels(tables: IntentTables, namespace: str, pod: str, cluster_name: str) -> frozenset[Label]:
+    """The identity-relevant labels of a pod: its labels, its namespace's, its service account."""
+    pod_obj = tables.pods.snapshot().get((namespace, pod))
+    ns_obj = tables.namespaces.snapshot().get(namespace)
+    pod_labels = pod_obj.labels if pod_obj is not None else {}
+    service_account = (pod_obj.spec.serviceAccountName if pod_obj is not None else None) or "default"
+    ns_labels = ns_obj.labels if ns_obj is not None else {}
+    return identity_labels_for_pod(namespace, pod_labels, ns_labels, service_account, cluster_name)
+
+
+# -- decoding: store key/value → row, store key → table key ---------------------------------------------
+
+
+def _decode_object(kv: KeyValue) -> ApiObject:
+    return decode(kv)
+
+
+def _decode_policy(kv: KeyValue) -> PolicyObject:
+    return PolicyObject(kv.key, decode(kv))
+
+
+def _decode_identity(kv: KeyValue) -> IdentityRow:
+    return IdentityRow(int(kv.key.rsplit("/", 1)[1]), parse_labels(json.loads(kv.value)))
+
+
+def _decode_endpoint(kv: KeyValue) -> EndpointRecord:
+    return EndpointRecord.from_json(kv.value)
+
+
+def _namespaced_key(prefix: str) -> Callable[[str], Hashable]:
+    def key(store_key: str) -> Hashable:
+        namespace, _, name = store_key.removeprefix(prefix).rpartition("/")
+        return (namespace, name)
+    return key
+
+
+def _name_key(prefix: str) -> Callable[[str], Hashable]:
+    return lambda store_key: store_key.removeprefix(prefix)
+
+
+class IntentReflector:
+    """One store prefix into one table: list, then watch; one table transaction per batch."""
+
+    def __init__(self, store: Store, prefix: str, writer: Writer[Any], decode_kv: Callable[[KeyValue], Any],
+                 table_key: Callable[[str], Hashable]) -> None:
+        self.prefix = prefix
+        self.writer = writer
+        self._reflector = Reflector(store, prefix)
+        self._decode = decode_kv
+        self._table_key = table_key
+        self._decoded: dict[str, tuple[int, Any]] = {}  # store key -> (mod revision, row or None)
+        self.synced = asyncio.Event()
+        #: The store revision the table reflects.
+        self.revision = 0
+
+    def _row(self, kv: KeyValue) -> Any:
+        cached = self._decoded.get(kv.key)
+        if cached is not None and cached[0] == kv.mod_revision:
+            return cached[1]
         try:
-            obj = json.loads(kv.value)
-        except ValueError:
-            return
-        if not isinstance(obj, dict):
-            return
-        obj.setdefault("metadata", {})["resourceVersion"] = str(kv.mod_revision)
-        if prefix == PODS:
-            self.pods[_name_from_key(prefix, kv.key)] = obj
-        elif prefix == NAMESPACES:
-            self.namespaces[kv.key.removeprefix(prefix)] = obj
-        elif prefix == NODES:
-            self.nodes[kv.key.removeprefix(prefix)] = obj
-        elif prefix in POLICY_PREFIXES:
-            self.policies[kv.key] = obj
+            row = self._decode(kv)
+        except (MembraneError, ValueError, TypeError, KeyError, IndexError) as exc:
+            log.warning("ignoring %s: cannot be decoded: %s", kv.key, exc)
+            row = None
+        self._decoded[kv.key] = (kv.mod_revision, row)
+        return row
 
-    def _put_policy_input(self, prefix: str, kv: KeyValue) -> None:
-        """Identities and endpoint records; an unreadable value is skipped (its writer is to blame)."""
+    def apply(self, batch: ReflectorBatch) -> None:
+        # A re-list's events are the difference from the reflector's previous snapshot, deletions
+        # included, so every batch is applied the same way.
+        with self.writer.txn() as txn:
+            for event in batch.events:
+                if event.type is EventType.PUT:
+                    row = self._row(event.kv)
+                    if row is not None:
+                        txn.upsert(row)
+                        continue
+                self._decoded.pop(event.kv.key, None)
+                txn.delete(self._table_key(event.kv.key))
+        self.revision = max(self.revision, batch.revision)
+        self.synced.set()
+
+    async def run(self) -> None:
+        """Follow the prefix until the store closes; a store error ends the run (the lifecycle
+        restarts it, and the reflector resumes from the snapshot it kept)."""
+        subscription = self._reflector.subscribe()
+        reflector = asyncio.create_task(self._reflector.run(), name=f"reflector {self.prefix}")
         try:
-            if prefix == IDENTITIES:
-                identity = int(kv.key.rsplit("/", 1)[1])
-                self.identities[identity] = parse_labels(json.loads(kv.value))
-            else:
-                self.endpoints[kv.key] = EndpointRecord.from_json(kv.value)
-        except (ValueError, TypeError, KeyError):
-            return
+            while True:
+                following = asyncio.ensure_future(anext(subscription))
+                done, _ = await asyncio.wait({following, reflector}, return_when=asyncio.FIRST_COMPLETED)
+                if following in done:
+                    try:
+                        self.apply(following.result())
+                    except StopAsyncIteration:
+                        return  # the store closed: the agent is stopping
+                    continue
+                following.cancel()
+                reflector.result()  # raises the reflector's error
+                return
+        finally:
+            subscription.close()
+            reflector.cancel()
+            await asyncio.gather(reflector, return_exceptions=True)
 
-    def _delete(self, prefix: str, key: str) -> None:
-        if prefix == PODS:
-            self.pods.pop(_name_from_key(prefix, key), None)
-        elif prefix == NAMESPACES:
-            self.namespaces.pop(key.removeprefix(prefix), None)
-        elif prefix == NODES:
-            self.nodes.pop(key.removeprefix(prefix), None)
-        elif prefix in POLICY_PREFIXES:
-            self.policies.pop(key, None)
-        elif prefix == IDENTITIES:
-            number = key.rsplit("/", 1)[1]
-            if number.isdigit():
-                self.identities.pop(int(number), None)
-        elif prefix == ENDPOINTS:
-            self.endpoints.pop(key, None)
 
-    # -- LabelSource -----------------------------------------------------------------------------
+def reflectors(store: Store, tables: IntentTables) -> list[IntentReflector]:
+    """One reflector per prefix, each the only writer of its table."""
+    found = [
+        IntentReflector(store, keys.objects_prefix("namespaces"), tables.namespaces.writer("reflector namespaces"),
+                        _decode_object, _name_key(keys.objects_prefix("namespaces"))),
+        IntentReflector(store, keys.objects_prefix("pods"), tables.pods.writer("reflector pods"),
+                        _decode_object, _namespaced_key(keys.objects_prefix("pods"))),
+        IntentReflector(store, keys.objects_prefix("ciliumnodes"), tables.nodes.writer("reflector ciliumnodes"),
+                        _decode_object, _name_key(keys.objects_prefix("ciliumnodes"))),
+        IntentReflector(store, keys.IDENTITY_BY_ID, tables.identities.writer("reflector identities"),
+                        _decode_identity, lambda k: int(k.rsplit("/", 1)[1]) if k.rsplit("/", 1)[1].isdigit() else k),
+        IntentReflector(store, keys.ENDPOINTS, tables.endpoints.writer("reflector endpoints"),
+                        _decode_endpoint, lambda k: k),
+    ]
+    # Three prefixes, one table: a writer shared by the three reflectors of the policy kinds
+    # (they never write the same key).
+    policy_writer = tables.policies.writer("reflectors policies")
+    found += [IntentReflector(store, keys.objects_prefix(plural), policy_writer, _decode_policy, lambda k: k)
+              for plural in POLICY_PLURALS]
+    return found
 
-    def endpoint_labels(self, namespace: str, pod: str) -> frozenset[Label]:
-        pod_obj = self.pods.get((namespace, pod), {})
-        pod_labels = pod_obj.get("metadata", {}).get("labels") or {}
-        sa = (pod_obj.get("spec") or {}).get("serviceAccountName") or "default"
-        ns_labels = (self.namespaces.get(namespace, {}).get("metadata") or {}).get("labels") or {}
-        return identity_labels_for_pod(namespace, pod_labels, ns_labels, sa, self.cluster_name)
 
-    def pods_on_node(self, node: str) -> dict[tuple[str, str], dict[str, Any]]:
-        return {k: v for k, v in self.pods.items() if (v.get("spec") or {}).get("nodeName") == node}
+def intent_module(store: Store, tables: IntentTables) -> tuple[Module, list[IntentReflector]]:
+    """The intent module: programs nothing; its ``start`` returns once every table holds the
+    store's initial list, so no module downstream acts on a partial view."""
+    found = reflectors(store, tables)
+
+    async def initial_sync() -> None:
+        await asyncio.gather(*(r.synced.wait() for r in found))
+
+    module = Module(
+        name="intent",
+        writes=tables.all(),
+        early_tasks={f"reflector {r.prefix}": r.run for r in found},
+        start=initial_sync,
+    )
+    return module, found

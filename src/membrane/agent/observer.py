@@ -5,7 +5,7 @@
                                                  NamespaceTracker, FlowMetrics    ObserverServer
                                                           │                     TCP 127.0.0.1:4244
                                                  MetricsServer 127.0.0.1:9965   <run-dir>/observer.sock
-    store: endpoints/*, ciliumnodes ──reflectors──► EnrichmentState (rebuilt on every change)
+    intent tables: endpoints, nodes ──► EnrichmentState (rebuilt on every change of either)
     PolicyController ──PolicyAttribution──► enrich(policy=…): *_allowed_by / *_denied_by
     FlowPublisher ──► FlowExporter (hubble.exportFilePath, rotated JSON lines) when configured
 
@@ -19,26 +19,28 @@ A failure to listen or to bind the group degrades observability, never the node:
 shown in the agent status, and the reader is retried by the lifecycle.
 
 Primitives: :class:`ObserverSettings`, :class:`ExportSettings`, :class:`AgentObserver`,
-:class:`PolicyAttribution`, :func:`state_from_store`.
+:class:`PolicyAttribution`, :func:`enrichment_state`, :func:`observer_module`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
 from membrane.agent.config import AgentConfig
+from membrane.api import k8s
+from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
 from membrane.core.errors import MembraneError
 from membrane.core.lifecycle import Lifecycle
+from membrane.core.statedb import Table, wait_any
 from membrane.datapath.flowcodes import Direction, FlowCodeError
 from membrane.datapath.netlink.model import TUNNEL_DEVICE
 from membrane.datapath.ruleset import FlowLog
@@ -67,14 +69,8 @@ from membrane.policy import EndpointPolicy
 from membrane.policy.compiler import policy_endpoint
 from membrane.policy.mapstate import Verdict
 from membrane.policy.rules import IMPLICIT_KIND, RuleOrigin
-from membrane.store import keys
-from membrane.store.base import KeyValue, Store
-from membrane.store.reflector import Reflector, Subscription
 
 log = logging.getLogger(__name__)
-
-ENDPOINTS = keys.endpoints_prefix()
-NODES = keys.objects_prefix("ciliumnodes")
 
 
 @dataclass(frozen=True)
@@ -119,22 +115,15 @@ class ObserverSettings:
                    capacity=hubble.eventBufferCapacity, export=export)
 
 
-def _node_address(obj: Mapping[str, Any]) -> NodeAddress | None:
-    name = (obj.get("metadata") or {}).get("name")
-    spec = obj.get("spec") or {}
-    ips = [a.get("ip") for a in spec.get("addresses") or [] if a.get("type") == "InternalIP" and a.get("ip")]
-    if not name or not ips:
+def _node_address(node: CiliumNode) -> NodeAddress | None:
+    node_ip = node.internal_ip()
+    if not node.name or node_ip is None:
         return None
-    cidrs = (spec.get("ipam") or {}).get("podCIDRs") or []
-    router = str(router_ip(IPv4Network(cidrs[0]))) if cidrs else ""
-    return NodeAddress(name=name, node_ip=str(ips[0]), router_ip=router)
+    cidr = node.pod_cidr()
+    return NodeAddress(name=node.name, node_ip=str(node_ip), router_ip=str(router_ip(cidr)) if cidr else "")
 
 
-def _endpoint_info(kv: KeyValue, node_name: str) -> EndpointInfo | None:
-    try:
-        record = EndpointRecord.from_json(kv.value)
-    except (ValueError, TypeError, KeyError):
-        return None
+def _endpoint_info(record: EndpointRecord, node_name: str) -> EndpointInfo:
     local = record.node == node_name
     return EndpointInfo(
         ip=str(record.ipv4), identity=record.identity, namespace=record.namespace, pod_name=record.pod,
@@ -143,51 +132,42 @@ def _endpoint_info(kv: KeyValue, node_name: str) -> EndpointInfo | None:
 
 
 class EndpointInfoCache:
-    """Decoded endpoint records by key and revision: a change re-decodes only what changed.
-
-    Decoding is what costs when the cluster is large (50,000 records take about a second), and
-    one endpoint changing must not cost the whole cluster.
-    """
+    """Endpoint infos by record: a change rebuilds only the records that changed (rows are replaced
+    on every change, so an unchanged record is the same object)."""
 
     def __init__(self, node_name: str) -> None:
         self._node_name = node_name
-        self._decoded: dict[str, tuple[int, EndpointInfo | None]] = {}
+        self._built: dict[str, tuple[EndpointRecord, EndpointInfo]] = {}
 
-    def infos(self, endpoints: Sequence[KeyValue]) -> list[EndpointInfo]:
-        decoded: dict[str, tuple[int, EndpointInfo | None]] = {}
-        for kv in endpoints:
-            cached = self._decoded.get(kv.key)
-            if cached is None or cached[0] != kv.mod_revision:
-                cached = (kv.mod_revision, _endpoint_info(kv, self._node_name))
-            decoded[kv.key] = cached
-        self._decoded = decoded
-        return [info for _, info in decoded.values() if info is not None]
+    def infos(self, records: Iterable[EndpointRecord]) -> list[EndpointInfo]:
+        built: dict[str, tuple[EndpointRecord, EndpointInfo]] = {}
+        for record in records:
+            cached = self._built.get(record.key)
+            if cached is None or cached[0] is not record:
+                cached = (record, _endpoint_info(record, self._node_name))
+            built[record.key] = cached
+        self._built = built
+        return [info for _, info in built.values()]
 
 
-def state_from_store(node_name: str, endpoints: Sequence[KeyValue], nodes: Sequence[KeyValue], *,
+def enrichment_state(node_name: str, records: Iterable[EndpointRecord], nodes: Iterable[CiliumNode], *,
                      cluster_name: str = "default", tunnel_ifindex: int = 0,
                      cache: EndpointInfoCache | None = None) -> EnrichmentState:
-    """The enrichment state from the store's endpoint records (every node's) and CiliumNodes."""
-    infos = (cache or EndpointInfoCache(node_name)).infos(endpoints)
-    addresses: list[NodeAddress] = []
-    for kv in nodes:
-        try:
-            address = _node_address(json.loads(kv.value))
-        except ValueError:
-            continue
-        if address is not None:
-            addresses.append(address)
+    """The enrichment state from every node's endpoint records and the CiliumNodes."""
+    infos = (cache or EndpointInfoCache(node_name)).infos(records)
+    addresses = [address for node in nodes if (address := _node_address(node)) is not None]
     return EnrichmentState.build(node_name, infos, addresses, cluster_name=cluster_name,
                                  tunnel_ifindex=tunnel_ifindex)
 
 
 class PolicySource(Protocol):
-    """What attribution reads of the agent's :class:`~membrane.agent.policy.PolicyController`:
-    ``compiler`` (a PolicyCompiler), ``intent`` (endpoints, pods) and ``node_name``."""
+    """What attribution reads of the agent's :class:`~membrane.agent.policy.PolicyController`."""
 
     compiler: Any
-    intent: Any
-    node_name: str
+
+    def pods(self) -> Mapping[tuple[str, str], k8s.Pod]: ...
+
+    def local_record(self, ifindex: int) -> EndpointRecord | None: ...
 
 
 AnswerKey = tuple[Direction, int, int, int]
@@ -248,15 +228,13 @@ class PolicyAttribution:
         self._cidrs = sorted(cidrs, key=lambda item: -item[0].prefixlen)
 
     def _endpoint(self, info: EndpointInfo) -> tuple[EndpointPolicy, dict[AnswerKey, PolicyDecision | None]] | None:
-        records = self._source.intent.endpoints
+        record = self._source.local_record(info.ifindex)
         cached = self._endpoints.get(info.ifindex)
-        if cached is not None and records.get(cached[0].key) is cached[0]:
+        if cached is not None and record is cached[0]:
             return cached[1], cached[2]
-        node = self._source.node_name
-        record = next((r for r in records.values() if r.node == node and r.host_ifindex == info.ifindex), None)
         if record is None:
             return None
-        endpoint = policy_endpoint(record, self._source.intent.pods)
+        endpoint = policy_endpoint(record, self._source.pods())
         policy = self._source.compiler.endpoint_policies([(endpoint, parse_labels(record.labels))])[endpoint.key]
         self._endpoints[info.ifindex] = (record, policy, {})
         return policy, self._endpoints[info.ifindex][2]
@@ -313,13 +291,14 @@ class AgentObserver:
     """Reads flow events, turns them into flows and serves them. ``source`` defaults to an
     :class:`NflogReader` on the settings' group in the agent's network namespace."""
 
-    def __init__(self, settings: ObserverSettings, *, node_name: str, store: Store, cluster_name: str = "default",
-                 source: FlowEventSource | None = None, tunnel_ifindex: Callable[[], int] = _tunnel_ifindex,
-                 policy: PolicyLookup | None = None) -> None:
+    def __init__(self, settings: ObserverSettings, *, node_name: str, endpoints: Table[EndpointRecord],
+                 nodes: Table[CiliumNode], cluster_name: str = "default", source: FlowEventSource | None = None,
+                 tunnel_ifindex: Callable[[], int] = _tunnel_ifindex, policy: PolicyLookup | None = None) -> None:
         self.settings = settings
         self.node_name = node_name
         self.cluster_name = cluster_name
-        self._store = store
+        self._endpoint_table = endpoints
+        self._node_table = nodes
         self._info_cache = EndpointInfoCache(node_name)
         self._source = source or NflogReader(settings.flow_log.group)
         self._tunnel_ifindex = tunnel_ifindex
@@ -340,10 +319,6 @@ class AgentObserver:
         self._lost_reported = 0
         self.malformed = 0
         self.errors: list[str] = []
-        self._endpoints = Reflector(store, ENDPOINTS)
-        self._nodes = Reflector(store, NODES)
-        self._subscriptions: tuple[Subscription, ...] = ()
-        self.state_changed = asyncio.Event()
 
     @property
     def flow_log(self) -> FlowLog | None:
@@ -368,10 +343,7 @@ class AgentObserver:
     async def start(self, lifecycle: Lifecycle) -> None:
         if not self.settings.enabled:
             return
-        # Subscribed before the reflectors run, so the initial lists reach the state too.
-        self._subscriptions = (self._endpoints.subscribe(), self._nodes.subscribe())
-        lifecycle.start("observer endpoints reflector", self._endpoints.run)
-        lifecycle.start("observer nodes reflector", self._nodes.run)
+        self.rebuild_state()
         lifecycle.start("observer state", self._follow_state)
         lifecycle.start("flow events", self._read_events)
         # The group is ours before the log rules exist; a bind that fails is retried by the
@@ -432,30 +404,15 @@ class AgentObserver:
                 publish(flow)
 
     async def _follow_state(self) -> None:
-        subscriptions = self._subscriptions
-        pending: dict[int, asyncio.Task[Any]] = {}
-        try:
-            while True:
-                for index, subscription in enumerate(subscriptions):
-                    if index not in pending:
-                        pending[index] = asyncio.ensure_future(anext(subscription))
-                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-                for index in [i for i, t in pending.items() if t in done]:
-                    try:
-                        pending.pop(index).result()
-                    except StopAsyncIteration:
-                        return  # the store closed: the agent is stopping
-                # Rebuilt from the reflectors' snapshots: a batch never shows half a transaction.
-                self.rebuild_state()
-        finally:
-            for task in pending.values():
-                task.cancel()
+        while True:
+            watches = [self._endpoint_table.snapshot().changed, self._node_table.snapshot().changed]
+            await wait_any(watches)
+            self.rebuild_state()
 
     def rebuild_state(self) -> None:
-        self.state = state_from_store(
-            self.node_name, list(self._endpoints.snapshot.values()), list(self._nodes.snapshot.values()),
+        self.state = enrichment_state(
+            self.node_name, self._endpoint_table.snapshot(), self._node_table.snapshot(),
             cluster_name=self.cluster_name, tunnel_ifindex=self._tunnel_ifindex(), cache=self._info_cache)
-        self.state_changed.set()
 
     def status(self) -> dict[str, Any]:
         """The ``Hubble:`` part of the agent status."""

@@ -11,18 +11,17 @@ endpoint uses.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
-from membrane.agent.intent import Intent
+from membrane.agent.intent import IntentTables
+from membrane.api import k8s
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, MembraneError
+from membrane.core.statedb import wait_any
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, Put, Store
 from membrane.store.identities import IdentityAllocator
@@ -46,11 +45,10 @@ class Operator:
         store: Store,
         node_name: str,
         lease: Callable[[], int],
-        intent: Intent,
+        intent: IntentTables,
         identities: IdentityAllocator,
         cluster: ClusterConfig,
         gc_interval: float = 60.0,
-        wake: asyncio.Event | None = None,
     ) -> None:
         self._cluster = cluster
         self._store = store
@@ -61,7 +59,6 @@ class Operator:
         self._gc_interval = gc_interval
         self._last_gc = time.monotonic()
         self.is_leader = False
-        self.wake = wake or asyncio.Event()
 
     async def try_acquire(self) -> bool:
         key = keys.role_key(OPERATOR_ROLE)
@@ -78,12 +75,13 @@ class Operator:
         return leader
 
     async def run(self) -> None:
-        """Work when woken (node or pod changes) or once a second (to notice the role moving).
+        """Work when the nodes or pods change, or once a second (to notice the role moving).
 
         Each task is sized by what changed, never by the cluster: nodes and pods come from the
-        intent, and only identity collection lists the store, once per ``gc_interval``.
+        intent tables, and only identity collection lists the store, once per ``gc_interval``.
         """
         while True:
+            watches = [self._intent.nodes.snapshot().changed, self._intent.pods.snapshot().changed]
             if await self.try_acquire():
                 await self.allocate_node_cidrs()
                 await self.forget_removed_nodes()
@@ -93,14 +91,13 @@ class Operator:
                     removed = await self._identities.collect_unreferenced()
                     if removed:
                         log.info("collected unused identities %s", removed)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
-            self.wake.clear()
+            await wait_any(watches, timeout=1.0)
 
     async def allocate_node_cidrs(self) -> None:
         """Every node object without a pod CIDR gets one (claimed by compare-and-swap)."""
-        for name, obj in list(self._intent.nodes.items()):
-            if ((obj.get("spec") or {}).get("ipam") or {}).get("podCIDRs"):
+        for node in self._intent.nodes.snapshot():
+            name = node.name
+            if node.spec.ipam is not None and node.spec.ipam.podCIDRs:
                 continue
             try:
                 cidr = await claim_node_cidr(self._store, name, self._cluster)
@@ -125,7 +122,7 @@ class Operator:
         """
         claims = await node_cidrs(self._store)
         for cidr, owner in claims.items():
-            if owner in self._intent.nodes:
+            if owner in self._intent.nodes.snapshot():
                 continue
             endpoints, _ = await self._store.list(keys.endpoints_prefix(owner))
             for kv in endpoints:
@@ -148,13 +145,14 @@ class Operator:
         return [kv.key.removeprefix(keys.HEARTBEATS) for kv in kvs]
 
     async def schedule_pending_pods(self) -> None:
-        pending = [pod for pod in self._intent.pods.values() if not (pod.get("spec") or {}).get("nodeName")]
+        pods = self._intent.pods.snapshot()
+        pending = pods.by("node", "")
         if not pending:
             return
         nodes = await self.ready_nodes()
         counts: dict[str, int] = {}
-        for pod in self._intent.pods.values():
-            node = (pod.get("spec") or {}).get("nodeName")
+        for pod in pods:
+            node = pod.spec.nodeName
             if node:
                 counts[node] = counts.get(node, 0) + 1
         for pod in pending:
@@ -164,9 +162,9 @@ class Operator:
             if await self._bind(pod, node):
                 counts[node] = counts.get(node, 0) + 1
 
-    async def _bind(self, pod: dict[str, Any], node: str) -> bool:
-        meta = pod["metadata"]
-        key = keys.object_key("pods", meta.get("namespace", "default"), meta["name"])
+    async def _bind(self, pod: k8s.Pod, node: str) -> bool:
+        namespace, name = pod.namespace or "default", pod.name
+        key = keys.object_key("pods", namespace, name)
         kv = await self._store.get(key)
         if kv is None:
             return False
@@ -178,5 +176,5 @@ class Operator:
             await self._store.put(key, json.dumps(obj).encode(), expect_mod_revision=kv.mod_revision)
         except CompareFailed:
             return False
-        log.info("placed pod %s/%s on %s", meta.get("namespace", "default"), meta["name"], node)
+        log.info("placed pod %s/%s on %s", namespace, name, node)
         return True

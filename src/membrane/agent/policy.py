@@ -1,123 +1,167 @@
-"""The agent's policy controller: intent → compiled policy → the datapath's policy elements, and
-policy status written back to the policy objects.
+"""The policy module: intent tables → compiled policy → desired policy tables, and status back.
 
-    intent: policy objects · identities · every node's endpoint records · pods · CiliumNodes
-        │  PolicyCompiler (membrane.policy.compiler: pure, incremental)
+    intent: policies · identities · endpoints (every node's) · pods · nodes      local_endpoints
+        │  PolicyController.compute (pure; PolicyCompiler and IpcacheBuilder are incremental)
         ▼
-    per local endpoint: EndpointPolicy           the ipcache intervals (IpcacheBuilder)
-        │  policy_datapath(records): PolicyRenderer / render_policy (membrane.datapath.policy)
+    endpoint_policies   host veth index → EndpointPolicy (typed verdicts)   ─┐ read by the datapath
+    ipcache             one row: the flattened intervals                     ─┘ module, which renders nft
+    policy_status       one row per CNP/CCNP: this node's import and enforcement
+        │  Reconciler "policy-status" → ObjectClient.modify_status (a write only when it changes)
         ▼
-    PolicyDatapath: pol_in / pol_out / enforced_* / audited_* / ipcache elements ──▶ NodeDatapath.sync
+    status.conditions[Valid] and status.nodes[<node>] of each policy object
 
-:class:`PolicyController` is the agent's loop: woken by the intent's reflectors, it waits a short
-debounce so bursts of changes (a namespace of pods, an ``apply -f`` of many policies) cost one
-recompilation and one nft transaction, then hands the new state to the datapath (an element-only
-sync) and writes status back in the background (:func:`membrane.policy.status.desired_status`).
+Nothing here touches the kernel or speaks nft: the engine's typed output goes into tables, and
+:mod:`membrane.agent.datapath` turns it into map elements. A burst of changes (a namespace of
+pods, an ``apply -f`` of many policies) costs one recompilation: the controller is debounced.
 
-Primitives: :class:`PolicyController`.
+Primitives: :class:`EndpointPolicyRow`, :class:`IpcacheRow`, :class:`PolicyStatusRow`,
+:class:`PolicyTables`, :class:`PolicyController`, :class:`PolicyStatusOperations`,
+:func:`policy_module`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
+from membrane.agent.intent import IntentTables
+from membrane.api import k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
 from membrane.core.errors import InvalidInput, NotFound
-from membrane.datapath.policy import PolicyRenderer, render_policy
-from membrane.datapath.ruleset import PolicyDatapath
+from membrane.core.modules import Controller, Module
+from membrane.core.reconciler import Reconciler
+from membrane.core.statedb import StateDB, Table
 from membrane.identity.labels import parse_labels
 from membrane.policy.compiler import ImportedPolicy, IpcacheBuilder, PolicyCompiler, policy_endpoint
-from membrane.policy.mapstate import EnforcementConfig
+from membrane.policy.ipcache import IpcacheInterval
+from membrane.policy.mapstate import EndpointPolicy, EnforcementConfig
 from membrane.policy.status import STATUS_KINDS, desired_status
 from membrane.store.objects import now_rfc3339
 
 log = logging.getLogger(__name__)
 
-
-# --- the controller ------------------------------------------------------------------------------------
-
-
 StatusWriter = Callable[[str, str | None, str, Callable[[ApiObject], Any]], Awaitable[Any]]
 
 
-class PolicyController:
-    """Keeps this node's policy current: recompiles on wake-ups (debounced), asks the datapath to
-    sync, and writes policy status back.
+@dataclass(frozen=True)
+class EndpointPolicyRow:
+    """The policy of one local endpoint, keyed by its host veth index."""
 
-    ``intent`` is the agent's :class:`~membrane.agent.intent.Intent` (read: ``policies``,
-    ``identities``, ``endpoints``, ``pods``, ``nodes``). ``sync_datapath`` re-renders the datapath,
-    which calls :meth:`policy_datapath`; ``write_status`` is ``ObjectClient.modify_status`` (None:
-    no status writes).
+    ifindex: int
+    endpoint: str  # NS/POD
+    policy: EndpointPolicy
+
+
+@dataclass(frozen=True)
+class IpcacheRow:
+    """This node's ipcache (one row) and the store revisions of the intent it was computed from."""
+
+    intervals: tuple[IpcacheInterval, ...]
+    store_revisions: tuple[tuple[str, int], ...] = ()
+    key: str = "ipcache"
+
+
+@dataclass(frozen=True)
+class PolicyStatusRow:
+    """What this node reports for one CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy."""
+
+    key: str  # the store key
+    policy: ImportedPolicy
+    enforcing: bool
+    revision: int  # this agent's policy revision when it imported the current spec
+
+
+@dataclass(frozen=True)
+class PolicyTables:
+    endpoint_policies: Table[EndpointPolicyRow]
+    ipcache: Table[IpcacheRow]
+    status: Table[PolicyStatusRow]
+
+    @classmethod
+    def create(cls, db: StateDB) -> PolicyTables:
+        return cls(
+            endpoint_policies=db.table("endpoint_policies", primary=lambda r: r.ifindex, initialized=False),
+            ipcache=db.table("ipcache", primary=lambda r: r.key, initialized=False),
+            status=db.table("policy_status", primary=lambda r: r.key, initialized=False),
+        )
+
+
+def _origin_key(kind: str, namespace: str, name: str) -> str:
+    return f"{kind}/{namespace}/{name}"
+
+
+class PolicyController:
+    """Recomputes this node's policy tables from the intent (``compute``: no I/O).
+
+    ``store_revisions()`` gives the store revision each intent prefix reflects, carried into the
+    ipcache row so ``status`` can say which store revision the kernel enforces.
     """
 
-    def __init__(
-        self,
-        intent: Any,
-        node_name: str,
-        *,
-        cluster_name: str = "default",
-        config: EnforcementConfig | None = None,
-        sync_datapath: Callable[[], Awaitable[None]] | None = None,
-        write_status: StatusWriter | None = None,
-        wake: asyncio.Event | None = None,
-        debounce: float = 0.02,
-    ) -> None:
+    def __init__(self, intent: IntentTables, local_endpoints: Table[EndpointRecord], tables: PolicyTables,
+                 node_name: str, *, cluster_name: str = "default", config: EnforcementConfig | None = None,
+                 store_revisions: Callable[[], Mapping[str, int]] = dict) -> None:
         self.intent = intent
+        self.local_endpoints = local_endpoints
+        self.tables = tables
         self.node_name = node_name
         self.compiler = PolicyCompiler(cluster_name=cluster_name, config=config)
-        self.renderer = PolicyRenderer()
-        self.wake = wake or asyncio.Event()
-        self._sync_datapath = sync_datapath
-        self._write_status = write_status
-        self._debounce = debounce
-        self._status_wake = asyncio.Event()
-        self._written: dict[str, tuple[str, bool, int]] = {}  # key -> (body, enforcing, revision) written
-        self._enforcing: dict[str, bool] = {}
         self._ipcache = IpcacheBuilder(node_name)
+        self._store_revisions = store_revisions
+        self._policies_writer = tables.endpoint_policies.writer("policy controller")
+        self._ipcache_writer = tables.ipcache.writer("policy controller")
+        self._status_writer = tables.status.writer("policy controller")
         self.last_compile = 0.0
-        self.syncs = 0
-        #: Store revision of each intent prefix that the last completed datapath sync reflects.
-        self.synced_revisions: dict[str, int] = dict(getattr(intent, "revisions", {}))
 
-    # -- computing -------------------------------------------------------------------------------------
+    # -- reads shared with flow attribution ------------------------------------------------------------
 
-    def refresh(self) -> bool:
-        """Take the intent as it is now; True when the datapath needs a new rendering."""
+    def pods(self) -> Mapping[tuple[str, str], k8s.Pod]:
+        return cast(Mapping[tuple[str, str], k8s.Pod], self.intent.pods.snapshot().as_dict())
+
+    def local_record(self, ifindex: int) -> EndpointRecord | None:
+        return next((r for r in self.local_endpoints.snapshot() if r.host_ifindex == ifindex), None)
+
+    # -- the pure step -----------------------------------------------------------------------------------
+
+    def compute(self) -> None:
+        store_revisions = tuple(sorted(self._store_revisions().items()))
         intent = self.intent
-        records = list(intent.endpoints.values())
+        pods = self.pods()
+        cluster = cast(Mapping[str, EndpointRecord], intent.endpoints.snapshot().as_dict())
         started = time.perf_counter()
-        changed = self.compiler.update(intent.policies, intent.identities, records, intent.pods)
+        changed = self.compiler.update(
+            {p.key: p.obj for p in intent.policies.snapshot()},
+            {i.id: i.labels for i in intent.identities.snapshot()},
+            cluster.values(), pods)
         if changed:
             self.last_compile = time.perf_counter() - started
-        return changed
-
-    def policy_datapath(self, records: Iterable[EndpointRecord]) -> PolicyDatapath:
-        """The ruleset's policy inputs for this node's (ready) endpoint records. Records the intent
-        has not caught up with yet (an endpoint added a moment ago) are included as given."""
-        local = [r for r in records if r.host_ifindex]
-        pods = self.intent.pods
+        local = [r for r in self.local_endpoints.snapshot() if r.state == "ready" and r.host_ifindex]
         endpoints = [(policy_endpoint(r, pods), parse_labels(r.labels)) for r in local]
         policies = self.compiler.endpoint_policies(endpoints)
-        by_ifindex = {r.host_ifindex: policies[f"{r.namespace}/{r.pod}"] for r in local}
-        self.renderer.forget(set(by_ifindex))
-        # The ipcache covers every node's endpoints (and local records the intent has not seen yet).
-        cluster = self.intent.endpoints
+        rows = [EndpointPolicyRow(r.host_ifindex, f"{r.namespace}/{r.pod}", policies[f"{r.namespace}/{r.pod}"])
+                for r in local]
+        # The ipcache covers every node's endpoints, and local records the intent has not seen yet.
         if any(cluster.get(r.key) is not r for r in local):
             cluster = {**cluster, **{r.key: r for r in local}}
-        ipcache = self._ipcache.intervals(cluster, self.intent.nodes, self.compiler.compiled.cidr_identities)
-        selecting: dict[str, bool] = {}
-        for policy in policies.values():
-            for origin in (*policy.ingress.selected_by, *policy.egress.selected_by):
-                selecting[_origin_key(origin.kind, origin.namespace, origin.name)] = True
-        if selecting != self._enforcing:
-            self._enforcing = selecting
-            self._status_wake.set()
-        return render_policy(by_ifindex, ipcache, self.renderer)
+        nodes = {n.name: n for n in intent.nodes.snapshot()}
+        intervals = self._ipcache.intervals(cluster, nodes, self.compiler.compiled.cidr_identities)
+        self._policies_writer.replace_all(rows)
+        self._ipcache_writer.replace_all([IpcacheRow(intervals, store_revisions)])
+        self._status_writer.replace_all(self._status_rows(rows))
+
+    def _status_rows(self, rows: Sequence[EndpointPolicyRow]) -> list[PolicyStatusRow]:
+        selecting: set[str] = set()
+        for row in rows:
+            for origin in (*row.policy.ingress.selected_by, *row.policy.egress.selected_by):
+                selecting.add(_origin_key(origin.kind, origin.namespace, origin.name))
+        return [
+            PolicyStatusRow(key, policy, _origin_key(policy.kind, policy.namespace, policy.name) in selecting,
+                            self.compiler.imported_at.get(key, self.compiler.revision))
+            for key, policy in self.compiler.imported.items() if policy.kind in STATUS_KINDS
+        ]
 
     def status(self) -> dict[str, Any]:
         imported = self.compiler.imported.values()
@@ -127,80 +171,58 @@ class PolicyController:
             "invalid": sum(not p.ok for p in imported),
             "rules": len(self.compiler.rules),
             "lastCompileSeconds": round(self.last_compile, 4),
-            "syncs": self.syncs,
-            # prefix -> store revision the kernel reflects (per prefix: a reflector delivers in order)
-            "syncedRevisions": self.synced_revisions,
         }
 
-    # -- the loop --------------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        writer = asyncio.ensure_future(self._status_loop()) if self._write_status is not None else None
+class PolicyStatusOperations:
+    """Writes one policy's status for this node (``ObjectClient.modify_status``: nothing is written
+    when the status is unchanged, so a full resync costs reads)."""
+
+    def __init__(self, node_name: str, write_status: StatusWriter) -> None:
+        self.node_name = node_name
+        self._write_status = write_status
+
+    async def update(self, row: PolicyStatusRow) -> None:
+        policy = row.policy
+        now = now_rfc3339()
+
+        def compute(obj: ApiObject) -> dict[str, Any]:
+            current = getattr(obj, "status", None)
+            data = current.model_dump(mode="json", exclude_none=True) if current is not None else None
+            return desired_status(data, policy, self.node_name, row.enforcing, row.revision, now)
+
         try:
-            while True:
-                await self.wake.wait()
-                # Debounce: let a burst of reflector batches land, then recompute once.
-                await asyncio.sleep(self._debounce)
-                self.wake.clear()
-                seen = dict(getattr(self.intent, "revisions", {}))
-                changed = self.refresh()
-                # Also when no verdict changed: endpoints or nodes may have moved the ipcache. An
-                # unchanged rendering costs no nft call.
-                if self._sync_datapath is not None:
-                    await self._sync_datapath()
-                    self.syncs += 1
-                self.synced_revisions = seen
-                if changed:
-                    self._status_wake.set()  # after the sync: status reports what the kernel holds
-        finally:
-            if writer is not None:
-                writer.cancel()
+            await self._write_status(policy.kind, policy.namespace or None, policy.name, compute)
+        except NotFound:
+            return  # deleted meanwhile: the row goes with the next computation
+        except InvalidInput as exc:
+            # The stored object itself does not validate (written around the API): its status
+            # cannot be written either. Reported once by the reconciler, not retried forever.
+            log.warning("cannot write the status of %s %s: %s", policy.kind, policy.name, exc)
 
-    async def _status_loop(self) -> None:
-        while True:
-            await self._status_wake.wait()
-            self._status_wake.clear()
-            try:
-                await self.write_statuses()
-            except Exception as exc:  # a store hiccup must not end status reporting: retry
-                log.warning("writing policy status failed (retrying in 1 s): %s", exc)
-                await asyncio.sleep(1.0)
-                self._status_wake.set()
+    async def delete(self, row: PolicyStatusRow) -> None:
+        """The policy is gone, and its status with it."""
 
-    async def write_statuses(self) -> int:
-        """Write this node's status into every policy object whose entry changed; returns how many."""
-        assert self._write_status is not None
-        written = 0
-        for key, policy in list(self.compiler.imported.items()):
-            if policy.kind not in STATUS_KINDS:
-                continue
-            enforcing = self._enforcing.get(_origin_key(policy.kind, policy.namespace, policy.name), False)
-            revision = self.compiler.imported_at.get(key, self.compiler.revision)
-            state = (policy.body, enforcing, revision)
-            if self._written.get(key) == state:
-                continue
-            now = now_rfc3339()
-
-            def compute(obj: ApiObject, policy: ImportedPolicy = policy, enforcing: bool = enforcing,
-                        revision: int = revision, now: str = now) -> dict[str, Any]:
-                current = getattr(obj, "status", None)
-                data = current.model_dump(mode="json", exclude_none=True) if current is not None else None
-                return desired_status(data, policy, self.node_name, enforcing, revision, now)
-
-            try:
-                await self._write_status(policy.kind, policy.namespace or None, policy.name, compute)
-            except NotFound:
-                continue  # deleted meanwhile
-            except InvalidInput as exc:
-                # The stored object itself does not validate (written around the API): its status
-                # cannot be written either; say so once, not on every retry.
-                log.warning("cannot write the status of %s %s: %s", policy.kind, policy.name, exc)
-            self._written[key] = state
-            written += 1
-        for key in [k for k in self._written if k not in self.compiler.imported]:
-            del self._written[key]
-        return written
+    async def prune(self, rows: Sequence[PolicyStatusRow]) -> None:
+        """Nothing to prune: statuses live inside the policy objects."""
 
 
-def _origin_key(kind: str, namespace: str, name: str) -> str:
-    return f"{kind}/{namespace}/{name}"
+def policy_module(db: StateDB, intent: IntentTables, local_endpoints: Table[EndpointRecord],
+                  controller: PolicyController, write_status: StatusWriter | None, *,
+                  resync_interval: float, debounce: float = 0.02) -> Module:
+    tables = controller.tables
+    compute = Controller("policy", [*intent.all(), local_endpoints], controller.compute, debounce=debounce,
+                         outputs=[tables.endpoint_policies, tables.ipcache, tables.status])
+    reconcilers: tuple[Reconciler[Any], ...] = ()
+    if write_status is not None:
+        reconcilers = (Reconciler("policy-status", db, tables.status,
+                                  PolicyStatusOperations(controller.node_name, write_status),
+                                  resync_interval=resync_interval),)
+
+    async def first_compile() -> None:
+        # Before the datapath's first sync: restored endpoints are never programmed without policy.
+        compute.run_once()
+
+    return Module("policy", reads=(*intent.all(), local_endpoints),
+                  writes=(tables.endpoint_policies, tables.ipcache, tables.status),
+                  start=first_compile, controllers=(compute,), reconcilers=reconcilers)

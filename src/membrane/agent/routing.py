@@ -19,26 +19,28 @@ Pure: :class:`LocalNode`, :class:`PeerNode`, :func:`peers_from_nodes` (node obje
 :func:`masquerade_for` (cluster settings → the ruleset's masquerade inputs) and :func:`tunnel_entries`
 (what ``membrane tunnel list`` shows).
 I/O: :class:`RoutingReconciler` (desired state → the kernel, incremental with a cache of what it
-applied, or full against a kernel read-back) and :class:`RoutingController` (runs it on every change of
-the node objects and every ``resync_interval`` to repair drift; retries with backoff).
+applied, or full against a kernel read-back), driven by the agent's generic reconciler through
+:class:`RoutingOperations` (a change of the ``peers`` table → an incremental sync; every resync
+period → a full one that repairs drift; failures retried with backoff). :func:`routing_module`
+wires the pure ``nodes → peers`` controller and that reconciler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
-import ipaddress
 import logging
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Literal
 
 from membrane.agent.node import VXLAN_OVERHEAD
+from membrane.api.cilium import CiliumNode
 from membrane.core.config import ClusterConfig
-from membrane.core.errors import DatapathError
+from membrane.core.modules import Controller, Module
+from membrane.core.reconciler import DEFAULT_RESYNC_INTERVAL, Reconciler
+from membrane.core.statedb import StateDB, Table
 from membrane.datapath.netlink.model import (
     TUNNEL_DEVICE,
     PeerFdbEntry,
@@ -54,8 +56,6 @@ from membrane.datapath.ruleset import Masquerade
 from membrane.ipam.pool import router_ip
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RESYNC_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,23 +98,6 @@ class Peers:
     skipped: tuple[str, ...] = ()
 
 
-def _node_address(obj: Mapping[str, Any]) -> IPv4Address | None:
-    for address in (obj.get("spec") or {}).get("addresses") or []:
-        if isinstance(address, Mapping) and address.get("type") == "InternalIP":
-            with contextlib.suppress(ValueError, TypeError):
-                return IPv4Address(address.get("ip"))
-    return None
-
-
-def _pod_cidr(obj: Mapping[str, Any]) -> IPv4Network | None:
-    for cidr in ((obj.get("spec") or {}).get("ipam") or {}).get("podCIDRs") or []:
-        with contextlib.suppress(ValueError, TypeError):
-            network = ipaddress.ip_network(cidr)
-            if isinstance(network, IPv4Network):
-                return network
-    return None
-
-
 class _DisjointRanges:
     """Pairwise-disjoint address ranges with O(log n) overlap checks (sorted by first address).
 
@@ -140,9 +123,7 @@ class _DisjointRanges:
         self._ends.insert(i, int(cidr.broadcast_address))
 
 
-def peers_from_nodes(
-    nodes: Mapping[str, Mapping[str, Any]], local: LocalNode, pools: Iterable[IPv4Network]
-) -> Peers:
+def peers_from_nodes(nodes: Iterable[CiliumNode], local: LocalNode, pools: Iterable[IPv4Network]) -> Peers:
     """Every other node with an InternalIP and a pod CIDR inside the cluster pools.
 
     A node without a pod CIDR yet (the operator has not given it one) is simply not a peer. Conflicts
@@ -156,11 +137,11 @@ def peers_from_nodes(
     taken_ips = {local.node_ip}
     peers: list[PeerNode] = []
     skipped: list[str] = []
-    for name in sorted(nodes):
+    for obj in sorted(nodes, key=lambda n: n.name):
+        name = obj.name
         if name == local.name:
             continue
-        obj = nodes[name]
-        node_ip, cidr = _node_address(obj), _pod_cidr(obj)
+        node_ip, cidr = obj.internal_ip(), obj.pod_cidr()
         if node_ip is None or cidr is None:
             continue
         if not any(cidr.subnet_of(pool) for pool in pool_list):
@@ -308,71 +289,41 @@ class RoutingReconciler:
         }
 
 
-class RoutingController:
-    """Runs the reconciler whenever the node objects change (``wake``) and every ``resync_interval``.
+class RoutingOperations:
+    """The routing reconciler as the generic reconciler's target: the ``peers`` table in, one
+    batch of netlink changes out (see :class:`~membrane.core.reconciler.BatchOperations`)."""
 
-    ``nodes()`` gives the CiliumNode objects by name (the intent's) each time it runs. A failed sync is
-    retried after ``min(retry_initial * 2^(n-1), retry_max)`` seconds; changes arriving meanwhile wake
-    it at once.
-    """
+    def __init__(self, reconciler: RoutingReconciler) -> None:
+        self.reconciler = reconciler
 
-    def __init__(
-        self,
-        reconciler: RoutingReconciler,
-        nodes: Callable[[], Mapping[str, Mapping[str, Any]]],
-        wake: asyncio.Event,
-        *,
-        resync_interval: float = DEFAULT_RESYNC_INTERVAL,
-        retry_initial: float = 0.2,
-        retry_max: float = 10.0,
-    ) -> None:
-        self._reconciler = reconciler
-        self._nodes = nodes
-        self.wake = wake
-        self._resync_interval = resync_interval
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
-        self._skipped: tuple[str, ...] = ()
-        self.failures = 0
-        self.last_error = ""
-        self.peers: tuple[PeerNode, ...] = ()
+    async def apply(self, desired: Sequence[PeerNode], updated: Sequence[PeerNode],
+                    deleted: Sequence[PeerNode]) -> None:
+        await self.reconciler.sync(desired)
 
-    def status(self) -> dict[str, Any]:
-        return {**self._reconciler.status(), "failures": self.failures, "lastError": self.last_error}
+    async def repair(self, desired: Sequence[PeerNode]) -> None:
+        await self.reconciler.sync(desired, full=True)
 
-    def current_peers(self) -> Peers:
-        return peers_from_nodes(self._nodes(), self._reconciler.local, self._reconciler.pools)
 
-    async def run_once(self, *, full: bool = False) -> RoutingSyncResult:
-        found = self.current_peers()
-        if found.skipped != self._skipped:
+def routing_module(db: StateDB, nodes: Table[CiliumNode], netlink: Netlink, local: LocalNode,
+                   cluster: ClusterConfig, *, resync_interval: float = DEFAULT_RESYNC_INTERVAL) -> Module:
+    """Peers' pod CIDRs through the tunnel (or native routes): ``nodes → peers → kernel``."""
+    peers: Table[PeerNode] = db.table("peers", primary=lambda p: p.name, initialized=False)
+    writer = peers.writer("routing controller")
+    pools = cluster.pod_pools()
+    skipped: list[tuple[str, ...]] = [()]
+
+    def compute() -> None:
+        found = peers_from_nodes(nodes.snapshot(), local, pools)
+        if found.skipped != skipped[0]:
             for reason in found.skipped:
                 log.warning("routing: %s; no route to it", reason)
-            self._skipped = found.skipped
-        result = await self._reconciler.sync(found.peers, full=full)
-        if found.peers != self.peers:
-            log.info("routing (%s): %d peers: %s", result.kind, len(found.peers),
+            skipped[0] = found.skipped
+        if set(found.peers) != set(peers.snapshot()):
+            log.info("routing: %d peers: %s", len(found.peers),
                      ", ".join(f"{p.name} {p.pod_cidr} via {p.node_ip}" for p in found.peers) or "none")
-        self.peers = found.peers
-        return result
+        writer.replace_all(found.peers)
 
-    async def run(self) -> None:
-        next_full = 0.0
-        while True:
-            # Cleared before reading the intent: a change during the sync wakes the next pass.
-            self.wake.clear()
-            now = time.monotonic()
-            full = now >= next_full
-            try:
-                await self.run_once(full=full)
-                self.failures, self.last_error = 0, ""
-                if full:
-                    next_full = now + self._resync_interval
-                timeout = max(next_full - time.monotonic(), 0.0)
-            except DatapathError as exc:
-                self.failures += 1
-                self.last_error = str(exc)
-                timeout = min(self._retry_initial * 2 ** (self.failures - 1), self._retry_max)
-                log.warning("routing sync failed (attempt %d, next in %.1fs): %s", self.failures, timeout, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout)
+    controller = Controller("routing", [nodes], compute, outputs=[peers])
+    reconciler = Reconciler("routing", db, peers, RoutingOperations(RoutingReconciler(netlink, local, cluster)),
+                            resync_interval=resync_interval)
+    return Module("routing", reads=(nodes,), writes=(peers,), controllers=(controller,), reconcilers=(reconciler,))

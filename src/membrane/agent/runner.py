@@ -27,8 +27,9 @@ from typing import Any
 
 from membrane.agent.contract import CniRequest
 from membrane.agent.endpoints import EndpointManager
-from membrane.agent.intent import Intent
+from membrane.api import k8s
 from membrane.core.errors import MembraneError
+from membrane.core.statedb import Table
 from membrane.datapath.process import KernelNetnsHost, NetnsHost
 from membrane.store import keys
 from membrane.store.base import Store
@@ -79,7 +80,7 @@ class PodRunner:
         store: Store,
         node_name: str,
         node_ip: str,
-        intent: Intent,
+        pods: Table[k8s.Pod],
         endpoints: EndpointManager,
         state_dir: Path,
         netns_prefix: str,
@@ -89,7 +90,8 @@ class PodRunner:
         self._store = store
         self._node = node_name
         self._node_ip = node_ip
-        self._intent = intent
+        self._pods = pods
+        self._pod_dicts: dict[int, tuple[k8s.Pod, dict[str, Any]]] = {}
         self._endpoints = endpoints
         self._dir = state_dir / "pods"
         self._prefix = netns_prefix
@@ -204,11 +206,21 @@ class PodRunner:
 
     # -- reconcile ---------------------------------------------------------------------------
 
+    def _as_dict(self, pod: k8s.Pod) -> dict[str, Any]:
+        """The pod as the runner's container code reads it, dumped once per row."""
+        cached = self._pod_dicts.get(id(pod))
+        if cached is None or cached[0] is not pod:
+            cached = (pod, pod.to_dict())
+        return cached[1]
+
+    def local_pods(self) -> list[k8s.Pod]:
+        return list(self._pods.snapshot().by("node", self._node))
+
     async def reconcile(self) -> None:
+        local = self.local_pods()
+        self._pod_dicts = {id(pod): (pod, self._as_dict(pod)) for pod in local}
         desired = {
-            (pod.get("metadata") or {}).get("uid", ""): pod
-            for pod in self._intent.pods_on_node(self._node).values()
-            if not (pod.get("metadata") or {}).get("deletionTimestamp")
+            pod.metadata.uid or "": self._as_dict(pod) for pod in local if not pod.metadata.deletionTimestamp
         }
         for uid, sandbox in list(self._sandboxes.items()):
             if uid not in desired:

@@ -23,6 +23,8 @@ from membrane.core.log import setup_logging
 @click.option("--netns-prefix", help="Prefix of the network namespaces made for pods.")
 @click.option("--node-ip", help="This node's underlay address (default: the default route's).")
 @click.option("--mtu", type=int, help="Pod interface MTU (default: uplink MTU minus tunnel overhead).")
+@click.option("--resync-interval", type=float, metavar="SECONDS",
+              help="How often reconcilers read the kernel back and repair drift (default 60).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def agent(
@@ -35,6 +37,7 @@ def agent(
     netns_prefix: str | None,
     node_ip: str | None,
     mtu: int | None,
+    resync_interval: float | None,
     log_level: str,
 ) -> None:
     """Run the agent of this node (as root): endpoints, identities, datapath, pods."""
@@ -48,6 +51,7 @@ def agent(
         config = load_agent_config(
             config_file, nodeName=node_name, store=store_url or store_default, stateDir=state_dir,
             runDir=run_dir, netnsPrefix=netns_prefix, nodeIP=node_ip, mtu=mtu,
+            resyncInterval=resync_interval,
         )
         asyncio.run(run_agent(config))
     except MembraneError as exc:

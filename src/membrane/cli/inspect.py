@@ -19,9 +19,8 @@ import click
 
 from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
-from membrane.store.objects import decode
 from membrane.cli.context import CliContext, pass_cli, run_async
-from membrane.cli.printers import format_table
+from membrane.cli.printers import format_table, human_duration
 from membrane.core.config import DEFAULT_RUN_DIR
 from membrane.core.errors import InvalidInput
 from membrane.identity.ipcache import EndpointAddress, NodeAddresses, build_ipcache
@@ -31,6 +30,7 @@ from membrane.ipam.pool import router_ip
 from membrane.store import keys
 from membrane.store.base import Store
 from membrane.store.identities import decode_identity
+from membrane.store.objects import decode
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -190,7 +190,8 @@ def agent_socket_for(cli: CliContext, node: str | None) -> Path:
 
 
 def format_status(view: ClusterView, store_url: str, agent: dict[str, Any] | None, agent_error: str,
-                  verbose: bool) -> str:
+                  verbose: bool, now: float | None = None) -> str:
+    now = time.time() if now is None else now
     ready = sum(n.ready for n in view.nodes)
     lines = [("KVStore", f"Ok   {store_url} (revision {view.revision})"),
              ("Kubernetes", "Disabled")]
@@ -198,7 +199,9 @@ def format_status(view: ClusterView, store_url: str, agent: dict[str, Any] | Non
         lines.append(("Membrane", f"Unavailable   {agent_error}"))
     else:
         controllers = agent.get("controllers", {})
+        reconcilers = [r for r in agent.get("reconcilers", []) if r.get("kind") == "reconciler"]
         healthy = sum(1 for c in controllers.values() if c.get("healthy"))
+        failing_rows = sum(int(r.get("errors", 0)) for r in reconcilers)
         ipam = agent.get("ipam", {})
         lines += [
             ("Membrane", f"Ok   node {agent['node']} ({agent['nodeIP']} on {agent.get('device', '?')}), "
@@ -211,6 +214,8 @@ def format_status(view: ClusterView, store_url: str, agent: dict[str, Any] | Non
             ("Datapath", str((agent.get("datapath") or {}).get("summary", "unknown"))),
             ("Operator role", "held by this node" if agent.get("operator") else "held by another node"),
             ("Controller Status", f"{healthy}/{len(controllers)} healthy"),
+            ("Reconcilers", f"{len(reconcilers) - sum(1 for r in reconcilers if r.get('errors'))}/{len(reconcilers)}"
+                            f" healthy, {failing_rows} objects failing"),
         ]
     lines += [("Global Identity Range", f"min {MIN_CLUSTER_IDENTITY}, max {MAX_CLUSTER_IDENTITY}"),
               ("Cluster health", f"{ready}/{len(view.nodes)} nodes ready")]
@@ -219,7 +224,32 @@ def format_status(view: ClusterView, store_url: str, agent: dict[str, Any] | Non
             state = "healthy" if ctrl.get("healthy") else f"failing: {ctrl.get('lastError')}"
             lines.append((f"  {name}", f"{state} (restarts {ctrl.get('restarts', 0)})"))
     width = max(len(k) for k, _ in lines) + 2
-    return "\n".join(f"{(k + ':').ljust(width)}{v}" for k, v in lines)
+    text = "\n".join(f"{(k + ':').ljust(width)}{v}" for k, v in lines)
+    if verbose and agent is not None and agent.get("reconcilers"):
+        text += "\n" + format_reconcilers(agent["reconcilers"], now)
+    return text
+
+
+def format_reconcilers(entries: list[dict[str, Any]], now: float) -> str:
+    """``status --verbose``: every controller and reconciler, as ``cilium-dbg status --verbose`` lists
+    its controllers — when it last succeeded, its failures and their message."""
+    rows = []
+    for entry in entries:
+        name = f"{entry.get('module')}/{entry.get('name')}"
+        if entry.get("kind") == "reconciler":
+            failing = entry.get("failing") or []
+            message = "; ".join(f"{f['key']}: {f['message']}" for f in failing[:3]) or (
+                f"last error: {entry['lastError']}" if entry.get("lastError") else "no error")
+            last_full = entry.get("lastFullSync") or 0
+            rows.append([name, "reconciler",
+                         f"{entry.get('done', 0)}/{entry.get('rows', 0)}",
+                         f"{human_duration(now - last_full)} ago" if last_full else "never",
+                         str(entry.get("errors", 0)), str(sum(int(f.get("retries", 0)) for f in failing)), message])
+        else:
+            rows.append([name, "controller", "-", "-", str(entry.get("restarts", 0)), "-",
+                         entry.get("lastError") or f"{entry.get('runs', 0)} runs, no error"])
+    return "Controllers and reconcilers:\n" + format_table(
+        ["NAME", "KIND", "DONE/ROWS", "LAST FULL SYNC", "FAILING", "RETRIES", "MESSAGE"], rows)
 
 
 @click.command("status")

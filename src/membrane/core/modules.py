@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from membrane.core.lifecycle import Lifecycle
+from membrane.core.reconciler import Reconciler
 from membrane.core.statedb import Table, wait_any
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,14 @@ class Module:
     name: str
     reads: tuple[Table[Any], ...] = ()
     writes: tuple[Table[Any], ...] = ()
-    #: Long-running loops by name (controllers, reconcilers), supervised by the lifecycle.
+    #: Pure controllers (input tables → this module's tables) and reconcilers (its desired tables →
+    #: the kernel, the store, a peer): run as supervised tasks and listed by ``status --verbose``.
+    controllers: tuple[Controller, ...] = ()
+    reconcilers: tuple[Reconciler[Any], ...] = ()
+    #: Other long-running loops by name, supervised by the lifecycle.
     tasks: dict[str, Task] = field(default_factory=dict)
-    #: Runs once before the module's tasks; the next module starts after it returns.
+    #: Runs once after the module's reconcilers and before its controllers and other tasks; the
+    #: next module starts after it returns.
     start: Task | None = None
     #: Runs once at shutdown, after the tasks of every later module have stopped.
     stop: Task | None = None
@@ -83,6 +89,22 @@ class ModuleRunner:
         self.modules = start_order(modules)
         self._started: list[tuple[Module, Lifecycle]] = []
 
+    def controllers(self) -> list[dict[str, Any]]:
+        """Every controller and reconciler with its state, for ``status --verbose``."""
+        found: list[dict[str, Any]] = []
+        for module in self.modules:
+            for controller in module.controllers:
+                health = self.lifecycle.health.get(f"{module.name}/controller {controller.name}")
+                found.append({"module": module.name, "kind": "controller", "name": controller.name,
+                              "runs": controller.runs, "lastDuration": round(controller.last_duration, 4),
+                              "restarts": health.restarts if health else 0,
+                              "lastError": health.last_error if health else ""})
+            for reconciler in module.reconcilers:
+                health = self.lifecycle.health.get(f"{module.name}/reconciler {reconciler.name}")
+                found.append({"module": module.name, "kind": "reconciler", **reconciler.health(),
+                              "restarts": health.restarts if health else 0})
+        return found
+
     async def start(self) -> None:
         for module in self.modules:
             # Each module's tasks get a lifecycle of their own so they stop in reverse order; the
@@ -91,8 +113,14 @@ class ModuleRunner:
             self._started.append((module, tasks))
             for name, task in module.early_tasks.items():
                 tasks.start(f"{module.name}/{name}", task)
+            # Reconcilers run before ``start`` (a restore waits on them); they touch nothing until
+            # their table is initialized.
+            for reconciler in module.reconcilers:
+                tasks.start(f"{module.name}/reconciler {reconciler.name}", reconciler.run)
             if module.start is not None:
                 await module.start()
+            for controller in module.controllers:
+                tasks.start(f"{module.name}/controller {controller.name}", controller.run)
             for name, task in module.tasks.items():
                 tasks.start(f"{module.name}/{name}", task)
             log.debug("module %s started", module.name)
@@ -111,14 +139,19 @@ class ModuleRunner:
 class Controller:
     """Runs ``compute`` whenever one of ``inputs`` changes (and once at start).
 
-    ``compute`` is the controller's pure function plus the write of its output table; it reads the
-    input snapshots itself. ``debounce`` lets a burst of input changes land before computing.
+    ``compute`` is the controller's pure function plus the write of its output tables (``outputs``,
+    created uninitialized); it reads the input snapshots itself. ``debounce`` lets a burst of input
+    changes land before computing.
     """
 
     def __init__(self, name: str, inputs: Sequence[Table[Any]], compute: Callable[[], None], *,
-                 debounce: float = 0.0, resync_interval: float | None = None) -> None:
+                 outputs: Sequence[Table[Any]] = (), debounce: float = 0.0,
+                 resync_interval: float | None = None) -> None:
         self.name = name
         self.inputs = tuple(inputs)
+        #: Marked initialized after the first computation: until then their reconcilers wait, so a
+        #: restarted agent never prunes what it has not computed yet.
+        self.outputs = tuple(outputs)
         self.compute = compute
         self.debounce = debounce
         self.resync_interval = resync_interval
@@ -130,6 +163,8 @@ class Controller:
         self.compute()
         self.last_duration = time.perf_counter() - started
         self.runs += 1
+        for table in self.outputs:
+            table.initialized.set()
 
     async def run(self) -> None:
         while True:

@@ -135,7 +135,11 @@ class Reconciler(Generic[Row]):
         self._next_full = 0.0
         self._full_failures = 0
         self._kick = asyncio.Event()
+        self._lock = asyncio.Lock()
         self.passes = 0
+        #: The desired table's revision the target fully holds (every row of that snapshot done).
+        self.realized_revision = -1
+        self._pass_done = asyncio.Event()
         self.full_syncs = 0
         self.last_full: float = 0.0  # wall-clock
         self.last_error = ""
@@ -149,6 +153,7 @@ class Reconciler(Generic[Row]):
         self._kick.set()
 
     async def run(self) -> None:
+        await self.table.initialized.wait()  # pruning before the writer restored its rows would destroy them
         while True:
             snap = self.table.snapshot()
             await self.reconcile_once(snap)
@@ -165,8 +170,12 @@ class Reconciler(Generic[Row]):
     # -- one pass -------------------------------------------------------------------------------------
 
     async def reconcile_once(self, snap: Snapshot[Row] | None = None) -> None:
-        """One pass over ``snap`` (default: the table now); full when the resync is due."""
-        snap = snap if snap is not None else self.table.snapshot()
+        """One pass over ``snap`` (default: the table now); full when the resync is due. Passes
+        never overlap (a test or a first sync may call this while :meth:`run` is running)."""
+        async with self._lock:
+            await self._reconcile(snap if snap is not None else self.table.snapshot())
+
+    async def _reconcile(self, snap: Snapshot[Row]) -> None:
         now = self._clock()
         full = now >= self._next_full
         revisions = snap.revisions()
@@ -190,7 +199,30 @@ class Reconciler(Generic[Row]):
             self.full_syncs += 1
             self.last_full = time.time()
         self.passes += 1
+        if not self._failures:
+            self.realized_revision = snap.revision
         self._write_status(revisions)
+        done, self._pass_done = self._pass_done, asyncio.Event()
+        done.set()
+
+    async def wait_deleted(self, key: Hashable, timeout: float | None = None) -> None:
+        """Return once the target no longer holds what the row under ``key`` made; raise
+        :class:`ReconcileFailed` when the delete failed."""
+        async with asyncio.timeout(timeout):
+            while key in self._known:
+                failure = self._failures.get(key)
+                if failure is not None and failure.revision == 0:
+                    raise ReconcileFailed(failure.message)
+                await self.wait_pass()
+
+    @property
+    def next_pass(self) -> asyncio.Event:
+        """Set when the next pass (successful or not) has finished."""
+        return self._pass_done
+
+    async def wait_pass(self) -> None:
+        """Return after the next pass (successful or not)."""
+        await self._pass_done.wait()
 
     def _due(self, key: Hashable, revision: int, now: float) -> bool:
         failure = self._failures.get(key)

@@ -102,15 +102,37 @@ class Snapshot(Generic[Row]):
         return tuple(self._rows[key][0] for key in found)
 
     def as_dict(self) -> Mapping[Key, Row]:
-        """Rows by primary key (a fresh read-only mapping)."""
-        return MappingProxyType({key: row for key, (row, _) in self._rows.items()})
+        """Rows by primary key: a read-only view, made in O(1) (the snapshot never changes)."""
+        return _RowsView(self._rows)
+
+
+class _RowsView(Mapping[Key, Row]):
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: Mapping[Key, tuple[Row, int]]) -> None:
+        self._rows = rows
+
+    def __getitem__(self, key: Key) -> Row:
+        return self._rows[key][0]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 class Table(Generic[Row]):
     """One table: rows by primary key, secondary indexes, a revision, a watch and one writer."""
 
-    def __init__(self, name: str, primary: Callable[[Row], Key], indexes: Mapping[str, IndexFn] | None = None) -> None:
+    def __init__(self, name: str, primary: Callable[[Row], Key], indexes: Mapping[str, IndexFn] | None = None,
+                 *, initialized: bool = True) -> None:
         self.name = name
+        #: Set once the writer has put in everything it knows (a restore after a restart); until
+        #: then a reconciler of the table neither updates nor prunes (Cilium: table initializers).
+        self.initialized = asyncio.Event()
+        if initialized:
+            self.initialized.set()
         self._primary = primary
         self._index_fns: dict[str, IndexFn] = dict(indexes or {})
         self._rows: dict[Key, tuple[Row, int]] = {}
@@ -253,11 +275,11 @@ class StateDB:
     def __init__(self) -> None:
         self._tables: dict[str, Table[Any]] = {}
 
-    def table(self, name: str, primary: Callable[[Row], Key], indexes: Mapping[str, IndexFn] | None = None
-              ) -> Table[Row]:
+    def table(self, name: str, primary: Callable[[Row], Key], indexes: Mapping[str, IndexFn] | None = None,
+              *, initialized: bool = True) -> Table[Row]:
         if name in self._tables:
             raise TableError(f"table {name} exists already")
-        table: Table[Row] = Table(name, primary, indexes)
+        table: Table[Row] = Table(name, primary, indexes, initialized=initialized)
         self._tables[name] = table
         return table
 

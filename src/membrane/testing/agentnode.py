@@ -23,7 +23,8 @@ NETNS_DIR = Path("/run/netns")
 
 
 class AgentNode:
-    def __init__(self, prefix: str, node_ip: str = "172.31.254.11/24", node_name: str = "node1") -> None:
+    def __init__(self, prefix: str, node_ip: str = "172.31.254.11/24", node_name: str = "node1",
+                 agent_args: tuple[str, ...] = ()) -> None:
         self.name = unique_name(prefix)
         self.node_name = node_name
         self.node_ip = node_ip
@@ -37,6 +38,7 @@ class AgentNode:
         self.node = Netns(f"{self.name}-node", lo_up=True)
         self.uplink = Netns(f"{self.name}-uplink", lo_up=True)
         self.agent: subprocess.Popen[bytes] | None = None
+        self.agent_args = agent_args
 
     # -- topology -------------------------------------------------------------------------------
 
@@ -56,7 +58,7 @@ class AgentNode:
         return [
             "nsenter", f"--net={self.node.path}", sys.executable, "-m", "membrane", "agent",
             "--node", self.node_name, "--store", self.store_url, "--state-dir", str(self.state_dir),
-            "--run-dir", str(self.run_dir), "--netns-prefix", self.netns_prefix,
+            "--run-dir", str(self.run_dir), "--netns-prefix", self.netns_prefix, *self.agent_args,
         ]
 
     def start(self, wait: bool = True) -> None:
