@@ -24,9 +24,10 @@ from membrane.datapath.netlink import (
     AttachedEndpoint,
     EndpointSpec,
     PyrouteNetlink,
+    endpoint_ifname,
 )
 from membrane.datapath.nft import NftCommand
-from membrane.datapath.reconcilers import NftReconciler, prune_endpoints
+from membrane.datapath.reconcilers import NftReconciler
 from membrane.datapath.ruleset import DesiredDatapath, EndpointAddress, build_ruleset
 from membrane.testing.netns import Netns, NetnsFactory, missing_binaries, wait_until
 
@@ -197,7 +198,7 @@ async def test_prune_removes_orphans_and_nothing_it_does_not_own(node: Node) -> 
     owned = await node.netlink.list_owned()
     assert owned.ifnames == {kept.host_ifname, orphan.host_ifname}
 
-    removed = await prune_endpoints(node.netlink, ["kept"])
+    removed = await node.netlink.prune({endpoint_ifname("kept")})
     assert removed == (orphan.host_ifname,)
     links = node.links()
     assert kept.host_ifname in links and orphan.host_ifname not in links

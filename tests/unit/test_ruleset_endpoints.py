@@ -15,7 +15,6 @@ from membrane.datapath.netlink import (
     endpoint_ifname,
     is_endpoint_ifname,
 )
-from membrane.datapath.reconcilers import prune_endpoints
 from membrane.datapath.ruleset import EndpointAddress
 
 ROUTER = IPv4Address("10.244.1.1")
@@ -96,7 +95,7 @@ async def test_prune_after_a_crash_keeps_known_endpoints_and_everything_foreign(
     netlink.add_link("lxcforeign")
     netlink.add_link("veth0")
 
-    removed = await prune_endpoints(netlink, ["known"])
+    removed = await netlink.prune({endpoint_ifname("known")})
 
     assert sorted(removed) == sorted([endpoint_ifname("orphan1"), endpoint_ifname("orphan2")])
     owned = await netlink.list_owned()
@@ -104,7 +103,7 @@ async def test_prune_after_a_crash_keeps_known_endpoints_and_everything_foreign(
     assert [r.dst for r in owned.routes] == [IPv4Network("10.244.1.20/32")]
     assert {"lxcforeign", "veth0", HOST_DEVICE} <= netlink.node.links.keys()
     assert "eth0" not in netlink.namespaces["/run/netns/orphan1"].links
-    assert await prune_endpoints(netlink, ["known"]) == ()
+    assert await netlink.prune({endpoint_ifname("known")}) == ()
 
 
 async def test_a_vanished_container_takes_its_host_veth_along() -> None:

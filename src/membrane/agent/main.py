@@ -55,7 +55,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         runners.append(ModuleRunner(lifecycle, [intent_mod, *cluster_modules(operator, registration, intent)]))
         await runners[-1].start()
 
-        node = await registration.wait_for_pod_cidr()
+        node = await registration.wait_for_pod_cidr(intent.nodes)
         log.info("node %s: %s on %s, pod CIDR %s, pod MTU %d", node.name, node.uplink.address,
                  node.uplink.device, node.pod_cidr, node.pod_mtu)
         modules = NodeModules(config, cluster, store, db, intent, reflectors, registration, node, operator, lifecycle)

@@ -20,8 +20,10 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from membrane.agent.config import AgentConfig
+from membrane.api.cilium import CiliumNode
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import InvalidInput, MembraneError
+from membrane.core.statedb import Table, wait_any
 from membrane.ipam.pool import router_ip
 from membrane.store import keys
 from membrane.store.base import Compare, LeaseNotFound, Put, Store
@@ -117,18 +119,19 @@ class NodeRegistration:
         await self.update_node_object()
         return self._uplink
 
-    async def wait_for_pod_cidr(self, timeout: float = 60.0) -> NodeInfo:
+    async def wait_for_pod_cidr(self, nodes: Table[CiliumNode], timeout: float = 60.0) -> NodeInfo:
+        """Wait until this node's object in the ``nodes`` table carries its pod CIDR."""
         assert self._uplink is not None, "start() first"
         deadline = time.monotonic() + timeout
         while True:
-            kv = await self._store.get(self.key)
-            cidrs = ((json.loads(kv.value).get("spec") or {}).get("ipam") or {}).get("podCIDRs") if kv else None
-            if cidrs:
+            snapshot = nodes.snapshot()
+            node = snapshot.get(self.name)
+            cidr = node.pod_cidr() if node is not None else None
+            if cidr is not None:
                 break
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await wait_any([snapshot.changed], remaining):
                 raise MembraneError(f"node {self.name} got no pod CIDR within {timeout:g}s: is an operator running?")
-            await asyncio.sleep(0.05)
-        cidr = ipaddress.IPv4Network(cidrs[0])
         overhead = VXLAN_OVERHEAD if self._cluster.routingMode == "vxlan" else 0
         mtu = self._config.mtu or self._uplink.mtu - overhead
         self.info = NodeInfo(self.name, self._uplink, cidr, router_ip(cidr), mtu)

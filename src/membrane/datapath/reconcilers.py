@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from membrane.core.errors import DatapathError
-from membrane.datapath.netlink.model import endpoint_ifname
-from membrane.datapath.netlink.protocol import Netlink
 from membrane.datapath.nft.objects import Key, Map, Ruleset, Set, TableContents, canonical_key
 from membrane.datapath.nft.runner import NftRunner
 from membrane.datapath.nft.transaction import (
@@ -223,16 +221,3 @@ class NftReconciler:
                 for name in tx.changed:
                     self._fingerprints.pop(name, None)
             return SyncResult(_kind(tx), tx.added, tx.deleted, sent, tx.changed)
-
-
-async def prune_endpoints(netlink: Netlink, container_ids: Iterable[str]) -> tuple[str, ...]:
-    """Delete endpoint veths (and with them their routes) of containers not in ``container_ids``.
-
-    Call only once the agent knows every endpoint of this node (after its initial sync from the
-    store): a container missing from the list loses its networking. Returns the names removed.
-    """
-    keep = {endpoint_ifname(container_id) for container_id in container_ids}
-    removed = await netlink.prune(keep)
-    if removed:
-        log.info("pruned %d orphaned endpoint veth(s): %s", len(removed), ", ".join(removed))
-    return removed
