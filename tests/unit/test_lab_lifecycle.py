@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from membrane.core.errors import AgentUnavailable, AlreadyExists, DatapathError, InvalidInput, NotFound
 from membrane.lab import lab as lab_module
@@ -231,3 +232,18 @@ def test_parts_not_built_yet_are_refused_before_anything_is_made(
     assert caught.value.problems == [message]
     assert machine.batches == []
     assert not dirs.state_base.exists() or not any(dirs.state_base.iterdir())
+
+
+def test_settings_given_at_creation_reach_the_first_agents_config(dirs: LabDirs, machine: FakeMachine) -> None:
+    up(dirs, machine, settings={"policyAuditMode": True, "tunnelPort": 8473}, routing="native")
+    config = yaml.safe_load((dirs.state_base / "t" / "agent.yaml").read_text())
+    assert config["cluster"] == {"policyAuditMode": True, "tunnelPort": 8473, "routingMode": "native"}
+    assert read_record(dirs.record_path("t")).settings == {"policyAuditMode": True, "tunnelPort": 8473}
+
+
+def test_a_bad_setting_at_creation_is_refused_before_anything_is_made(dirs: LabDirs, machine: FakeMachine) -> None:
+    with pytest.raises(InvalidInput, match="policyEnforcementMode"):
+        up(dirs, machine, settings={"policyEnforcementMode": "sometimes"})
+    with pytest.raises(InvalidInput, match="use --routing"):
+        up(dirs, machine, settings={"routingMode": "native"})
+    assert machine.namespaces == set() and not dirs.record_path("t").exists()

@@ -1,6 +1,6 @@
 """The datapath module: local endpoints and policy tables → desired nft objects → the kernel.
 
-    local_endpoints · endpoint_policies · ipcache        (+ masquerade and flow-log settings)
+    local_endpoints · endpoint_policies · ipcache · cluster (flow visibility)   (+ masquerade settings)
         │  DatapathController.compute (pure): render_policy → DesiredDatapath → build_ruleset
         ▼
     nft          one row per chain, set and map of the table ``inet membrane``
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from membrane.agent.intent import ClusterSettings
 from membrane.agent.policy import PolicyTables
 from membrane.api.endpoint import EndpointRecord
 from membrane.core.modules import Controller, Module
@@ -110,9 +111,11 @@ class DatapathController:
     """Computes the desired nft objects (pure: reads tables, writes the ``nft`` table)."""
 
     def __init__(self, local_endpoints: Table[EndpointRecord], policy: PolicyTables | None, nft: Table[NftObject],
-                 masquerade: Masquerade | None, flow_log: FlowLog | None) -> None:
+                 masquerade: Masquerade | None, flow_log: FlowLog | None,
+                 cluster: Table[ClusterSettings] | None = None) -> None:
         self.local_endpoints = local_endpoints
         self.policy = policy
+        self.cluster = cluster
         self.nft = nft
         self.masquerade = masquerade
         self.flow_log = flow_log
@@ -123,6 +126,11 @@ class DatapathController:
         #: Set after the next computation.
         self.next_compute = asyncio.Event()
 
+    def _flow_log(self) -> FlowLog | None:
+        """This agent's log rules, unless the cluster turned flow visibility off (live)."""
+        settings = self.cluster.snapshot().get("cluster") if self.cluster is not None else None
+        return None if settings is not None and not settings.config.hubbleEnabled else self.flow_log
+
     def compute(self) -> None:
         endpoints_snap = self.local_endpoints.snapshot()
         ready = [r for r in endpoints_snap if r.state == "ready" and r.host_ifindex]
@@ -131,7 +139,7 @@ class DatapathController:
         if self.policy is not None:
             policy, store_revisions = policy_datapath(self.policy, self._renderer)
         desired = DesiredDatapath.from_endpoints((EndpointAddress(r.host_ifindex, r.ipv4) for r in ready),
-                                                 self.masquerade, self.flow_log, policy)
+                                                 self.masquerade, self._flow_log(), policy)
         self._writer.replace_all(nft_objects(build_ruleset(desired)))
         self.computed = [*self.computed[-63:], (self.nft.revision, endpoints_snap.revision, store_revisions)]
         done, self.next_compute = self.next_compute, asyncio.Event()
@@ -143,12 +151,13 @@ class DatapathModule:
 
     def __init__(self, db: StateDB, local_endpoints: Table[EndpointRecord], policy: PolicyTables | None,
                  nft_runner: NftRunner, masquerade: Masquerade | None, flow_log: FlowLog | None, *,
+                 cluster: Table[ClusterSettings] | None = None,
                  resync_interval: float = DEFAULT_RESYNC_INTERVAL) -> None:
         self.table: Table[NftObject] = db.table("nft", primary=lambda r: r.name, initialized=False)
-        self.controller = DatapathController(local_endpoints, policy, self.table, masquerade, flow_log)
+        self.controller = DatapathController(local_endpoints, policy, self.table, masquerade, flow_log, cluster)
         self.operations = NftOperations(NftReconciler(nft_runner))
         self.reconciler = Reconciler("nft", db, self.table, self.operations, resync_interval=resync_interval)
-        reads: tuple[Table[Any], ...] = (local_endpoints,)
+        reads: tuple[Table[Any], ...] = (local_endpoints,) + ((cluster,) if cluster is not None else ())
         if policy is not None:
             reads += (policy.endpoint_policies, policy.ipcache)
         self._controller = Controller("datapath", reads, self.controller.compute, outputs=[self.table])

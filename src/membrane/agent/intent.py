@@ -7,13 +7,14 @@
     /membrane/objects/{netpol,cnp,ccnp} policies       PolicyObject (store key + model)    store key
     /membrane/identities/id/            identities     IdentityRow                          id
     /membrane/endpoints/                endpoints      EndpointRecord     index node        store key
+    /membrane/config/cluster            cluster        ClusterConfig (one row)             "cluster"
 
 Each store transaction becomes one table transaction (a reflector batch never splits a revision),
 so a reader never sees half of one. A re-list (after a compaction or a restart of the reflector)
 arrives as the difference from what the table holds, deletions included. A value that cannot be decoded is
 left out and logged once: its writer went around the API.
 
-Primitives: :class:`IntentTables`, :class:`PolicyObject`, :class:`IdentityRow`,
+Primitives: :class:`IntentTables`, :class:`PolicyObject`, :class:`IdentityRow`, :class:`ClusterSettings`,
 :class:`IntentReflector`, :func:`intent_module`, :func:`endpoint_labels`.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 from membrane.api import cilium, k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.core.config import ClusterConfig
 from membrane.core.errors import MembraneError
 from membrane.core.modules import Module
 from membrane.core.statedb import StateDB, Table, Writer
@@ -52,6 +54,14 @@ class PolicyObject:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """The cluster settings and the store revision they were written at (``status`` reports it)."""
+
+    config: ClusterConfig
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityRow:
     id: int
     labels: frozenset[Label]
@@ -67,6 +77,7 @@ class IntentTables:
     policies: Table[PolicyObject]
     identities: Table[IdentityRow]
     endpoints: Table[EndpointRecord]
+    cluster: Table[ClusterSettings]
 
     @classmethod
     def create(cls, db: StateDB) -> IntentTables:
@@ -78,10 +89,16 @@ class IntentTables:
             policies=db.table("policies", primary=lambda p: p.key),
             identities=db.table("identities", primary=lambda i: i.id),
             endpoints=db.table("endpoints", primary=lambda e: e.key, indexes={"node": lambda e: [e.node]}),
+            cluster=db.table("cluster", primary=lambda c: "cluster"),
         )
 
     def all(self) -> tuple[Table[Any], ...]:
-        return (self.namespaces, self.pods, self.nodes, self.policies, self.identities, self.endpoints)
+        return (self.namespaces, self.pods, self.nodes, self.policies, self.identities, self.endpoints,
+                self.cluster)
+
+    def settings(self) -> ClusterSettings | None:
+        """The cluster settings as the store holds them now (None before the initial list)."""
+        return self.cluster.snapshot().get("cluster")
 
 
 def endpoint_labels(tables: IntentTables, namespace: str, pod: str, cluster_name: str) -> frozenset[Label]:
@@ -111,6 +128,10 @@ def _decode_identity(kv: KeyValue) -> IdentityRow:
 
 def _decode_endpoint(kv: KeyValue) -> EndpointRecord:
     return EndpointRecord.from_json(kv.value)
+
+
+def _decode_cluster(kv: KeyValue) -> ClusterSettings:
+    return ClusterSettings(ClusterConfig.model_validate_json(kv.value), kv.mod_revision)
 
 
 def _namespaced_key(prefix: str) -> Callable[[str], Hashable]:
@@ -145,7 +166,7 @@ class IntentReflector:
             return cached[1]
         try:
             row = self._decode(kv)
-        except (MembraneError, ValueError, TypeError, KeyError, IndexError) as exc:
+        except (MembraneError, ValueError, TypeError, KeyError, IndexError) as exc:  # ValidationError is a ValueError
             log.warning("ignoring %s: cannot be decoded: %s", kv.key, exc)
             row = None
         self._decoded[kv.key] = (kv.mod_revision, row)
@@ -203,6 +224,8 @@ def reflectors(store: Store, tables: IntentTables) -> list[IntentReflector]:
                         _decode_identity, lambda k: int(k.rsplit("/", 1)[1]) if k.rsplit("/", 1)[1].isdigit() else k),
         IntentReflector(store, keys.ENDPOINTS, tables.endpoints.writer("reflector endpoints"),
                         _decode_endpoint, lambda k: k),
+        IntentReflector(store, keys.CLUSTER_CONFIG, tables.cluster.writer("reflector cluster config"),
+                        _decode_cluster, lambda k: "cluster"),
     ]
     # Three prefixes, one table: a writer shared by the three reflectors of the policy kinds
     # (they never write the same key).

@@ -29,12 +29,13 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
 from membrane.agent.config import AgentConfig
+from membrane.agent.intent import ClusterSettings
 from membrane.api import k8s
 from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
@@ -265,12 +266,14 @@ class _ExportSink:
     """The exporter as a publisher sink: a write that fails (disk full, directory gone) is reported
     once and skipped; it must not stop the flows reaching the ring and the other sinks."""
 
-    def __init__(self, exporter: FlowExporter, report: Callable[[str], None]) -> None:
-        self.exporter = exporter
+    def __init__(self, exporter: FlowExporter | None, report: Callable[[str], None]) -> None:
+        self.exporter = exporter  # None: export off (replaced live by the cluster settings)
         self.failed = 0
         self._report = report
 
     def observe(self, flow: Any) -> None:
+        if self.exporter is None:
+            return
         try:
             self.exporter.export(flow)
         except OSError as exc:
@@ -278,6 +281,14 @@ class _ExportSink:
             if self.failed == 1:
                 self._report(f"flow export to {self.exporter.path}: {exc}")
             self.exporter.close()  # reopened (and retried) with the next flow
+
+
+def _export_key(export: ExportSettings | None) -> tuple[Any, ...]:
+    """What decides whether the exporter must be replaced (filters compared as their wire bytes)."""
+    if export is None:
+        return ()
+    return (str(export.path), tuple(f.SerializeToString() for f in export.allow),
+            tuple(f.SerializeToString() for f in export.deny))
 
 
 def _tunnel_ifindex() -> int:
@@ -293,8 +304,12 @@ class AgentObserver:
 
     def __init__(self, settings: ObserverSettings, *, node_name: str, endpoints: Table[EndpointRecord],
                  nodes: Table[CiliumNode], cluster_name: str = "default", source: FlowEventSource | None = None,
-                 tunnel_ifindex: Callable[[], int] = _tunnel_ifindex, policy: PolicyLookup | None = None) -> None:
+                 tunnel_ifindex: Callable[[], int] = _tunnel_ifindex, policy: PolicyLookup | None = None,
+                 cluster: Table[ClusterSettings] | None = None) -> None:
         self.settings = settings
+        self._cluster_table = cluster
+        #: The store revision of the cluster settings this observer applied (0: none yet).
+        self.applied_revision = 0
         self.node_name = node_name
         self.cluster_name = cluster_name
         self._endpoint_table = endpoints
@@ -307,10 +322,10 @@ class AgentObserver:
         self.namespaces = NamespaceTracker(cluster_name)
         #: Who decided a flow (``*_allowed_by`` / ``*_denied_by``); None: not attributed.
         self.policy = policy
-        self.exporter = settings.export.exporter() if settings.enabled and settings.export is not None else None
-        sinks: tuple[Any, ...] = (self.namespaces, self.metrics)
-        if self.exporter is not None:
-            sinks += (_ExportSink(self.exporter, self._error),)
+        self._export_key: tuple[Any, ...] = _export_key(settings.export)
+        self._export = _ExportSink(
+            settings.export.exporter() if settings.enabled and settings.export is not None else None, self._error)
+        sinks: tuple[Any, ...] = (self.namespaces, self.metrics, self._export)
         self.publisher = FlowPublisher(self.ring, node_name=node_name, sinks=sinks, on_lost=self.metrics.lost)
         self.state = EnrichmentState(node_name, cluster_name)
         self.server: ObserverServer | None = None
@@ -319,6 +334,36 @@ class AgentObserver:
         self._lost_reported = 0
         self.malformed = 0
         self.errors: list[str] = []
+
+    @property
+    def exporter(self) -> FlowExporter | None:
+        return self._export.exporter
+
+    def apply_settings(self, cluster: ClusterSettings) -> None:
+        """Apply the live cluster settings: ring size, metric families, flow export (a bad export
+        filter is reported and the previous export kept)."""
+        config, own = cluster.config, self.settings
+        self.ring.resize(config.hubbleEventBufferCapacity or own.capacity)
+        self.metrics.enable(config.hubbleMetrics)
+        path = config.hubbleExportFilePath if config.hubbleExportFilePath is not None else (
+            str(own.export.path) if own.export is not None else "")
+        try:
+            allow = tuple(export_filters(config.hubbleExportAllowlist)) \
+                if config.hubbleExportAllowlist is not None else (own.export.allow if own.export else ())
+            deny = tuple(export_filters(config.hubbleExportDenylist)) \
+                if config.hubbleExportDenylist is not None else (own.export.deny if own.export else ())
+        except ValueError as exc:
+            self._error(f"cluster setting hubbleExport*: {exc}")
+        else:
+            base = own.export or ExportSettings(Path(path or "."))
+            export = replace(base, path=Path(path), allow=allow, deny=deny) if path else None
+            key = _export_key(export)
+            if key != self._export_key and own.enabled:
+                if self._export.exporter is not None:
+                    self._export.exporter.close()
+                self._export.exporter = export.exporter() if export is not None else None
+                self._export_key = key
+        self.applied_revision = cluster.revision
 
     @property
     def flow_log(self) -> FlowLog | None:
@@ -344,6 +389,11 @@ class AgentObserver:
         if not self.settings.enabled:
             return
         self.rebuild_state()
+        if self._cluster_table is not None:
+            current = self._cluster_table.snapshot().get("cluster")
+            if current is not None:
+                self.apply_settings(current)
+            lifecycle.start("observer settings", self._follow_settings)
         lifecycle.start("observer state", self._follow_state)
         lifecycle.start("flow events", self._read_events)
         # The group is ours before the log rules exist; a bind that fails is retried by the
@@ -409,6 +459,15 @@ class AgentObserver:
             await wait_any(watches)
             self.rebuild_state()
 
+    async def _follow_settings(self) -> None:
+        assert self._cluster_table is not None
+        while True:
+            snapshot = self._cluster_table.snapshot()
+            await wait_any([snapshot.changed])
+            current = self._cluster_table.snapshot().get("cluster")
+            if current is not None:
+                self.apply_settings(current)
+
     def rebuild_state(self) -> None:
         self.state = enrichment_state(
             self.node_name, self._endpoint_table.snapshot(), self._node_table.snapshot(),
@@ -430,4 +489,6 @@ class AgentObserver:
                         if self.metrics_server else ""),
             "export": ({"path": str(self.exporter.path), "exported": self.exporter.exported}
                        if self.exporter is not None else {}),
+            "metricFamilies": sorted(self.metrics.enabled),
+            "clusterConfigRevision": self.applied_revision,
         }

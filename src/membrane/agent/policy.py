@@ -36,7 +36,13 @@ from membrane.core.modules import Controller, Module
 from membrane.core.reconciler import Reconciler
 from membrane.core.statedb import StateDB, Table
 from membrane.identity.labels import parse_labels
-from membrane.policy.compiler import ImportedPolicy, IpcacheBuilder, PolicyCompiler, policy_endpoint
+from membrane.policy.compiler import (
+    ImportedPolicy,
+    IpcacheBuilder,
+    PolicyCompiler,
+    enforcement_config,
+    policy_endpoint,
+)
 from membrane.policy.ipcache import IpcacheInterval
 from membrane.policy.mapstate import EndpointPolicy, EnforcementConfig
 from membrane.policy.status import STATUS_KINDS, desired_status
@@ -98,7 +104,9 @@ class PolicyController:
     """Recomputes this node's policy tables from the intent (``compute``: no I/O).
 
     ``store_revisions()`` gives the store revision each intent prefix reflects, carried into the
-    ipcache row so ``status`` can say which store revision the kernel enforces.
+    ipcache row so ``status`` can say which store revision the kernel enforces. The enforcement
+    settings come from the ``cluster`` table once it has a row (``config`` until then), so a live
+    ``membrane config set policyAuditMode=true`` recompiles on every node.
     """
 
     def __init__(self, intent: IntentTables, local_endpoints: Table[EndpointRecord], tables: PolicyTables,
@@ -132,10 +140,11 @@ class PolicyController:
         pods = self.pods()
         cluster = cast(Mapping[str, EndpointRecord], intent.endpoints.snapshot().as_dict())
         started = time.perf_counter()
+        settings = intent.settings()
         changed = self.compiler.update(
             {p.key: p.obj for p in intent.policies.snapshot()},
             {i.id: i.labels for i in intent.identities.snapshot()},
-            cluster.values(), pods)
+            cluster.values(), pods, enforcement_config(settings.config) if settings is not None else None)
         if changed:
             self.last_compile = time.perf_counter() - started
         local = [r for r in self.local_endpoints.snapshot() if r.state == "ready" and r.host_ifindex]

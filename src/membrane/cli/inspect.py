@@ -213,6 +213,7 @@ def format_status(view: ClusterView, store_url: str, agent: dict[str, Any] | Non
                           f"{agent.get('endpoints', {}).get('total', 0)} ready"),
             ("Datapath", str((agent.get("datapath") or {}).get("summary", "unknown"))),
             ("Operator role", "held by this node" if agent.get("operator") else "held by another node"),
+            ("Cluster config", _cluster_config_line(agent.get("clusterConfig") or {})),
             ("Controller Status", f"{healthy}/{len(controllers)} healthy"),
             ("Reconcilers", f"{len(reconcilers) - sum(1 for r in reconcilers if r.get('errors'))}/{len(reconcilers)}"
                             f" healthy, {failing_rows} objects failing"),
@@ -228,6 +229,12 @@ def format_status(view: ClusterView, store_url: str, agent: dict[str, Any] | Non
     if verbose and agent is not None and agent.get("reconcilers"):
         text += "\n" + format_reconcilers(agent["reconcilers"], now)
     return text
+
+
+def _cluster_config_line(config: dict[str, Any]) -> str:
+    revision, applied = config.get("revision", 0), config.get("appliedRevision", 0)
+    state = "Ok" if applied >= revision else "Applying"
+    return f"{state}   revision {revision}, applied {applied}"
 
 
 def format_reconcilers(entries: list[dict[str, Any]], now: float) -> str:

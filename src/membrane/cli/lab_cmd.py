@@ -144,6 +144,8 @@ def lab() -> None:
 @click.option("--tor", is_flag=True, hidden=True, help="Add an FRR top-of-rack router on the underlay (not yet).")
 @click.option("--client", is_flag=True, help="Add a client namespace on the underlay, outside the cluster.")
 @click.option("--name", metavar="LAB", help=f"Lab name (default: {DEFAULT_LAB_NAME}).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="A cluster setting at creation (membrane config get lists them); repeatable.")
 @pass_cli
 @run_async
 async def up(
@@ -155,8 +157,12 @@ async def up(
     tor: bool,
     client: bool,
     name: str | None,
+    assignments: tuple[str, ...],
 ) -> None:
     """Build a lab and start an agent on every node."""
+    from membrane.core.config import parse_settings
+
+    settings = parse_settings(assignments, live_only=False)
     printer = ProgressPrinter(sys.stderr, sys.stderr.isatty())
     try:
         built = Lab.up(
@@ -168,6 +174,7 @@ async def up(
             tor=tor,
             client=client,
             progress=printer,
+            settings=settings,
         )
     finally:
         printer.finish()

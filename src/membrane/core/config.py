@@ -1,7 +1,9 @@
 """Cluster configuration and the default directories.
 
-``ClusterConfig`` is cluster-wide and lives in the store, written once by the first agent so that
-every node agrees on the pools; the pure controllers (IPAM, policy) read it. Field names follow
+``ClusterConfig`` is cluster-wide and lives in the store, written by the first agent so that every
+node agrees on the pools; the pure controllers (IPAM, policy) read it. The settings in
+:data:`LIVE_SETTINGS` change while the cluster runs (``membrane config set``, :func:`parse_settings`,
+:func:`with_settings`); the others are fixed at creation (:data:`FIXED_SETTINGS` says why). Field names follow
 Cilium's Helm values where one exists (``clusterPoolIPv4PodCIDRList``). The per-node settings
 are :class:`membrane.agent.config.AgentConfig`, which composes each feature's own settings
 (``membrane.observe.config.HubbleConfig``, ...) -- core knows no feature.
@@ -10,10 +12,14 @@ are :class:`membrane.agent.config.AgentConfig`, which composes each feature's ow
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from membrane.core.errors import InvalidInput
 
 DEFAULT_STATE_DIR = Path("/var/lib/membrane")
 DEFAULT_RUN_DIR = Path("/run/membrane")
@@ -39,6 +45,16 @@ class ClusterConfig(BaseModel):
     # Audit: would-be drops are forwarded and reported as AUDIT, everywhere or in these namespaces.
     policyAuditMode: bool = False
     policyAuditNamespaces: tuple[str, ...] = ()
+    # Flow visibility (Cilium's enable-hubble and hubble-* options). Flow events on or off on every
+    # node (an agent whose own hubble.enabled is false has no observer to turn on).
+    hubbleEnabled: bool = True
+    # The metric families served on the metrics port (Hubble's hubble-metrics names).
+    hubbleMetrics: tuple[str, ...] = ("flow", "drop", "tcp", "policy", "dns", "http")
+    # None: each agent's own hubble.* setting; a value: every agent's.
+    hubbleEventBufferCapacity: int | None = None
+    hubbleExportFilePath: str | None = None
+    hubbleExportAllowlist: tuple[dict[str, Any], ...] | None = None
+    hubbleExportDenylist: tuple[dict[str, Any], ...] | None = None
 
     @field_validator("clusterPoolIPv4PodCIDRList", "nonMasqueradeCIDRs")
     @classmethod
@@ -47,5 +63,84 @@ class ClusterConfig(BaseModel):
             ipaddress.IPv4Network(cidr, strict=True)
         return value
 
+    @field_validator("hubbleMetrics")
+    @classmethod
+    def _metrics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in value if name not in METRIC_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRIC_FAMILIES)})")
+        return value
+
+    @field_validator("hubbleEventBufferCapacity")
+    @classmethod
+    def _capacity(cls, value: int | None) -> int | None:
+        if value is not None and (value < 1 or value > 65535 or (value + 1) & value):
+            raise ValueError("must be 2^n - 1 and at most 65535 (e.g. 4095, 16383, 65535)")
+        return value
+
     def pod_pools(self) -> list[ipaddress.IPv4Network]:
         return [ipaddress.IPv4Network(c) for c in self.clusterPoolIPv4PodCIDRList]
+
+
+#: Hubble's metric families (``hubble-metrics``) that membrane serves.
+METRIC_FAMILIES = ("flow", "drop", "tcp", "policy", "dns", "http")
+
+#: Cluster settings every agent applies while it runs (``membrane config set``).
+LIVE_SETTINGS = frozenset({
+    "policyEnforcementMode", "policyAuditMode", "policyAuditNamespaces", "hubbleEnabled", "hubbleMetrics",
+    "hubbleEventBufferCapacity", "hubbleExportFilePath", "hubbleExportAllowlist", "hubbleExportDenylist",
+})
+
+#: Why the other settings cannot change in a running cluster.
+FIXED_SETTINGS = {
+    "clusterName": "identities and flows carry the cluster name: set it when the cluster is created",
+    "clusterPoolIPv4PodCIDRList": "pod CIDRs are handed out from it: nodes and pods hold addresses from it",
+    "clusterPoolIPv4MaskSize": "pod CIDRs are handed out with it: nodes hold CIDRs of this size",
+    "routingMode": "changing the routing mode rewires every node: set it when the cluster is created",
+    "tunnelPort": "every node's VXLAN device uses it: set it when the cluster is created",
+    "vxlanVNI": "every node's VXLAN device uses it: set it when the cluster is created",
+    "nonMasqueradeCIDRs": "each agent reads it when it starts: set it when the cluster is created",
+    "enableIPv4Masquerade": "each agent reads it when it starts: set it when the cluster is created",
+}
+
+
+def parse_settings(assignments: Sequence[str], *, live_only: bool) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as settings: VALUE is YAML (``true``, ``[a, b]``, ``{...}``; ``null``: the
+    agents' own value); a comma-separated VALUE is a list where the setting is one. InvalidInput names
+    the key of every problem; unknown keys and (with ``live_only``) settings that cannot change live
+    are refused with the reason."""
+    problems: list[str] = []
+    found: dict[str, Any] = {}
+    fields = ClusterConfig.model_fields
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"{assignment!r}: expected KEY=VALUE")
+            continue
+        if key not in fields:
+            problems.append(f"{key}: unknown setting (known: {', '.join(sorted(fields))})")
+            continue
+        if live_only and key in FIXED_SETTINGS:
+            problems.append(f"{key}: cannot change in a running cluster: {FIXED_SETTINGS[key]}")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            problems.append(f"{key}: {text!r} is not a value: {str(exc).splitlines()[0]}")
+            continue
+        annotation = str(fields[key].annotation)
+        if "tuple" in annotation and isinstance(value, str) and "dict" not in annotation:
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        found[key] = value
+    if problems:
+        raise InvalidInput(problems)
+    return found
+
+
+def with_settings(config: ClusterConfig, changes: dict[str, Any]) -> ClusterConfig:
+    """``config`` with ``changes`` applied and validated; InvalidInput names each bad key."""
+    try:
+        return ClusterConfig.model_validate({**config.model_dump(), **changes})
+    except ValidationError as exc:
+        raise InvalidInput([f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]) from None

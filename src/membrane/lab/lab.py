@@ -34,15 +34,16 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
+from membrane.core.config import ClusterConfig, with_settings
 from membrane.core.errors import AgentUnavailable, AlreadyExists, InvalidInput, MembraneError, NotFound
 from membrane.lab.etcd import (
     ETCD_GRACE,
@@ -136,7 +137,7 @@ def agent_config_path(record: LabRecord) -> Path:
 
 def agent_config_text(record: LabRecord) -> str:
     """The first agent writes these cluster settings to the store; the others read them back."""
-    return yaml.safe_dump({"cluster": {"routingMode": record.routing}}, sort_keys=True)
+    return yaml.safe_dump({"cluster": {**record.settings, "routingMode": record.routing}}, sort_keys=True)
 
 
 def agent_argv(base: Sequence[str], record: LabRecord, node: LabNode) -> list[str]:
@@ -232,9 +233,13 @@ class Lab:
         dirs: LabDirs | None = None,
         host: LabHost | None = None,
         etcd_probe: EtcdProbe | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> Lab:
         if tor:
             raise InvalidInput(["--tor is not available in the lab yet"])
+        if settings and "routingMode" in settings:
+            raise InvalidInput(["--set routingMode: use --routing"])
+        with_settings(ClusterConfig(), dict(settings or {}))  # refused now, with the key, not by the agents
         validate_lab_name(name)
         dirs = dirs or LabDirs.from_env()
         host = host or real_host()
@@ -253,6 +258,8 @@ class Lab:
             )
             port = free_port() if store == "etcd" else 0
             record = initial_record(plan, dirs, store, datetime.now(UTC), etcd_forwarder_port=port)
+            if settings:
+                record = record.model_copy(update={"settings": dict(settings)})
             write_record(dirs, record)
         lab = cls(record, dirs=dirs, host=host, etcd_probe=etcd_probe)
         try:

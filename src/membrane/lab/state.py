@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -145,6 +145,8 @@ class LabRecord(_Frozen):
     state_dir: Path
     run_dir: Path
     etcd: LabEtcd | None = None
+    #: Cluster settings given at creation (``lab up --set KEY=VALUE``), written by the first agent.
+    settings: dict[str, Any] = {}
 
     @property
     def prefix(self) -> str:

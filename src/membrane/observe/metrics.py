@@ -24,7 +24,7 @@ import contextlib
 import decimal
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from membrane.core.errors import MembraneError
@@ -155,7 +155,13 @@ def _reporter(flow: Flow) -> str:
 class FlowMetrics:
     """Hubble's flow metrics, fed by :meth:`observe` (every flow) and :meth:`lost` (every loss)."""
 
-    def __init__(self) -> None:
+    #: ``hubble-metrics`` names → the families they turn on (lost events are always served).
+    FAMILIES = {"flow": ("flows",), "drop": ("drops",), "tcp": ("tcp_flags",), "policy": ("policy",),
+                "dns": ("dns_queries", "dns_responses"), "http": ("http_requests", "http_duration")}
+
+    def __init__(self, enabled: Iterable[str] | None = None) -> None:
+        #: The ``hubble-metrics`` names served (None: all); changed live with :meth:`enable`.
+        self.enabled: frozenset[str] = frozenset(self.FAMILIES if enabled is None else enabled)
         self.flows = Counter("hubble_flows_processed_total", "Total number of flows processed",
                              ("protocol", "type", "subtype", "verdict"))
         self.drops = Counter("hubble_drop_total", "Number of drops", ("reason", "protocol"))
@@ -225,11 +231,14 @@ class FlowMetrics:
     def lost(self, source: int, count: int) -> None:
         self.lost_events.inc(enum_name(LostEventSourceEnum, source).lower(), amount=count)
 
+    def enable(self, names: Iterable[str]) -> None:
+        """Serve these metric families from now on (what they counted meanwhile is kept)."""
+        self.enabled = frozenset(names)
+
     def render(self) -> str:
         lines: list[str] = []
-        families: list[Counter | Histogram] = [
-            self.flows, self.drops, self.tcp_flags, self.policy, self.lost_events, self.http_requests,
-            self.http_duration, self.dns_queries, self.dns_responses]
+        families: list[Counter | Histogram] = [self.lost_events] + [
+            getattr(self, attribute) for name in sorted(self.enabled) for attribute in self.FAMILIES.get(name, ())]
         for family in sorted(families, key=lambda f: f.name):  # the Go client sorts families by name
             lines += family.render()
         return "\n".join(lines) + "\n" if lines else ""

@@ -118,6 +118,17 @@ class Ring:
                 waiter.set_result(None)
         return position
 
+    def resize(self, capacity: int) -> None:
+        """Hold ``capacity`` events from now on (a live settings change). Positions stay valid: the
+        newest events are kept, and readers behind the new oldest position see an overrun."""
+        capacity = validate_capacity(capacity)
+        if capacity == self._capacity:
+            return
+        slots: list[RingEvent | None] = [None] * capacity
+        for position in range(max(self.oldest, self._written - capacity), self._written):
+            slots[position % capacity] = self._slots[position % self._capacity]
+        self._slots, self._capacity = slots, capacity
+
     def get(self, position: int) -> RingEvent:
         """The event at ``position``; IndexError when it was overwritten or not written yet."""
         if not self.oldest <= position < self._written:

@@ -330,9 +330,14 @@ class PolicyCompiler:
         identities: Mapping[int, frozenset[Label]],
         records: Iterable[EndpointRecord],
         pods: Mapping[tuple[str, str], k8s.Pod],
+        config: EnforcementConfig | None = None,
     ) -> bool:
-        """Take the current inputs; True when verdicts may have changed."""
-        policies_changed = self._import(policies)
+        """Take the current inputs (and the enforcement settings, when given); True when verdicts may
+        have changed. New settings (a live ``membrane config set``) recompile everything."""
+        settings_changed = config is not None and config != self.config
+        if config is not None:
+            self.config = config
+        policies_changed = self._import(policies) or settings_changed
         named = self._named_ports(records, pods)
         identities = dict(identities)
         if policies_changed or named != self._named or self._compiled is None:

@@ -86,6 +86,7 @@ class FakeNode:
         self.policies = self.intent.policies.writer("test")
         self.identities = self.intent.identities.writer("test")
         self.endpoints = self.intent.endpoints.writer("test")
+        self.cluster = self.intent.cluster.writer("test")
         self.manager = EndpointManager(self.store, node, self.db, self.netlink, IdentityAllocator(self.store),
                                        self, self._wait_programmed,
                                        netns_present=lambda path: path in self.netlink.namespaces,
@@ -101,7 +102,7 @@ class FakeNode:
                                          ObjectClient(self.store).modify_status if write_status else None,
                                          resync_interval=resync_interval, debounce=0.0))
         self.datapath = DatapathModule(self.db, self.manager.local, tables, self.nft, masquerade, flow_log,
-                                       resync_interval=resync_interval)
+                                       cluster=self.intent.cluster, resync_interval=resync_interval)
         modules.append(self.datapath.module)
         self.lifecycle = Lifecycle()
         self.runner = ModuleRunner(self.lifecycle, modules)
@@ -176,6 +177,7 @@ class PolicyHarness:
         self.pods = self.intent.pods.writer("test")
         self.namespaces = self.intent.namespaces.writer("test")
         self.nodes = self.intent.nodes.writer("test")
+        self.cluster = self.intent.cluster.writer("test")
         self.local: Table[EndpointRecord] = self.db.table("local_endpoints", primary=lambda r: r.container_id)
         self.local_writer = self.local.writer("test")
         self.controller = PolicyController(self.intent, self.local, PolicyTables.create(self.db), node_name,
