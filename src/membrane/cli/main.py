@@ -22,7 +22,7 @@ COMMAND_MODULES: dict[str, str] = {
     "observe": "observe_cmd", "flows": "observe_cmd",
     "agent": "agent_cmd", "relay": "relay_cmd",
     "lab": "lab_cmd",
-    "install": "install_cmd", "uninstall": "install_cmd",
+    "install": "install_cmd", "uninstall": "install_cmd", "sysdump": "sysdump_cmd",
 }
 
 
