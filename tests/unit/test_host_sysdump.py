@@ -45,7 +45,7 @@ def test_values_under_keys_naming_secret_material_are_redacted_whole() -> None:
 
 
 def test_fields_naming_secret_material_are_redacted_but_label_selectors_are_not() -> None:
-    policy = {"kind": "CiliumNetworkPolicy", "spec": {
+    policy: dict[str, Any] = {"kind": "CiliumNetworkPolicy", "spec": {
         "endpointSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]},
         "auth": {"token": "abc", "privateKey": "-----BEGIN", "password": "pw"}}}
     out = redact_entry("/membrane/objects/ciliumnetworkpolicies/default/p", json.dumps(policy).encode())
