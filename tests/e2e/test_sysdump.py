@@ -38,9 +38,25 @@ def lab() -> Iterator[tuple[Lab, dict[str, str]]]:
     try:
         with Lab.up(name, 2, dirs=dirs) as built:
             asyncio.run(_put_secrets(built.store_url))
+            _send_a_datagram(built, env)
             yield built, env
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _send_a_datagram(built: Lab, env: dict[str, str]) -> None:
+    """One UDP datagram from a pod on node2 to a pod on node1: a flow on each node's observer."""
+    def membrane(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "membrane", "--lab", built.name, *args], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"membrane {' '.join(args)}:\n{result.stderr}"
+        return result.stdout
+
+    membrane("pod", "run", "server", "-n", "default", "--node", "node1", "--", "sleep", "3600")
+    membrane("pod", "run", "client", "-n", "default", "--node", "node2", "--", "sleep", "3600")
+    server_ip = json.loads(membrane("get", "pod", "server", "-n", "default", "-o", "json"))["status"]["podIP"]
+    send = f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ({server_ip!r}, 7000))"
+    membrane("pod", "exec", "default/client", "--", sys.executable, "-c", send)
 
 
 async def _put_secrets(store_url: str) -> None:
@@ -81,7 +97,8 @@ def test_the_dump_holds_every_nodes_datapath_log_status_and_a_redacted_store(
         assert f"nodes/{node}/fdb.txt" in files
         assert files[f"nodes/{node}/agent.log"]  # the lab's log file of that agent
         assert json.loads(files[f"nodes/{node}/status.json"])["node"] == node
-        assert f"nodes/{node}/flows.jsonl" in files
+        flows = [json.loads(line) for line in files[f"nodes/{node}/flows.jsonl"].splitlines()]
+        assert any(f["flow"]["node_name"] == node for f in flows), flows
         assert f"nodes/{node}/endpoints.txt" in files
     # Each node's FDB names the other node's address (the VXLAN peer).
     assert built.node_ip(2).encode() in files["nodes/node1/fdb.txt"]
