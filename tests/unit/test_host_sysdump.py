@@ -171,3 +171,55 @@ def test_an_unexpected_exception_in_one_collector_does_not_stop_the_others() -> 
 
 def test_the_archive_is_named_by_its_utc_time() -> None:
     assert archive_name(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "membrane-sysdump-20260102-030405.tar.gz"
+
+
+def _host_dump(tmp_path: Path, monkeypatch: Any, output: Path) -> Any:
+    from click.testing import CliRunner
+
+    from membrane.cli.main import cli
+    from membrane.host.sysdump import HostSources
+
+    async def no_commands(self: HostSources, target: NodeTarget, argv: Sequence[str]) -> bytes:
+        raise CollectError(f"{argv[0]}: not run in unit tests")
+
+    monkeypatch.setattr(HostSources, "command", no_commands)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"nodeName: h1\nstore: sqlite://{tmp_path}/store.db\nrunDir: {tmp_path}/run\n")
+    log = tmp_path / "agent.log"
+    log.write_text("agent started\n")
+    monkeypatch.delenv("MEMBRANE_STORE", raising=False)
+    return CliRunner().invoke(cli, ["sysdump", "--config", str(config), "--agent-log", str(log),
+                                    "--output", str(output)], catch_exceptions=False)
+
+
+def test_on_a_host_with_no_agent_the_dump_is_written_and_names_each_missing_piece(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    output = tmp_path / "dump.tar.gz"
+    result = _host_dump(tmp_path, monkeypatch, output)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(output)
+    with tarfile.open(output) as tar:
+        names = {m.name.split("/", 1)[1]: m for m in tar.getmembers()}
+        summary = json.loads(tar.extractfile(names["summary.json"]).read())  # type: ignore[union-attr]
+        log = tar.extractfile(names["nodes/h1/agent.log"]).read()  # type: ignore[union-attr]
+    assert log == b"agent started\n"
+    assert summary["nodes"] == ["h1"] and summary["source"] == "host"
+    assert summary["store"] == f"sqlite://{tmp_path}/store.db"
+    assert failed_reason(summary, "cluster/store.json") == f"store sqlite://{tmp_path}/store.db: no such file"
+    assert not (tmp_path / "store.db").exists()  # a dump does not create a store
+    failed = {e["item"]: e["reason"] for e in summary["errors"]}
+    assert failed["nodes/h1/status.json"].startswith(f"agent not running (socket {tmp_path}/run/agent.sock)")
+    assert failed["nodes/h1/nft.txt"] == "nft: not run in unit tests"
+    assert "Warning: nodes/h1/status.json not collected" in result.stderr
+
+
+def failed_reason(summary: dict[str, Any], item: str) -> str:
+    return next(str(e["reason"]) for e in summary["errors"] if e["item"] == item)
+
+
+def test_a_dump_that_cannot_be_written_fails_with_one_line(tmp_path: Path, monkeypatch: Any) -> None:
+    output = tmp_path / "missing-dir" / "dump.tar.gz"
+    result = _host_dump(tmp_path, monkeypatch, output)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == f"Error: cannot write {output}: No such file or directory"

@@ -262,6 +262,11 @@ class HostSources:
         if self._store is None:
             from membrane.store import open_store
 
+            scheme, _, path = self.store_url.partition("://")
+            if scheme == "sqlite" and not Path(path).is_file():
+                # Opening would create an empty store: a dump only reads.
+                self._store_error = f"store {self.store_url}: no such file"
+                raise CollectError(self._store_error)
             try:
                 self._store = await asyncio.wait_for(open_store(self.store_url), AGENT_TIMEOUT)
             except Exception as exc:  # recorded once, for every store item
