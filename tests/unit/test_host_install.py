@@ -153,11 +153,13 @@ def test_a_different_conflist_of_the_same_name_is_refused_unless_forced(root: Pa
     theirs = root / "etc/cni/net.d/05-membrane.conflist"
     theirs.write_text('{"cniVersion": "0.4.0", "name": "membrane", "plugins": [{"type": "bridge"}]}\n')
     before = snapshot(root)
+    refusal = [f"Error: {theirs}: a different CNI conflist of this name exists (--force replaces it)"]
     code, _, err = install(root)
     assert code == 1
-    assert err.strip().splitlines() == [
-        f"Error: {theirs}: a different CNI conflist of this name exists (--force replaces it)"]
+    assert err.strip().splitlines() == refusal
     assert snapshot(root) == before  # a refusal writes nothing
+    code, _, err = install(root, "--dry-run")
+    assert (code, err.strip().splitlines()) == (1, refusal)
 
     code, out, err = install(root, "--force")
     assert code == 0, err

@@ -88,7 +88,9 @@ def install(store_url: str | None, node_name: str | None, node_ip: str | None, r
                     click.echo(planned.content, nl=False)
             click.echo(f"# file {installer.manifest_path} (what was written, for membrane uninstall)")
             for problem in problems:
-                click.echo(f"# would refuse: {problem}")
+                click.echo(f"Error: {problem}", err=True)  # what the install itself would refuse
+            if problems:
+                sys.exit(1)
             return
         require_root(root)
         report = installer.install(plan, force=force)
