@@ -23,6 +23,7 @@ COMMAND_MODULES: dict[str, str] = {
     "agent": "agent_cmd", "relay": "relay_cmd",
     "lab": "lab_cmd",
     "config": "config_cmd",
+    "install": "install_cmd", "uninstall": "install_cmd", "sysdump": "sysdump_cmd",
 }
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from membrane.cni.conflist import membrane_conflist as membrane_conflist  # re-exported for tests
 from membrane.testing.cnitool import DISTRIBUTION_CNI_DIRS
 
 BUSYBOX = "/bin/busybox"
@@ -82,29 +83,6 @@ def build_busybox_rootfs(dest: str | Path, files: Mapping[str, str] | None = Non
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     return root
-
-
-def membrane_conflist(
-    name: str,
-    *,
-    agent_socket: str | Path,
-    del_queue_dir: str | Path,
-    cni_version: str = "1.0.0",
-    chained: Sequence[Mapping[str, Any]] = (),
-) -> dict[str, Any]:
-    """A conflist with membrane-cni first, then ``chained`` plugins (portmap, tuning ...)."""
-    return {
-        "cniVersion": cni_version,
-        "name": name,
-        "plugins": [
-            {
-                "type": "membrane-cni",
-                "agentSocket": str(agent_socket),
-                "delQueueDir": str(del_queue_dir),
-            },
-            *[dict(p) for p in chained],
-        ],
-    }
 
 
 def write_conflist(network_dir: str | Path, conflist: Mapping[str, Any]) -> Path:

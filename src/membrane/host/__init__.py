@@ -1,0 +1,1 @@
+"""Putting a real host in service (``membrane install``/``uninstall``) and support dumps (``sysdump``)."""
