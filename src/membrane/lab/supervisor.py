@@ -60,7 +60,7 @@ class Backoff:
 
     def delay(self, failures: int) -> float:
         """The wait before restart number ``failures`` of a run of quick failures (1, 2, …)."""
-        return min(self.maximum, self.initial * 2 ** max(0, failures - 1))
+        return min(self.maximum, self.initial * float(2 ** max(0, failures - 1)))
 
 
 class ServiceStatus(BaseModel):
@@ -279,8 +279,8 @@ def main(args: Sequence[str] | None = None) -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     received: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, lambda s, _f: received.append(s))
+    for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(handled, lambda s, _f: received.append(s))
 
     supervisor = Supervisor(opts.name, opts.argv, opts.log, opts.status, HostChildren(), adopt=adopt)
     watched: ProcessRef | None = None
