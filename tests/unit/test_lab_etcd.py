@@ -255,8 +255,8 @@ def test_status_of_an_etcd_lab_has_a_store_table() -> None:
     assert render_status(status) == (
         "lab demo: ready, 1 node, vxlan routing, underlay 172.31.0.0/24 (netns demo-underlay), "
         "store etcd://127.0.0.1:40123\n"
-        "MEMBER   NETNS        IP            AGENT PID   AGENT\n"
-        "node1    demo-node1   172.31.0.11   4242        healthy\n"
+        "MEMBER   NETNS        IP            AGENT PID   AGENT     RESTARTS   LAST EXIT\n"
+        "node1    demo-node1   172.31.0.11   4242        healthy   -          -\n"
         "STORE       ENDPOINT          PID    STATE\n"
         "etcd1       172.31.0.1:2379   4300   stopped\n"
         "etcd2       172.31.0.1:2381   4301   healthy\n"

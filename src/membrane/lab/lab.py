@@ -615,15 +615,19 @@ def _remove(name: str, record: LabRecord | None, dirs: LabDirs, host: LabHost) -
     namespaces: list[str] = []
     stopped = 0
     if record is not None:
-        # Supervisors first, so that nothing is restarted behind our back; each stops its process.
-        supervisors = [n.supervisor for n in record.nodes] + [record.relay.supervisor if record.relay else None]
-        stopped += _terminate(host.processes, [s for s in supervisors if s], SUPERVISOR_GRACE)
-        # Then what a supervisor killed with SIGKILL left behind, the current processes and those 'lab up' started.
+        # The agents and the relay: the ones running now (their supervisors' status files) and the
+        # ones 'lab up' started.
         names = [n.name for n in record.nodes] + (["relay"] if record.relay else [])
         current = [st.process for name in names if (st := read_status(status_path(state_dir, name))) and st.process]
         started = [n.agent for n in record.nodes] + [record.relay.process if record.relay else None]
-        leftovers = {r.pid: r for r in [*current, *(r for r in started if r)]}
-        stopped += _terminate(host.processes, list(leftovers.values()), AGENT_GRACE)
+        services = list({r.pid: r for r in [*current, *(r for r in started if r)]}.values())
+        running = sum(1 for r in services if host.processes.is_alive(r))
+        # Supervisors first, so that nothing is restarted behind our back; each stops its process.
+        supervisors = [n.supervisor for n in record.nodes] + [record.relay.supervisor if record.relay else None]
+        stopped += _terminate(host.processes, [s for s in supervisors if s], SUPERVISOR_GRACE)
+        # Then what a supervisor killed with SIGKILL left behind.
+        _terminate(host.processes, services, AGENT_GRACE)
+        stopped += running
         if record.etcd is not None:  # after the agents, which may still write on their way out
             stopped += _terminate(host.processes, record.etcd.processes, ETCD_GRACE)
         namespaces = sorted(
