@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from membrane.lab.host import HostProcesses
 from membrane.lab.state import ProcessRef
-from membrane.lab.supervisor import Backoff, Supervisor, read_status, supervisor_argv
+from membrane.lab.supervisor import Backoff, ServiceStatus, Supervisor, read_status, supervisor_argv
+from membrane.testing.netns import wait_until
 
 
 @dataclass
@@ -164,3 +169,39 @@ def test_the_command_line_carries_what_to_adopt(tmp_path: Path) -> None:
                            ["nsenter", "--net=x", "agent"])
     assert argv == ["py", "-m", "membrane.lab.supervisor", "--name", "node2", "--status", str(tmp_path / "s.json"),
                     "--log", str(tmp_path / "a.log"), "--adopt", "5:9", "--", "nsenter", "--net=x", "agent"]
+
+
+def test_the_supervisor_process_restarts_a_killed_child_restarts_on_request_and_stops(tmp_path: Path) -> None:
+    status_file = tmp_path / "s.json"
+    argv = supervisor_argv(sys.executable, "sleeper", status_file, tmp_path / "child.log", None,
+                           ["sleep", "600"])
+    supervisor = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def running(restarts: int = 0, manual: int = 0) -> ServiceStatus | None:
+            status = read_status(status_file)
+            ok = (status is not None and status.state == "running" and status.process is not None
+                  and (status.restarts, status.manual_restarts) == (restarts, manual))
+            return status if ok else None
+
+        def wait_running(restarts: int = 0, manual: int = 0) -> ServiceStatus:
+            found = wait_until(lambda: running(restarts, manual), timeout=10, what=f"run {restarts}/{manual}")
+            assert found is not None
+            return found
+
+        first = wait_running()
+        assert first.process is not None
+        os.kill(first.process.pid, signal.SIGKILL)
+        second = wait_running(1)
+        assert second.last_exit == "killed by SIGKILL" and second.process != first.process
+        supervisor.send_signal(signal.SIGUSR1)  # lab restart
+        third = wait_running(1, 1)
+        assert third.process is not None and third.process != second.process
+        supervisor.send_signal(signal.SIGTERM)  # lab down
+        assert supervisor.wait(timeout=10) == 0
+        stopped = read_status(status_file)
+        assert stopped is not None and stopped.state == "stopped"
+        assert third.process is not None and not HostProcesses().is_alive(third.process)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()

@@ -39,7 +39,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from membrane.lab.host import HostProcesses
+from membrane.lab.host import HostProcesses, start_ticks
 from membrane.lab.state import ProcessRef
 
 POLL_INTERVAL = 1.0  # a safety net: exits are normally seen at once through the pidfd
@@ -129,13 +129,15 @@ class HostChildren(HostProcesses):
         self._statuses: dict[int, str] = {}
 
     def is_alive(self, proc: ProcessRef) -> bool:
-        alive = super().is_alive(proc)
-        if not alive and proc.pid not in self._statuses:
+        # Reap our own child here, before HostProcesses would (it discards the status).
+        ticks = start_ticks(proc.pid)
+        if ticks == proc.start_ticks and proc.pid not in self._statuses:
             with contextlib.suppress(ChildProcessError):
                 pid, raw = os.waitpid(proc.pid, os.WNOHANG)
                 if pid == proc.pid:
                     self._statuses[pid] = describe_wait_status(raw)
-        return alive
+                    return False
+        return super().is_alive(proc)
 
     def exit_status(self, proc: ProcessRef) -> str:
         return self._statuses.pop(proc.pid, "exited")
