@@ -247,7 +247,6 @@ class Lab:
         self._dirs = dirs
         self._host = host
         self._etcd_probe: EtcdProbe = etcd_probe or NetnsEtcdProbe()
-        self._base: tuple[str, ...] = default_agent_command()
 
     # -- life cycle ------------------------------------------------------------------------
     @classmethod
@@ -290,7 +289,6 @@ class Lab:
             record = initial_record(plan, dirs, store, datetime.now(UTC), etcd_forwarder_port=port)
             write_record(dirs, record)
         lab = cls(record, dirs=dirs, host=host, etcd_probe=etcd_probe)
-        lab._base = base
         try:
             lab._build(plan, base, health_timeout, progress or (lambda _p: None))
         except BaseException:
@@ -535,7 +533,7 @@ class Lab:
             advance(f"{node_name} agent healthy")
         self._start_relay(health_timeout)
         advance(f"relay listening on {self.relay_address}")
-        self._start_supervisors()
+        self._start_supervisors(base)
         advance(f"{plan.nodes + 1} supervisors started (agents and relay restart when they exit)")
         self._save(self._record.model_copy(update={"phase": "ready"}))
 
@@ -554,12 +552,12 @@ class Lab:
                                        f"{_log_tail(relay.log)}")
             time.sleep(POLL_INTERVAL)
 
-    def _start_supervisors(self) -> None:
+    def _start_supervisors(self, base: Sequence[str]) -> None:
         """One per node and one for the relay, each adopting the process running now."""
         record = self._record
         assert record.relay is not None
         services: list[tuple[str, ProcessRef | None, Path, list[str]]] = [
-            (n.name, n.agent, n.log, agent_argv(self._base, record, n)) for n in record.nodes
+            (n.name, n.agent, n.log, agent_argv(base, record, n)) for n in record.nodes
         ]
         services.append(("relay", record.relay.process, record.relay.log, relay_argv(record, record.relay.address)))
         for name, ref, log, argv in services:
