@@ -43,10 +43,10 @@ test-kernel: setup
 test-e2e: setup
 	$(VENV)/bin/pytest -q tests/e2e $(PYTEST_ARGS)
 
-# The main job: a fresh lab named "demo" on the embedded store, the Star Wars demo inside it.
+# The main job: a fresh two-node lab named "demo" on the embedded store, the Star Wars demo across it.
 demo: setup
 	@$(VENV)/bin/membrane lab down --name demo >/dev/null 2>&1 || true
-	$(VENV)/bin/membrane lab up --nodes 1 --name demo
+	$(VENV)/bin/membrane lab up --nodes 2 --name demo
 	$(VENV)/bin/membrane --lab demo lab demo starwars
 
 # The observer API's Python modules, generated from proto/ and committed; run after editing a .proto.

@@ -64,8 +64,10 @@ def test_operator_role_moves_and_a_silent_node_turns_not_ready(lab: tuple[Lab, d
     built, env = lab
     holder = wait_until(lambda: operator_holder(built), timeout=10, what="an operator")
     survivor = "node2" if holder == "node1" else "node1"
-    agent = built.record.node(int(holder.removeprefix("node"))).agent
-    assert agent is not None
+    # The holder's node goes silent: its supervisor first (or it would start the agent again), then its agent.
+    supervisor, agent = built.supervisor(holder), built.agent(holder)
+    assert supervisor is not None and agent is not None
+    HostProcesses().signal(supervisor, SIGKILL)
     HostProcesses().signal(agent, SIGKILL)
     killed = time.monotonic()
     wait_until(lambda: operator_holder(built) == survivor, timeout=HEARTBEAT_TTL + 6, interval=0.2,

@@ -145,7 +145,7 @@ def lab() -> Iterator[tuple[Lab, dict[str, str]]]:
     dirs = LabDirs(state_base=base / "state", run_base=base / "run")
     env = {**os.environ, "MEMBRANE_LAB_STATE_DIR": str(dirs.state_base), "MEMBRANE_LAB_RUN_DIR": str(dirs.run_base)}
     env.pop("MEMBRANE_STORE", None)
-    name = "f" + "".join(random.choices(string.ascii_lowercase + string.digits, k=7))
+    name = "mblo" + "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
     try:
         with Lab.up(name, 3, dirs=dirs) as built:
             yield built, env
@@ -231,9 +231,10 @@ def test_the_relay_merges_every_nodes_flows_in_time_order(lab: tuple[Lab, dict[s
     assert re.search(r"^node2\s+Connected\s.*4/4095", nodes, re.M)
     assert re.search(r"^node3\s+Connected\s.*4/4095", nodes, re.M)
 
-    # An agent goes away: the relay says so and serves the rest.
-    agent = built.record.node(2).agent
-    assert agent is not None
+    # A node goes away (its supervisor, then its agent): the relay says so and serves the rest.
+    supervisor, agent = built.supervisor("node2"), built.agent("node2")
+    assert supervisor is not None and agent is not None
+    os.kill(supervisor.pid, signal.SIGKILL)
     os.kill(agent.pid, signal.SIGKILL)
     status = membrane("flows", "status", "--server", relay).stdout
     assert "Connected Nodes: 2/3" in status and "Unavailable Nodes: 1" in status and "  - node2" in status

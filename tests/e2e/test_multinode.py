@@ -26,7 +26,6 @@ from membrane.cni.client import AgentClient
 from membrane.datapath.netlink import TUNNEL_DEVICE, vtep_mac
 from membrane.lab import Lab
 from membrane.lab.host import HostProcesses, HttpAgentProbe
-from membrane.lab.lab import agent_argv, default_agent_command
 from membrane.lab.state import LabDirs
 from membrane.testing.etcd import etcd_skip_reason
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
@@ -228,10 +227,10 @@ def test_an_open_cross_node_connection_survives_an_agent_restart(cluster: Cluste
 def test_a_removed_node_disappears_from_the_other_nodes_routes(cluster: Cluster) -> None:
     # Runs last in the module: node3 is gone afterwards.
     cidr3 = cluster.pod_cidr(3)
-    agent = cluster.lab.record.node(3).agent
-    assert agent is not None and cidr3 in cluster.peer_routes(1)
+    agent, supervisor = cluster.lab.agent("node3"), cluster.lab.supervisor("node3")
+    assert agent is not None and supervisor is not None and cidr3 in cluster.peer_routes(1)
     processes = HostProcesses()
-    processes.signal(agent, SIGTERM)
+    processes.signal(supervisor, SIGTERM)  # it stops the agent (SIGTERM) and restarts nothing
     wait_until(lambda: not processes.is_alive(agent), timeout=10, what="node3's agent to stop")
     cluster.membrane("delete", "ciliumnode", "node3")
 
@@ -247,14 +246,15 @@ def test_a_removed_node_disappears_from_the_other_nodes_routes(cluster: Cluster)
 
 
 def restart_agent(lab: Lab, k: int) -> None:
-    """SIGKILL node k's agent, as a crash would, and start it again the way ``lab up`` does."""
-    node = lab.record.node(k)
-    agent = node.agent
+    """SIGKILL node k's agent, as a crash would; its supervisor starts it again, as systemd would."""
+    agent = lab.agent(f"node{k}")
     assert agent is not None
     processes = HostProcesses()
     processes.signal(agent, SIGKILL)
     wait_until(lambda: not processes.is_alive(agent), timeout=10, what=f"node{k}'s agent to die")
-    # lab down stops it with everything else running inside the node's namespace.
-    processes.spawn(agent_argv(default_agent_command(), lab.record, node), node.log)
-    wait_until(lambda: HttpAgentProbe().healthy(node.socket), timeout=30, interval=0.05,
-               what=f"node{k}'s agent to answer again")
+
+    def back() -> bool:
+        now = lab.agent(f"node{k}")
+        return now is not None and now != agent and HttpAgentProbe().healthy(lab.record.node(k).socket)
+
+    wait_until(back, timeout=30, interval=0.05, what=f"node{k}'s agent to answer again")

@@ -263,6 +263,23 @@ async def test_status_nodes_and_namespaces_cover_the_cluster(
     assert await client.health() == "SERVING"
 
 
+async def test_an_agent_that_goes_away_is_reported_and_seen_again_when_it_is_back(
+        relay_setup: tuple[Cluster, ObserverClient, Relay]) -> None:
+    cluster, client, _ = relay_setup
+    gone = cluster.servers.pop(0)  # node-a
+    sock = gone.unix_socket
+    await gone.close(None)
+    status = await client.server_status()
+    assert list(status.unavailable_nodes) == ["node-a", "node-c"]
+    assert (status.num_connected_nodes.value, status.num_flows) == (1, 3)  # node-b is still served
+    # Restarted on the same socket (as a supervisor restarts an agent), with an empty buffer.
+    again = ObserverServer(Ring(63), "node-a", listen=None, unix_socket=sock)
+    await again.start()
+    cluster.servers.append(again)
+    nodes = {n.name: n.state for n in (await client.get_nodes()).nodes}
+    assert nodes == {"node-a": NODE_CONNECTED, "node-b": NODE_CONNECTED, "node-c": NODE_UNAVAILABLE}
+
+
 async def test_a_bad_request_is_refused_as_by_an_agent(relay_setup: tuple[Cluster, ObserverClient, Relay]) -> None:
     _, client, _ = relay_setup
     with pytest.raises(InvalidInput, match="first cannot be specified with follow"):

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from membrane.cli.lab_cmd import ProgressPrinter, lab, render_progress, render_status, render_summary
 from membrane.cli.main import cli
-from membrane.lab.lab import LabStatus, MemberStatus, Progress, initial_record
+from membrane.lab.lab import LabStatus, MemberStatus, Progress, RelayStatus, Supervision, initial_record
 from membrane.lab.plan import LabPlan
-from membrane.lab.state import LabDirs, LabRecord, ProcessRef, write_record
+from membrane.lab.state import LabDirs, LabRecord, LabRelay, ProcessRef, write_record
 
 DIRS = LabDirs(Path("/var/lib/membrane/labs"), Path("/run/membrane/labs"))
 
@@ -21,23 +21,27 @@ DIRS = LabDirs(Path("/var/lib/membrane/labs"), Path("/run/membrane/labs"))
 def demo_record() -> LabRecord:
     record = initial_record(LabPlan("demo", 2, 0, client=True), DIRS, "sqlite", datetime(2024, 1, 1, tzinfo=UTC))
     record = record.with_agent("node1", ProcessRef(pid=4242, start_ticks=1))
-    return record.with_agent("node2", ProcessRef(pid=4243, start_ticks=1)).model_copy(update={"phase": "ready"})
+    record = record.with_agent("node2", ProcessRef(pid=4243, start_ticks=1)).model_copy(update={"phase": "ready"})
+    return record.model_copy(update={"relay": LabRelay(address="127.0.0.1:4245", log=DIRS.state_base / "relay.log")})
 
 
 def test_summary_tells_how_to_reach_each_part() -> None:
     assert render_summary(demo_record()) == (
         "lab demo is up: 2 nodes, vxlan routing, sqlite store\n"
         "\n"
-        "  node1      netns demo-node1      172.31.0.11     agent pid 4242\n"
-        "  node2      netns demo-node2      172.31.0.12     agent pid 4243\n"
-        "  client     netns demo-client     172.31.0.100    outside the cluster\n"
-        "  underlay   netns demo-underlay   172.31.0.1/24   bridge br0, gateway\n"
+        "  node1      netns demo-node1      172.31.0.11      agent pid 4242\n"
+        "  node2      netns demo-node2      172.31.0.12      agent pid 4243\n"
+        "  client     netns demo-client     172.31.0.100     outside the cluster\n"
+        "  underlay   netns demo-underlay   172.31.0.1/24    bridge br0, gateway\n"
+        "  relay      root netns            127.0.0.1:4245   Observer API of the whole cluster\n"
         "\n"
         "  store        sqlite:///var/lib/membrane/labs/demo/store.db\n"
         "  agent logs   /var/lib/membrane/labs/demo/agent-node*.log\n"
+        "  relay        127.0.0.1:4245 (membrane observe uses it; hubble observe --server 127.0.0.1:4245)\n"
         "\n"
         "Use it:\n"
         "  membrane --lab demo status\n"
+        "  membrane --lab demo observe --last 20\n"
         "  membrane --lab demo pod run web -n default -- busybox httpd -f -p 80\n"
         "  membrane lab exec --name demo node1 -- ip addr\n"
         "  membrane lab down --name demo"
@@ -48,18 +52,30 @@ def test_status_table() -> None:
     status = LabStatus(
         demo_record(),
         (
-            MemberStatus("node1", "demo-node1", "172.31.0.11", True, 4242, "healthy"),
-            MemberStatus("node2", "demo-node2", "172.31.0.12", False, 4243, "stopped"),
+            MemberStatus("node1", "demo-node1", "172.31.0.11", True, 4250, "healthy",
+                         Supervision(True, 2, 1, "killed by SIGKILL")),
+            MemberStatus("node2", "demo-node2", "172.31.0.12", False, 4243, "stopped", Supervision(False)),
+            MemberStatus("node3", "demo-node3", "172.31.0.13", True, None, "restarting",
+                         Supervision(True, 4, 0, "exit status 1", 8.0)),
             MemberStatus("client", "demo-client", "172.31.0.100", True, None, "-"),
         ),
+        relay=RelayStatus("127.0.0.1:4245", 4244, "listening", Supervision(True)),
     )
     assert render_status(status) == (
         "lab demo: ready, 2 nodes, vxlan routing, underlay 172.31.0.0/24 (netns demo-underlay), "
         "store sqlite:///var/lib/membrane/labs/demo/store.db\n"
-        "MEMBER   NETNS                  IP             AGENT PID   AGENT\n"
-        "node1    demo-node1             172.31.0.11    4242        healthy\n"
-        "node2    demo-node2 (missing)   172.31.0.12    4243        stopped\n"
-        "client   demo-client            172.31.0.100   -           -"
+        "MEMBER   NETNS                  IP             AGENT PID   AGENT                   RESTARTS"
+        "                LAST EXIT\n"
+        "node1    demo-node1             172.31.0.11    4250        healthy                 2 (+1 by lab restart)"
+        "   killed by SIGKILL\n"
+        "node2    demo-node2 (missing)   172.31.0.12    4243        stopped, unsupervised   0"
+        "                       -\n"
+        "node3    demo-node3             172.31.0.13    -           restarting in 8 s       4"
+        "                       exit status 1\n"
+        "client   demo-client            172.31.0.100   -           -                       -"
+        "                       -\n"
+        "RELAY            PID    STATE       RESTARTS   LAST EXIT\n"
+        "127.0.0.1:4245   4244   listening   0          -"
     )
 
 

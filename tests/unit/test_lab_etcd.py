@@ -80,7 +80,9 @@ def test_etcd_runs_in_the_underlay_and_the_cli_reaches_it_through_the_forwarder(
 
     assert record.store_url == f"etcd://127.0.0.1:{port}"
     assert record.agent_store_url == "etcd://172.31.0.1:2379"
-    etcd, forwarder, agent = sorted(machine.processes.values(), key=lambda p: p.ref.pid)
+    etcd, forwarder, agent, relay, *supervisors = sorted(machine.processes.values(), key=lambda p: p.ref.pid)
+    assert option(relay.argv, "--store") == record.store_url, "the relay reaches the store as the CLI does"
+    assert len(supervisors) == 2
     assert etcd.netns == "t-underlay"
     assert etcd.argv[:3] == ("nsenter", "--net=/run/netns/t-underlay", "etcd")
     assert option(etcd.argv, "--listen-client-urls") == "http://172.31.0.1:2379"
@@ -138,9 +140,9 @@ def test_down_stops_the_agents_first_then_etcd_and_the_forwarder(dirs: LabDirs, 
 
     report = lab.down()
 
-    assert report.processes == 5
-    assert machine.signalled[0] == agent.pid, "agents may still write to the store on their way out"
-    assert sorted(machine.signalled[1:]) == sorted(r.pid for r in record.etcd.processes)
+    assert report.processes == 8  # 2 supervisors, the agent, the relay, 3 members, the forwarder
+    assert agent.pid in machine.signalled[:4], "agents may still write to the store on their way out"
+    assert sorted(machine.signalled[4:]) == sorted(r.pid for r in record.etcd.processes)
     nothing_left(dirs, machine)
 
 
@@ -253,8 +255,8 @@ def test_status_of_an_etcd_lab_has_a_store_table() -> None:
     assert render_status(status) == (
         "lab demo: ready, 1 node, vxlan routing, underlay 172.31.0.0/24 (netns demo-underlay), "
         "store etcd://127.0.0.1:40123\n"
-        "MEMBER   NETNS        IP            AGENT PID   AGENT\n"
-        "node1    demo-node1   172.31.0.11   4242        healthy\n"
+        "MEMBER   NETNS        IP            AGENT PID   AGENT     RESTARTS   LAST EXIT\n"
+        "node1    demo-node1   172.31.0.11   4242        healthy   -          -\n"
         "STORE       ENDPOINT          PID    STATE\n"
         "etcd1       172.31.0.1:2379   4300   stopped\n"
         "etcd2       172.31.0.1:2381   4301   healthy\n"

@@ -12,9 +12,10 @@ import yaml
 from membrane.core.errors import AgentUnavailable, AlreadyExists, DatapathError, InvalidInput, NotFound
 from membrane.lab import lab as lab_module
 from membrane.lab.fake import FakeMachine
-from membrane.lab.lab import Lab, Progress, initial_record
+from membrane.lab.lab import Lab, Progress, Supervision, initial_record
 from membrane.lab.plan import LabPlan
 from membrane.lab.state import LabDirs, read_record, write_record
+from membrane.lab.supervisor import ServiceStatus, status_path, write_status
 
 AGENT = ("/opt/agent", "agent")
 
@@ -49,7 +50,7 @@ def test_up_builds_every_namespace_and_starts_one_agent_per_node(dirs: LabDirs, 
     assert record.phase == "ready"
     assert record.store_url == f"sqlite://{dirs.state_base}/t/store.db"
     assert [n.ip for n in record.nodes] == ["172.31.0.11", "172.31.0.12"]
-    agents = sorted(machine.processes.values(), key=lambda p: p.ref.pid)
+    agents = sorted((p for p in machine.processes.values() if p.argv[0] == "nsenter"), key=lambda p: p.ref.pid)
     assert [p.netns for p in agents] == ["t-node1", "t-node2"]
     assert list(agents[0].argv) == [
         "nsenter",
@@ -71,7 +72,19 @@ def test_up_builds_every_namespace_and_starts_one_agent_per_node(dirs: LabDirs, 
     assert agents[1].argv[-1] == "t-node2-"
     assert [n.agent.pid if n.agent else None for n in record.nodes] == [p.ref.pid for p in agents]
     assert [p.step for p in seen] == list(range(1, seen[0].total + 1))
-    assert seen[-1].label == "node2 agent healthy" or seen[-1].label == "node1 agent healthy"
+    assert seen[-1].label == "3 supervisors started (agents and relay restart when they exit)"
+    assert record.relay is not None and seen[-2].label == f"relay listening on {record.relay.address}"
+    relay = [p for p in machine.processes.values() if p.argv[1:4] == ("-m", "membrane", "relay")]
+    assert [p.argv[4:] for p in relay] == [("--store", record.store_url, "--listen", record.relay.address)]
+    assert relay[0].ref == record.relay.process and relay[0].netns is None
+    # Each supervisor adopts the process running now and knows how to start it again.
+    supervisors = {p.argv[p.argv.index("--name") + 1]: p for p in machine.processes.values()
+                   if "membrane.lab.supervisor" in p.argv}
+    assert sorted(supervisors) == ["node1", "node2", "relay"]
+    node1 = supervisors["node1"]
+    assert node1.ref == record.nodes[0].supervisor and node1.netns is None
+    assert node1.argv[node1.argv.index("--adopt") + 1] == f"{agents[0].ref.pid}:{agents[0].ref.start_ticks}"
+    assert node1.argv[node1.argv.index("--") + 1:] == agents[0].argv
     assert lab.node_netns(2) == "t-node2"
     assert lab.netns("client") == "t-client"
     assert lab.netns("underlay") == "t-underlay"
@@ -143,7 +156,7 @@ def test_down_stops_agents_and_pods_and_removes_only_the_labs_namespaces(dirs: L
 
     assert report.found
     assert set(report.namespaces) == {"t-underlay", "t-node1", "t-node2", "t-pod-web"}
-    assert report.processes == 4
+    assert report.processes == 4 + 4  # the agents, the pod, the node's process; 3 supervisors and the relay
     assert machine.namespaces == {"t", "tt-underlay", "tt-node1"}
     for ref in (*agents, pod, node_process):
         assert ref is not None and not machine.is_alive(ref)
@@ -247,3 +260,51 @@ def test_a_bad_setting_at_creation_is_refused_before_anything_is_made(dirs: LabD
     with pytest.raises(InvalidInput, match="use --routing"):
         up(dirs, machine, settings={"routingMode": "native"})
     assert machine.namespaces == set() and not dirs.record_path("t").exists()
+
+
+def test_status_shows_what_the_supervisors_report(dirs: LabDirs, machine: FakeMachine) -> None:
+    lab = up(dirs, machine)
+    node1, node2 = lab.record.nodes
+    assert node1.agent is not None and node2.agent is not None
+    # node1's agent was killed and restarted twice, once on purpose; node2's waits for its back-off.
+    machine.signal(node1.agent, signal.SIGKILL)
+    again = machine.spawn(["nsenter", "--net=/run/netns/t-node1", *AGENT, "--run-dir", str(node1.run_dir)], node1.log)
+    write_status(status_path(lab.record.state_dir, "node1"), ServiceStatus(
+        name="node1", supervisor_pid=1, state="running", process=again, restarts=2, manual_restarts=1,
+        last_exit="killed by SIGKILL"))
+    machine.signal(node2.agent, signal.SIGKILL)
+    write_status(status_path(lab.record.state_dir, "node2"), ServiceStatus(
+        name="node2", supervisor_pid=1, state="backoff", restarts=3, failures=3, next_start_in=2.0))
+
+    status = Lab.open("t", dirs=dirs, host=machine.host()).status()
+    rows = {m.name: m for m in status.members}
+
+    assert (rows["node1"].agent, rows["node1"].agent_pid) == ("healthy", again.pid)
+    assert rows["node1"].supervision == Supervision(True, 2, 1, "killed by SIGKILL", None)
+    assert rows["node2"].agent == "restarting" and rows["node2"].supervision is not None
+    assert rows["node2"].supervision.next_start_in == 2.0
+    assert lab.agent("node1") == again
+    assert status.relay is not None and status.relay.state == "listening"
+    assert status.relay.supervision.supervised and status.relay.pid == lab.record.relay.process.pid  # type: ignore[union-attr]
+    # Without its supervisor, a node is no longer looked after, and lab restart says so.
+    supervisor = lab.supervisor("node1")
+    assert supervisor is not None
+    machine.signal(supervisor, signal.SIGKILL)
+    assert Lab.open("t", dirs=dirs, host=machine.host()).status().members[0].supervision == Supervision(
+        False, 2, 1, "killed by SIGKILL", None)
+    with pytest.raises(AgentUnavailable, match="the supervisor of node1 is not running"):
+        lab.restart("node1")
+
+
+def test_down_stops_the_processes_a_killed_supervisor_left(dirs: LabDirs, machine: FakeMachine) -> None:
+    lab = up(dirs, machine, nodes=1)
+    relay = lab.record.relay
+    assert relay is not None and relay.supervisor is not None and relay.process is not None
+    # The relay's supervisor restarted it (in the root namespace: no namespace sweep finds it), then was killed.
+    machine.signal(relay.process, signal.SIGKILL)
+    again = machine.spawn(["python", "-m", "membrane", "relay"], relay.log)
+    write_status(status_path(lab.record.state_dir, "relay"),
+                 ServiceStatus(name="relay", supervisor_pid=1, state="running", process=again, restarts=1))
+    machine.signal(relay.supervisor, signal.SIGKILL)
+    lab.down()
+    nothing_left(dirs, machine)

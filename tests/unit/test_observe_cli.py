@@ -6,14 +6,19 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from membrane.agent.config import load_agent_config
 from membrane.cli import observe_cmd
 from membrane.cli.context import CliContext
 from membrane.cli.main import cli
+from membrane.lab.lab import initial_record
+from membrane.lab.plan import LabPlan
+from membrane.lab.state import LabDirs, LabRelay, write_record
 from membrane.observe.cliflags import FILTER_FLAGS
 from membrane.observe.model import (
     DROPPED,
@@ -166,7 +171,40 @@ def test_default_server_is_the_local_agents_socket(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("MEMBRANE_LAB_STATE_DIR", str(tmp_path / "labs"))
     monkeypatch.delenv("MEMBRANE_LAB", raising=False)
     monkeypatch.delenv("MEMBRANE_STORE", raising=False)
+    monkeypatch.delenv("MEMBRANE_RELAY", raising=False)
+    monkeypatch.setenv("MEMBRANE_AGENT_CONFIG", str(tmp_path / "none.yaml"))
     assert observe_cmd.observer_address(CliContext()) == "unix:/run/membrane/observer.sock"
+
+
+def test_a_host_names_its_relay_in_the_agent_config_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEMBRANE_LAB_STATE_DIR", str(tmp_path / "labs"))
+    monkeypatch.delenv("MEMBRANE_LAB", raising=False)
+    monkeypatch.delenv("MEMBRANE_STORE", raising=False)
+    monkeypatch.delenv("MEMBRANE_RELAY", raising=False)
+    config = tmp_path / "agent.yaml"
+    config.write_text("hubble:\n  relayAddress: 10.0.0.5:4245\n")
+    monkeypatch.setenv("MEMBRANE_AGENT_CONFIG", str(config))
+    assert observe_cmd.observer_address(CliContext()) == "10.0.0.5:4245"
+    assert load_agent_config(config).hubble.relayAddress == "10.0.0.5:4245"  # the agent accepts the setting
+    monkeypatch.setenv("MEMBRANE_RELAY", "127.0.0.1:4245")
+    assert observe_cmd.observer_address(CliContext()) == "127.0.0.1:4245"
+
+
+def test_in_a_lab_the_default_server_is_the_labs_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = LabDirs(tmp_path / "labs", tmp_path / "run")
+    monkeypatch.setenv("MEMBRANE_LAB_STATE_DIR", str(dirs.state_base))
+    monkeypatch.delenv("MEMBRANE_STORE", raising=False)
+    monkeypatch.setenv("MEMBRANE_RELAY", "10.9.9.9:4245")  # the host's relay is not the lab's
+    record = initial_record(LabPlan("one", 2, 0), dirs, "sqlite", datetime.now(UTC))
+    record = record.model_copy(update={"phase": "ready", "relay": LabRelay(address="127.0.0.1:41000",
+                                                                           log=tmp_path / "relay.log")})
+    write_record(dirs, record)
+    assert observe_cmd.observer_address(CliContext(lab_flag="one")) == "127.0.0.1:41000"
+    assert observe_cmd.observer_address(CliContext()) == "127.0.0.1:41000"  # the only lab
+    write_record(dirs, record.model_copy(update={"relay": None}))  # recorded before labs had relays
+    assert observe_cmd.observer_address(CliContext()) == f"unix:{dirs.run_base}/one/node1/observer.sock"
 
 
 def test_cli_flag_table_matches_the_filter_rules() -> None:

@@ -1,4 +1,4 @@
-"""``membrane lab up|status|down|exec``: build, inspect, remove and enter a lab.
+"""``membrane lab up|status|restart|down|exec``: build, inspect, restart, remove and enter a lab.
 
 Which lab ``status``, ``down`` and ``exec`` mean: ``--name``, else ``membrane --lab NAME`` (or
 ``MEMBRANE_LAB``), else the only lab there is. The renderers (:func:`render_progress`,
@@ -20,6 +20,7 @@ from membrane.cli.context import CliContext, fail, pass_cli, run_async
 from membrane.core.errors import MembraneError
 from membrane.lab import Lab, LabStatus, Progress
 from membrane.lab.host import real_host
+from membrane.lab.lab import Supervision
 from membrane.lab.plan import DEFAULT_LAB_NAME, MAX_NODES, Routing, StoreKind
 from membrane.lab.registry import find_lab
 from membrane.lab.state import LabDirs, LabRecord, read_all_records
@@ -76,6 +77,8 @@ def render_summary(record: LabRecord) -> str:
     for member in record.etcd.members if record.etcd else ():
         pid = f"pid {member.process.pid}" if member.process else "not started"
         rows.append([member.name, f"netns {record.underlay_netns}", member.endpoint, f"etcd member, {pid}"])
+    if record.relay is not None:
+        rows.append(["relay", "root netns", record.relay.address, "Observer API of the whole cluster"])
     store = [f"  store        {record.store_url}"]
     if record.etcd is not None:
         store = [
@@ -92,9 +95,16 @@ def render_summary(record: LabRecord) -> str:
             "",
             *store,
             f"  agent logs   {record.state_dir}/agent-node*.log",
+            *(
+                [f"  relay        {record.relay.address} (membrane observe uses it; hubble observe --server "
+                 f"{record.relay.address})"]
+                if record.relay is not None
+                else []
+            ),
             "",
             "Use it:",
             f"  membrane {flag} status",
+            *([f"  membrane {flag} observe --last 20"] if record.relay is not None else []),
             f"  membrane {flag} pod run web -n default -- busybox httpd -f -p 80",
             f"  membrane lab exec --name {record.name} node1 -- ip addr",
             f"  membrane lab down --name {record.name}",
@@ -108,17 +118,42 @@ def render_status(status: LabStatus) -> str:
         f"lab {record.name}: {record.phase}, {_nodes(len(record.nodes))}, {record.routing} routing, "
         f"underlay {record.subnet} (netns {record.underlay_netns}), store {record.store_url}"
     )
-    rows = [["MEMBER", "NETNS", "IP", "AGENT PID", "AGENT"]]
+    rows = [["MEMBER", "NETNS", "IP", "AGENT PID", "AGENT", "RESTARTS", "LAST EXIT"]]
     for m in status.members:
         netns = m.netns if m.netns_present else f"{m.netns} (missing)"
-        rows.append([m.name, netns, m.ip, str(m.agent_pid) if m.agent_pid is not None else "-", m.agent])
+        pid = str(m.agent_pid) if m.agent_pid is not None else "-"
+        rows.append([m.name, netns, m.ip, pid, _agent_state(m.agent, m.supervision), *_restarts(m.supervision)])
     lines = [head, *_table(rows)]
+    if (relay := status.relay) is not None:
+        relay_rows = [["RELAY", "PID", "STATE", "RESTARTS", "LAST EXIT"]]
+        pid = str(relay.pid) if relay.pid is not None else "-"
+        relay_rows.append([relay.address, pid, _agent_state(relay.state, relay.supervision),
+                           *_restarts(relay.supervision)])
+        lines += _table(relay_rows)
     if status.store:
         store_rows = [["STORE", "ENDPOINT", "PID", "STATE"]]
         for p in status.store:
             store_rows.append([p.name, p.endpoint, str(p.pid) if p.pid is not None else "-", p.state])
         lines += _table(store_rows)
     return "\n".join(lines)
+
+
+def _agent_state(state: str, supervision: Supervision | None) -> str:
+    if supervision is None or supervision.supervised:
+        if state == "restarting" and supervision is not None and supervision.next_start_in is not None:
+            return f"restarting in {supervision.next_start_in:g} s"
+        return state
+    return f"{state}, unsupervised"
+
+
+def _restarts(supervision: Supervision | None) -> list[str]:
+    """RESTARTS (after exits; ``+N by lab restart``) and LAST EXIT."""
+    if supervision is None:
+        return ["-", "-"]
+    count = str(supervision.restarts)
+    if supervision.manual_restarts:
+        count += f" (+{supervision.manual_restarts} by lab restart)"
+    return [count, supervision.last_exit or "-"]
 
 
 def _lab_name(cli: CliContext, name: str | None) -> str | None:
@@ -202,6 +237,18 @@ async def status(cli: CliContext, name: str | None) -> None:
     host = real_host()
     texts = [render_status(Lab(r, dirs=dirs, host=host).status()) for r in records]
     click.echo("\n\n".join(texts))
+
+
+@lab.command("restart")
+@click.option("--name", metavar="LAB", help="The lab (default: the only lab).")
+@click.argument("node", metavar="NODE")
+@pass_cli
+@run_async
+async def restart(cli: CliContext, name: str | None, node: str) -> None:
+    """Restart a node's agent on purpose (SIGTERM, wait, start again), as systemctl restart does."""
+    built = Lab.open(_lab_name(cli, name))
+    ref = built.restart(node)
+    click.echo(f"{node}: agent restarted (pid {ref.pid}), answering")
 
 
 @lab.command("down")

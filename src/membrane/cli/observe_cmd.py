@@ -2,9 +2,10 @@
 
 Flags, their combination rules and every output format follow ``hubble observe``, ``hubble
 status`` and ``hubble list nodes`` (see :mod:`membrane.observe.cliflags` and
-:mod:`membrane.observe.printer`). ``--server`` defaults to the local agent's observer socket: the
-lab's first node when talking to a lab, else /run/membrane/observer.sock; a relay's address
-shows the whole cluster. ``--input-file`` reads exported JSON lines instead of a server.
+:mod:`membrane.observe.printer`). ``--server`` defaults to the whole cluster when it can: the
+lab's relay when talking to a lab; on a host, ``MEMBRANE_RELAY`` or the agent config's
+``hubble.relayAddress``; else the local agent's /run/membrane/observer.sock. ``--input-file``
+reads exported JSON lines instead of a server.
 
 The protobuf/gRPC modules are imported inside the commands, so other commands do not pay for them.
 """
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 import click
@@ -127,11 +129,42 @@ def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+SERVER_HELP = "Observer address: unix:PATH or HOST:PORT (default: the lab's relay, else the local agent)."
+RELAY_ENV = "MEMBRANE_RELAY"
+AGENT_CONFIG_ENV = "MEMBRANE_AGENT_CONFIG"
+DEFAULT_AGENT_CONFIG = Path("/etc/membrane/agent.yaml")
+
+
+def configured_relay() -> str | None:
+    """The relay this host's CLI uses: ``MEMBRANE_RELAY``, else ``hubble.relayAddress`` of the agent
+    config file (``MEMBRANE_AGENT_CONFIG``, default /etc/membrane/agent.yaml); None when neither says."""
+    if env := os.environ.get(RELAY_ENV):
+        return env
+    path = Path(os.environ.get(AGENT_CONFIG_ENV) or DEFAULT_AGENT_CONFIG)
+    try:
+        import yaml
+
+        loaded = yaml.safe_load(path.read_text())
+    except OSError:
+        return None
+    except yaml.YAMLError as exc:
+        raise InvalidInput([f"{path}: {exc}"]) from None
+    hubble = loaded.get("hubble") if isinstance(loaded, dict) else None
+    address = hubble.get("relayAddress") if isinstance(hubble, dict) else None
+    return address if isinstance(address, str) and address else None
+
+
 def observer_address(cli: CliContext) -> str:
-    """The local agent's observer: the lab's first node when talking to a lab, else the host's."""
+    """``--server``'s default: the lab's relay (the whole cluster) when talking to a lab; on a host,
+    the configured relay, else the local agent's observer socket."""
     lab = cli.lab_record()
-    if lab is not None and lab.nodes:
-        return f"unix:{lab.nodes[0].run_dir / 'observer.sock'}"
+    if lab is not None:
+        if lab.relay is not None:
+            return lab.relay.address
+        if lab.nodes:  # a lab recorded before labs had a relay
+            return f"unix:{lab.nodes[0].run_dir / 'observer.sock'}"
+    if relay := configured_relay():
+        return relay
     return f"unix:{DEFAULT_RUN_DIR / 'observer.sock'}"
 
 
@@ -151,7 +184,7 @@ def _lines(path: str) -> Iterator[str]:
 
 
 @click.command("observe", cls=_FiltersInOrder)
-@click.option("--server", metavar="ADDR", help="Observer address: unix:PATH or HOST:PORT (default: the local agent).")
+@click.option("--server", metavar="ADDR", help=SERVER_HELP)
 @click.option("--last", type=click.IntRange(min=0), default=0, help="The last N flows in the buffer (default 20).")
 @click.option("--first", type=click.IntRange(min=0), default=0, help="The first N flows in the buffer.")
 @click.option("--all", "all_flows", is_flag=True, help="Every flow in the buffer.")
@@ -176,7 +209,7 @@ def _lines(path: str) -> Iterator[str]:
 @click.option("--field-mask", multiple=True, metavar="FIELDS", help="Comma-separated Flow fields to fetch (json).")
 @click.pass_context
 def observe(ctx: click.Context, /, **params: Any) -> None:
-    """Observe flows of the local agent (or of a relay), as `hubble observe`."""
+    """Observe flows of the cluster (through the relay) or of the local agent, as `hubble observe`."""
     from membrane.observe.cliflags import FilterBuilder, Selectors, build_request, parse_raw_filters, raw_filters_yaml
     from membrane.observe.printer import Output, Printer, PrinterOptions, color_wanted
 
@@ -247,7 +280,7 @@ def flows() -> None:
 
 
 @flows.command("status")
-@click.option("--server", metavar="ADDR", help="Observer address: unix:PATH or HOST:PORT (default: the local agent).")
+@click.option("--server", metavar="ADDR", help=SERVER_HELP)
 @click.option("-o", "--output", default="compact", type=click.Choice(["compact", "dict", "json", "jsonpb", "table"]),
               help="Output format.")
 @pass_cli
@@ -277,7 +310,7 @@ async def flows_status(cli: CliContext, server: str | None, output: str) -> None
 
 
 @flows.command("nodes")
-@click.option("--server", metavar="ADDR", help="Observer address: unix:PATH or HOST:PORT (default: the local agent).")
+@click.option("--server", metavar="ADDR", help=SERVER_HELP)
 @click.option("-o", "--output", default="table", type=click.Choice(["table", "wide", "json"]), help="Output format.")
 @pass_cli
 @run_async

@@ -1,39 +1,59 @@
-"""Example applications for a lab: deploy, wait until they run, show them talking.
+"""Example applications for a lab: deploy, wait until they run, show them talking, apply a policy.
 
-Each scenario is a manifest in ``lab/demos/`` applied exactly as a user would apply it, then a
-few requests between its pods whose replies are printed, then what to try next.
+Each scenario is a manifest in ``lab/demos/`` applied exactly as a user would apply it. The Star
+Wars scenario follows Cilium's getting-started guide across two nodes (the Death Star on node1,
+the ships on node2 when the lab has two)::
+
+    apply starwars.yaml → both ships land → apply starwars-policy.yaml (rule1: only org=empire may
+    reach the Death Star on TCP 80) → wait until node1 enforces it → the TIE fighter lands, the
+    X-wing times out → ``membrane observe --verdict DROPPED --to-label org=empire`` through the
+    lab's relay shows the drop
+
+and ends with the commands to look further.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 from membrane.api.manifest import parse_manifest_text
 from membrane.cli.pods import wait_for_pod
+from membrane.core.errors import MembraneError
 from membrane.lab.lab import Lab
 from membrane.store import keys, open_store
+from membrane.store.base import Store
 from membrane.store.objects import ObjectClient
 
 # (client pod, method, path, what the request means)
-STARWARS_REQUESTS = (
+LANDINGS = (
     ("tiefighter", "POST", "/v1/request-landing", "an Empire ship asks to land"),
     ("xwing", "POST", "/v1/request-landing", "an Alliance ship asks to land"),
-    ("tiefighter", "PUT", "/v1/exhaust-port", "a ship hits the exhaust port"),
 )
+EXHAUST_PORT = ("tiefighter", "PUT", "/v1/exhaust-port", "an Empire ship hits the exhaust port")
+POLICY_NAME = "rule1"
+POLICY_TIMEOUT = 30.0
+OBSERVE_TIMEOUT = 15.0
+OBSERVE_FILTERS = ("--verdict", "DROPPED", "--to-label", "org=empire")
 
 
-def scenario_manifest(scenario: str) -> str:
+def scenario_manifest(scenario: str, nodes: int = 1) -> str:
+    """The manifest with the interpreter and the nodes filled in (one node: everything on node1)."""
     text = (resources.files("membrane.lab") / "demos" / f"{scenario}.yaml").read_text()
-    return text.replace("{python}", sys.executable)
+    client_node = "node2" if nodes >= 2 else "node1"
+    return (text.replace("{python}", sys.executable).replace("{server_node}", "node1")
+            .replace("{client_node}", client_node))
 
 
 async def run_demo(lab: Lab, scenario: str, say: Callable[[str], None]) -> None:
-    objects = parse_manifest_text(scenario_manifest(scenario), source=f"{scenario}.yaml")
+    objects = parse_manifest_text(scenario_manifest(scenario, len(lab.record.nodes)), source=f"{scenario}.yaml")
     store = await open_store(lab.store_url)
     try:
         client = ObjectClient(store)
@@ -48,29 +68,84 @@ async def run_demo(lab: Lab, scenario: str, say: Callable[[str], None]) -> None:
             say(f"  {pod_name:<12} {status.get('phase'):<8} {status.get('podIP', '-'):<15} "
                 f"on {(status.get('sandbox') or {}).get('node', '?')}")
         server_ip = statuses["deathstar"]["podIP"]
+        server_node = (statuses["deathstar"].get("sandbox") or {}).get("node", "node1")
         await _wait_for_listener(statuses["tiefighter"]["sandbox"]["netns"], server_ip)
-        say("")
-        for client_pod, method, path, meaning in STARWARS_REQUESTS:
+
+        async def ask(client_pod: str, method: str, path: str, meaning: str) -> None:
             reply = await _request(statuses[client_pod]["sandbox"]["netns"], method, f"http://{server_ip}{path}")
             say(f"  {client_pod} {method} {path}  ({meaning}): {reply}")
+
+        say("")
+        say("No policy yet: every ship may land.")
+        for request in LANDINGS:
+            await ask(*request)
+
+        say("")
+        policy = parse_manifest_text(scenario_manifest(f"{scenario}-policy"), source=f"{scenario}-policy.yaml")
+        for result in await client.apply(policy):
+            say(f"{result.ref} {result.action}: only org=empire may reach the deathstar, on TCP port 80")
+        await _wait_enforcing(store, POLICY_NAME, server_node)
+        say(f"  {server_node} enforces it.")
+        for request in LANDINGS:
+            await ask(*request)
+        say("  (the X-wing's packets are dropped at the deathstar's node: no reply, the request times out)")
+        await ask(*EXHAUST_PORT)
+        say("  (an L3/L4 policy cannot tell a landing from an attack; Cilium's L7 rule can, but membrane has "
+            "no L7 proxy yet)")
+
+        prefix = f"membrane --lab {lab.record.name}"
+        observe = f"{prefix} observe {' '.join(OBSERVE_FILTERS)}"
+        say("")
+        say(f"The drops, through the lab's relay ({lab.relay_address}), which sees every node:")
+        say(f"$ {observe}")
+        say(await _observe_drops(lab))
         endpoints, _ = await store.list(keys.ENDPOINTS)
         say("")
         say(f"{len(endpoints)} endpoints on {len(lab.record.nodes)} node(s). Look around:")
-        prefix = f"membrane --lab {lab.record.name}"
         for hint in (
+            observe,
+            f"{prefix} observe --from-pod default/xwing --print-node-name",
+            f"{prefix} flows nodes",
             f"{prefix} get pods -o wide",
+            f"{prefix} get cnp rule1 -n default -o yaml",
+            f"{prefix} policy trace --from default/xwing --to default/deathstar --port 80/TCP",
             f"{prefix} endpoint list",
             f"{prefix} identity list",
-            f"{prefix} ip list",
-            f"{prefix} observe --last 20",
-            f"{prefix} observe --from-pod default/tiefighter -o json",
-            f"{prefix} pod exec default/xwing -- ip route",
-            f"{prefix} lab exec node1 -- nft list table inet membrane",
+            f"{prefix} lab exec {server_node} -- nft list table inet membrane",
             f"membrane lab down --name {lab.record.name}",
         ):
             say(f"  {hint}")
     finally:
         await store.close()
+
+
+async def _wait_enforcing(store: Store, name: str, node: str, timeout: float = POLICY_TIMEOUT) -> None:
+    """Until ``node`` reports the policy in its kernel (``status.nodes[node].enforcing``)."""
+    key = keys.object_key("ciliumnetworkpolicies", "default", name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kv = await store.get(key)
+        status: dict[str, Any] = (json.loads(kv.value).get("status") or {}) if kv else {}
+        if ((status.get("nodes") or {}).get(node) or {}).get("enforcing"):
+            return
+        await asyncio.sleep(0.1)
+    raise MembraneError(f"{node} did not enforce CiliumNetworkPolicy default/{name} within {timeout:g} s")
+
+
+async def _observe_drops(lab: Lab, timeout: float = OBSERVE_TIMEOUT) -> str:
+    """Run the printed ``membrane observe`` once the relay has the drop (flows reach it within moments)."""
+    argv = [sys.executable, "-m", "membrane", "--lab", lab.record.name, "observe", *OBSERVE_FILTERS]
+    env = {k: v for k, v in os.environ.items() if k != "MEMBRANE_STORE"}
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        raw, _ = await proc.communicate()
+        out = raw.decode().rstrip()
+        if "DROPPED" in out:
+            return out
+        await asyncio.sleep(0.2)
+    return out or "(no drop seen yet)"
 
 
 async def _request(netns: str, method: str, url: str) -> str:

@@ -101,7 +101,7 @@ class FakeMachine:
             return
         running = self.processes[proc.pid]
         running.signals.append(signum)
-        if signum == signal.SIGKILL or not running.ignores_sigterm:
+        if signum == signal.SIGKILL or (signum in (signal.SIGTERM, signal.SIGINT) and not running.ignores_sigterm):
             del self.processes[proc.pid]
 
     # -- AgentProbe --------------------------------------------------------------------------
@@ -110,3 +110,7 @@ class FakeMachine:
             return False
         run_dir = str(socket_path.parent)
         return any(run_dir in p.argv for p in self.processes.values())
+
+    def listening(self, address: str) -> bool:
+        """A relay listens once it runs: a process with ``--listen ADDRESS``."""
+        return any(p.argv[-2:] == ("--listen", address) for p in self.processes.values())

@@ -8,7 +8,8 @@ Each boundary is a protocol with a real implementation here and a fake in
 - :class:`ProcessControl` / :class:`HostProcesses`: start a detached process (own session,
   output to a log), tell whether it still runs (a recorded PID may have been reused: the start
   time from ``/proc/PID/stat`` must match), signal it.
-- :class:`AgentProbe` / :class:`HttpAgentProbe`: ``GET /v1/healthz`` on the agent's unix socket.
+- :class:`AgentProbe` / :class:`HttpAgentProbe`: ``GET /v1/healthz`` on the agent's unix socket,
+  a TCP connect to the relay.
 - :class:`LabHost` bundles the three.
 """
 
@@ -67,6 +68,10 @@ class ProcessControl(Protocol):
 
 class AgentProbe(Protocol):
     def healthy(self, socket_path: Path) -> bool: ...
+
+    def listening(self, address: str) -> bool:
+        """Whether something accepts TCP connections at ``HOST:PORT`` (the relay)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -229,3 +234,11 @@ class HttpAgentProbe:
             return False
         finally:
             conn.close()
+
+    def listening(self, address: str) -> bool:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=self.timeout).close()
+        except (OSError, ValueError):
+            return False
+        return True

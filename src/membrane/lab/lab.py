@@ -6,10 +6,13 @@
     → underlay netns + br0 → node netns k (veth eth0 ↔ port on br0)
     → client netns → [--store etcd: etcd members in the underlay, store forwarder, both healthy]
     → agent k started (nsenter --net=…, own session, log file)
-    → every agent answers GET /v1/healthz → record (phase ready)
+    → every agent answers GET /v1/healthz
+    → the relay started (``membrane relay`` on 127.0.0.1:PORT, root namespace) and listening
+    → one supervisor per node and one for the relay, each adopting its process → record (phase ready)
 
 A failure or an interrupt at any point tears down what was built. ``Lab.remove`` (``lab down``)
-stops the recorded agents (SIGTERM, then SIGKILL after a grace period), then every process still
+stops the supervisors first (each stops its process), then whatever agent or relay is still
+running (SIGTERM, then SIGKILL after a grace period; by recorded PID and start time), then every process still
 inside one of the lab's namespaces (pods the agents started) and the lab's etcd members and
 forwarder (see :mod:`membrane.lab.etcd`), deletes the recorded namespaces
 and every other namespace named ``<lab>-…`` (pod namespaces), then the lab's run and state dirs.
@@ -20,7 +23,7 @@ a private mount namespace, so the bind mounts the agent makes for pod namespaces
 /run/netns would not be visible outside it.
 
 Primitives: :class:`Lab`, :class:`Progress`, :class:`LabStatus`, :class:`MemberStatus`,
-:class:`DownReport`, :func:`agent_argv`, :func:`agent_config_text`.
+:class:`DownReport`, :class:`RelayStatus`, :func:`agent_argv`, :func:`relay_argv`, :func:`agent_config_text`.
 """
 
 from __future__ import annotations
@@ -71,11 +74,13 @@ from membrane.lab.state import (
     LabMember,
     LabNode,
     LabRecord,
+    LabRelay,
     ProcessRef,
     labs_lock,
     read_all_records,
     write_record,
 )
+from membrane.lab.supervisor import ServiceStatus, read_status, status_path, supervisor_argv
 
 AGENT_COMMAND_ENV = "MEMBRANE_LAB_AGENT_COMMAND"
 AGENT_CONFIG_FILE = "agent.yaml"
@@ -83,6 +88,9 @@ DEFAULT_HEALTH_TIMEOUT = 60.0
 AGENT_GRACE = 5.0  # an agent gets this long after SIGTERM to clean up before SIGKILL
 POD_GRACE = 2.0
 KILL_WAIT = 5.0
+SUPERVISOR_GRACE = AGENT_GRACE + KILL_WAIT + 2.0  # a supervisor stops its process before it exits
+RESTART_TIMEOUT = 60.0
+RELAY_HOST = "127.0.0.1"
 POLL_INTERVAL = 0.05
 LOG_TAIL_LINES = 15
 
@@ -95,7 +103,18 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
-AgentState = Literal["healthy", "not answering", "stopped", "not started", "-"]
+AgentState = Literal["healthy", "not answering", "restarting", "stopped", "not started", "-"]
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """What a process's supervisor says: ``supervised`` False when no supervisor runs."""
+
+    supervised: bool = False
+    restarts: int = 0
+    manual_restarts: int = 0
+    last_exit: str | None = None
+    next_start_in: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +125,15 @@ class MemberStatus:
     netns_present: bool
     agent_pid: int | None
     agent: AgentState
+    supervision: Supervision | None = None  # None: not a node (the client)
+
+
+@dataclass(frozen=True)
+class RelayStatus:
+    address: str
+    pid: int | None
+    state: Literal["listening", "not listening", "restarting", "stopped"]
+    supervision: Supervision
 
 
 @dataclass(frozen=True)
@@ -113,6 +141,7 @@ class LabStatus:
     record: LabRecord
     members: tuple[MemberStatus, ...]
     store: tuple[StoreProcessStatus, ...] = ()  # etcd members and forwarder (--store etcd)
+    relay: RelayStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +187,11 @@ def agent_argv(base: Sequence[str], record: LabRecord, node: LabNode) -> list[st
         "--netns-prefix",
         node_netns_prefix(record, node),
     ]
+
+
+def relay_argv(record: LabRecord, address: str) -> list[str]:
+    """The relay runs in the root namespace, where every agent's observer socket is a path it can open."""
+    return [sys.executable, "-m", "membrane", "relay", "--store", record.store_url, "--listen", address]
 
 
 def node_netns_prefix(record: LabRecord, node: LabNode) -> str:
@@ -374,20 +408,98 @@ class Lab:
         if (c := self._record.client) is not None:
             rows.append(MemberStatus(c.name, c.netns, c.ip, c.netns in present, None, "-"))
         store = etcd_status(self._record, self._host.processes, self._etcd_probe)
-        return LabStatus(self._record, tuple(rows), store)
+        return LabStatus(self._record, tuple(rows), store, self._relay_status())
+
+    def _service(self, name: str, recorded: ProcessRef | None,
+                 supervisor: ProcessRef | None) -> tuple[ProcessRef | None, ServiceStatus | None, Supervision]:
+        """The current process of node ``name`` (or the relay): the supervisor's, else the recorded one."""
+        status = read_status(status_path(self._record.state_dir, name))
+        supervised = supervisor is not None and self._host.processes.is_alive(supervisor)
+        current = status.process if status is not None and status.state == "running" else None
+        if status is None:
+            current = recorded
+        info = Supervision(supervised=supervised)
+        if status is not None:
+            info = Supervision(supervised, status.restarts, status.manual_restarts, status.last_exit,
+                               status.next_start_in if status.state == "backoff" else None)
+        return current, status, info
+
+    def agent(self, node_name: str) -> ProcessRef | None:
+        """The agent running on ``node_name`` now (a supervisor may have restarted it)."""
+        node = self._record.member(node_name)
+        if not isinstance(node, LabNode):
+            raise NotFound(f"{node_name} is not a node of lab {self.name}")
+        return self._service(node.name, node.agent, node.supervisor)[0]
+
+    def supervisor(self, name: str) -> ProcessRef | None:
+        """The supervisor of node ``name`` or of the relay (``relay``)."""
+        if name == "relay":
+            return self._record.relay.supervisor if self._record.relay else None
+        node = self._record.member(name)
+        if not isinstance(node, LabNode):
+            raise NotFound(f"{name} is not a node of lab {self.name}")
+        return node.supervisor
 
     def _node_status(self, node: LabNode, netns_present: bool) -> MemberStatus:
+        current, status, info = self._service(node.name, node.agent, node.supervisor)
         agent: AgentState
-        if node.agent is None:
+        if current is None and status is not None and status.state == "backoff" and info.supervised:
+            agent = "restarting"
+        elif current is None and node.agent is None:
             agent = "not started"
-        elif not self._host.processes.is_alive(node.agent):
+        elif current is None or not self._host.processes.is_alive(current):
             agent = "stopped"
         elif self._host.probe.healthy(node.socket):
             agent = "healthy"
         else:
             agent = "not answering"
-        pid = node.agent.pid if node.agent else None
-        return MemberStatus(node.name, node.netns, node.ip, netns_present, pid, agent)
+        pid = current.pid if current else (node.agent.pid if node.agent else None)
+        return MemberStatus(node.name, node.netns, node.ip, netns_present, pid, agent, info)
+
+    def _relay_status(self) -> RelayStatus | None:
+        relay = self._record.relay
+        if relay is None:
+            return None
+        current, status, info = self._service("relay", relay.process, relay.supervisor)
+        state: Literal["listening", "not listening", "restarting", "stopped"]
+        if current is None and status is not None and status.state == "backoff" and info.supervised:
+            state = "restarting"
+        elif current is None or not self._host.processes.is_alive(current):
+            state = "stopped"
+        else:
+            state = "listening" if self._host.probe.listening(relay.address) else "not listening"
+        return RelayStatus(relay.address, current.pid if current else None, state, info)
+
+    @property
+    def relay_address(self) -> str | None:
+        """Where the lab's relay serves the Observer API for the whole cluster."""
+        return self._record.relay.address if self._record.relay else None
+
+    def restart(self, node_name: str, timeout: float = RESTART_TIMEOUT) -> ProcessRef:
+        """Restart a node's agent on purpose (its supervisor stops it and starts it again); the new one,
+        once it answers."""
+        node = self._record.member(node_name)
+        if not isinstance(node, LabNode):
+            raise NotFound(f"{node_name} is not a node of lab {self.name}")
+        supervisor = node.supervisor
+        if supervisor is None or not self._host.processes.is_alive(supervisor):
+            raise AgentUnavailable(f"the supervisor of {node.name} is not running: 'membrane lab down' and "
+                                   "'lab up' rebuild the lab")
+        path = status_path(self._record.state_dir, node.name)
+        before = read_status(path)
+        count = before.manual_restarts if before else 0
+        self._host.processes.signal(supervisor, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = read_status(path)
+            if (now is not None and now.manual_restarts > count and now.state == "running" and now.process
+                    and self._host.probe.healthy(node.socket)):
+                return now.process
+            if not self._host.processes.is_alive(supervisor):
+                raise AgentUnavailable(f"the supervisor of {node.name} exited{_log_tail(_supervisor_log(node.log))}")
+            time.sleep(POLL_INTERVAL)
+        raise AgentUnavailable(f"the agent of {node.name} did not answer within {timeout:g} s after its restart"
+                               f"{_log_tail(node.log)}")
 
     # -- building --------------------------------------------------------------------------
     def _save(self, record: LabRecord) -> None:
@@ -397,7 +509,7 @@ class Lab:
     def _build(self, plan: LabPlan, base: Sequence[str], health_timeout: float, report: ProgressCallback) -> None:
         steps = plan.build_steps()
         etcd_steps = len(self._record.etcd.members) + 2 if self._record.etcd is not None else 0
-        total = 1 + len(steps) + etcd_steps + 2 * plan.nodes
+        total = 1 + len(steps) + etcd_steps + 2 * plan.nodes + 2
         done = 0
 
         def advance(label: str) -> None:
@@ -426,7 +538,41 @@ class Lab:
             advance(f"{node.name} agent started (pid {ref.pid})")
         for node_name in self._wait_healthy(health_timeout):
             advance(f"{node_name} agent healthy")
+        self._start_relay(health_timeout)
+        advance(f"relay listening on {self.relay_address}")
+        self._start_supervisors(base)
+        advance(f"{plan.nodes + 1} supervisors started (agents and relay restart when they exit)")
         self._save(self._record.model_copy(update={"phase": "ready"}))
+
+    def _start_relay(self, timeout: float) -> None:
+        address = f"{RELAY_HOST}:{free_port(RELAY_HOST)}"
+        relay = LabRelay(address=address, log=self._record.state_dir / "relay.log")
+        self._save(self._record.model_copy(update={"relay": relay}))
+        ref = self._host.processes.spawn(relay_argv(self._record, address), relay.log)
+        self._save(self._record.model_copy(update={"relay": relay.model_copy(update={"process": ref})}))
+        deadline = time.monotonic() + timeout
+        while not self._host.probe.listening(address):
+            if not self._host.processes.is_alive(ref):
+                raise AgentUnavailable(f"the relay exited while starting{_log_tail(relay.log)}")
+            if time.monotonic() > deadline:
+                raise AgentUnavailable(f"the relay did not listen on {address} within {timeout:g} s"
+                                       f"{_log_tail(relay.log)}")
+            time.sleep(POLL_INTERVAL)
+
+    def _start_supervisors(self, base: Sequence[str]) -> None:
+        """One per node and one for the relay, each adopting the process running now."""
+        record = self._record
+        assert record.relay is not None
+        services: list[tuple[str, ProcessRef | None, Path, list[str]]] = [
+            (n.name, n.agent, n.log, agent_argv(base, record, n)) for n in record.nodes
+        ]
+        services.append(("relay", record.relay.process, record.relay.log, relay_argv(record, record.relay.address)))
+        for name, ref, log, argv in services:
+            supervisor = self._host.processes.spawn(
+                supervisor_argv(sys.executable, name, status_path(record.state_dir, name), log, ref, argv),
+                _supervisor_log(log),
+            )
+            self._save(self._record.with_supervisor(name, supervisor))
 
     def _wait_healthy(self, timeout: float) -> Iterable[str]:
         """Yield each node's name as its agent answers; fail fast when an agent exits."""
@@ -474,7 +620,19 @@ def _remove(name: str, record: LabRecord | None, dirs: LabDirs, host: LabHost) -
     namespaces: list[str] = []
     stopped = 0
     if record is not None:
-        stopped += _terminate(host.processes, [n.agent for n in record.nodes if n.agent], AGENT_GRACE)
+        # The agents and the relay: the ones running now (their supervisors' status files) and the
+        # ones 'lab up' started.
+        names = [n.name for n in record.nodes] + (["relay"] if record.relay else [])
+        current = [st.process for name in names if (st := read_status(status_path(state_dir, name))) and st.process]
+        started = [n.agent for n in record.nodes] + [record.relay.process if record.relay else None]
+        services = list({r.pid: r for r in [*current, *(r for r in started if r)]}.values())
+        running = sum(1 for r in services if host.processes.is_alive(r))
+        # Supervisors first, so that nothing is restarted behind our back; each stops its process.
+        supervisors = [n.supervisor for n in record.nodes] + [record.relay.supervisor if record.relay else None]
+        stopped += _terminate(host.processes, [s for s in supervisors if s], SUPERVISOR_GRACE)
+        # Then what a supervisor killed with SIGKILL left behind.
+        _terminate(host.processes, services, AGENT_GRACE)
+        stopped += running
         if record.etcd is not None:  # after the agents, which may still write on their way out
             stopped += _terminate(host.processes, record.etcd.processes, ETCD_GRACE)
         namespaces = sorted(
@@ -512,6 +670,11 @@ def _wait_gone(processes: ProcessControl, refs: Sequence[ProcessRef], timeout: f
         time.sleep(POLL_INTERVAL)
         left = [r for r in left if processes.is_alive(r)]
     return left
+
+
+def _supervisor_log(log: Path) -> Path:
+    """``agent-node1.log`` → ``agent-node1.supervisor.log``."""
+    return log.with_suffix(".supervisor.log")
 
 
 def _log_tail(log: Path) -> str:

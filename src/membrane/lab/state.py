@@ -1,15 +1,16 @@
 """Where labs keep their files, and the lab record (``lab.json``) that says what a lab owns.
 
 A lab ``L`` has a state dir ``<state base>/L`` (``lab.json``, the SQLite store, the agents'
-state dirs and logs) and a run dir ``<run base>/L`` (the agents' sockets). The bases default to
-``/var/lib/membrane/labs`` and ``/run/membrane/labs`` and are overridden by
+state dirs and logs, the relay's log, the supervisors' status files and logs) and a run dir
+``<run base>/L`` (the agents' sockets). The bases default to ``/var/lib/membrane/labs`` and
+``/run/membrane/labs`` and are overridden by
 ``MEMBRANE_LAB_STATE_DIR`` / ``MEMBRANE_LAB_RUN_DIR``.
 
 The record is written before anything is built and rewritten after every step, atomically, so
 ``lab down`` always knows what a lab owns, even after a crash half-way through ``lab up``.
 
 Primitives: :class:`LabDirs`, :class:`LabRecord` (with :class:`LabNode`, :class:`LabMember`,
-:class:`ProcessRef`, and for ``--store etcd`` :class:`LabEtcd` and :class:`LabEtcdMember`),
+:class:`ProcessRef`, :class:`LabRelay`, and for ``--store etcd`` :class:`LabEtcd` and :class:`LabEtcdMember`),
 :func:`read_record`, :func:`write_record`, :func:`read_all_records`, :func:`labs_lock`.
 """
 
@@ -82,7 +83,9 @@ class LabNode(LabMember):
     state_dir: Path
     run_dir: Path
     log: Path
+    # The agent 'lab up' started; its supervisor's status file names the one running now.
     agent: ProcessRef | None = None
+    supervisor: ProcessRef | None = None
 
     @property
     def socket(self) -> Path:
@@ -128,6 +131,15 @@ class LabEtcd(_Frozen):
         return self.model_copy(update={"members": members})
 
 
+class LabRelay(_Frozen):
+    """The lab's relay: the whole cluster's Observer API, in the root namespace on 127.0.0.1."""
+
+    address: str
+    log: Path
+    process: ProcessRef | None = None  # the relay 'lab up' started, as for agents
+    supervisor: ProcessRef | None = None
+
+
 class LabRecord(_Frozen):
     version: Literal[1] = 1
     name: str
@@ -145,6 +157,7 @@ class LabRecord(_Frozen):
     state_dir: Path
     run_dir: Path
     etcd: LabEtcd | None = None
+    relay: LabRelay | None = None
     #: Cluster settings given at creation (``lab up --set KEY=VALUE``), written by the first agent.
     settings: dict[str, Any] = {}
 
@@ -184,6 +197,14 @@ class LabRecord(_Frozen):
 
     def with_agent(self, node_name: str, agent: ProcessRef) -> LabRecord:
         nodes = tuple(n.model_copy(update={"agent": agent}) if n.name == node_name else n for n in self.nodes)
+        return self.model_copy(update={"nodes": nodes})
+
+    def with_supervisor(self, name: str, supervisor: ProcessRef) -> LabRecord:
+        """Record the supervisor of node ``name``, or of the relay (``relay``)."""
+        if name == "relay":
+            assert self.relay is not None
+            return self.model_copy(update={"relay": self.relay.model_copy(update={"supervisor": supervisor})})
+        nodes = tuple(n.model_copy(update={"supervisor": supervisor}) if n.name == name else n for n in self.nodes)
         return self.model_copy(update={"nodes": nodes})
 
 

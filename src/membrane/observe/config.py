@@ -17,6 +17,9 @@ class HubbleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    # The relay the CLI on this host talks to by default (membrane observe, flows status|nodes),
+    # as HOST:PORT; empty: the local agent's observer. The agent itself does not use it.
+    relayAddress: str = ""
     # Observer gRPC API on TCP (empty: unix socket only); Prometheus metrics (empty: off).
     listenAddress: str = "127.0.0.1:4244"
     metricsServer: str = "127.0.0.1:9965"

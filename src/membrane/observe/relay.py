@@ -306,6 +306,11 @@ class Relay:
             return await asyncio.wait_for(client.server_status(), self.probe_timeout)
         except (TimeoutError, MembraneError, OSError, grpc.RpcError) as exc:
             log.debug("node %s (%s) unavailable: %s", name, target, exc)
+            # A fresh channel next time: a restarted agent is seen at the next call, not after the
+            # old channel's reconnect back-off.
+            if (peer := self._peers.pop(name, None)) is not None:
+                with contextlib.suppress(Exception):
+                    await peer.client.close()
             return None
 
     async def probe_all(self) -> dict[str, ServerStatusResponse | None]:
