@@ -125,6 +125,7 @@ class DatapathController:
         self.computed: list[tuple[int, int, tuple[tuple[str, int], ...]]] = []
         #: Set after the next computation.
         self.next_compute = asyncio.Event()
+        self._built: tuple[object, ...] | None = None  # what the rows in the table were built from (kept)
 
     def _flow_log(self) -> FlowLog | None:
         """This agent's log rules, unless the cluster turned flow visibility off (live)."""
@@ -138,9 +139,17 @@ class DatapathController:
         store_revisions: tuple[tuple[str, int], ...] = ()
         if self.policy is not None:
             policy, store_revisions = policy_datapath(self.policy, self._renderer)
-        desired = DesiredDatapath.from_endpoints((EndpointAddress(r.host_ifindex, r.ipv4) for r in ready),
-                                                 self.masquerade, self._flow_log(), policy)
-        self._writer.replace_all(nft_objects(build_ruleset(desired)))
+        flow_log = self._flow_log()
+        endpoints = frozenset(EndpointAddress(r.host_ifindex, r.ipv4) for r in ready)
+        # Building the ruleset costs a sort of every map (the ipcache has an element per cluster
+        # endpoint): skip it when nothing it is built from changed (the policy controller rewrites
+        # its rows with new store revisions on every pass). Equality is cheap here: the renderer
+        # hands back the same ipcache tuple while the intervals are unchanged.
+        built = (endpoints, flow_log, policy)
+        if built != self._built:
+            desired = DesiredDatapath(endpoints, self.masquerade, flow_log, policy)
+            self._writer.replace_all(nft_objects(build_ruleset(desired)))
+            self._built = built
         self.computed = [*self.computed[-63:], (self.nft.revision, endpoints_snap.revision, store_revisions)]
         done, self.next_compute = self.next_compute, asyncio.Event()
         done.set()

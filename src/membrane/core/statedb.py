@@ -107,6 +107,9 @@ class Snapshot(Generic[Row]):
 
 
 class _RowsView(Mapping[Key, Row]):
+    """Controllers look rows up by key in tight loops over the whole cluster: ``get`` and ``in``
+    skip the generic Mapping machinery."""
+
     __slots__ = ("_rows",)
 
     def __init__(self, rows: Mapping[Key, tuple[Row, int]]) -> None:
@@ -114,6 +117,16 @@ class _RowsView(Mapping[Key, Row]):
 
     def __getitem__(self, key: Key) -> Row:
         return self._rows[key][0]
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        entry = self._rows.get(key)
+        return entry[0] if entry is not None else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def values(self) -> Any:
+        return [row for row, _ in self._rows.values()]
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self._rows)
