@@ -547,3 +547,31 @@ def test_renderer_reuses_unchanged_endpoints() -> None:
     assert renderer.direction(101, policies["x/a"].ingress) is cached
     assert first.ingress == render_policy(
         {r.host_ifindex: policies[f"{r.namespace}/{r.pod}"] for r in RECORDS}, (), renderer).ingress
+
+
+def test_policy_get_says_an_ipv6_ip_block_matches_nothing() -> None:
+    policy = parse_manifest_text("""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: v6, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - ipBlock: {cidr: "2001:db8::/32", except: ["2001:db8::/48"]}
+    - ipBlock: {cidr: 198.51.100.0/24}
+""")[0]
+    imported = import_policy("k", policy)
+    (entry,) = imported_rules(imported.rules)[0]["ingress"]
+    assert entry["ipBlocks"] == [{"cidr": "198.51.100.0/24", "path": "from[1].ipBlock"}]
+    assert entry["unsupported"] == [
+        "from[0].ipBlock 2001:db8::/32: IPv6, matches nothing (the cluster is IPv4-only)"
+    ]
+    assert imported.unsupported == (
+        "spec.ingress[0]: from[0].ipBlock 2001:db8::/32: IPv6, matches nothing (the cluster is IPv4-only)",
+    )
+    # Accepted, and matches nothing: the IPv4 block still allows its addresses, the rest stays isolated.
+    model = default_model(outside={"ext": "198.51.100.10"})
+    probe = engine_probe(model, model.compile([policy]))
+    assert probe("ext", "x/a", "TCP", 80) and not probe("y/a", "x/a", "TCP", 80)
