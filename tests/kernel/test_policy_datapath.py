@@ -291,7 +291,8 @@ spec:
 
 async def test_ip_blocks_match_pod_and_node_addresses_with_deny_precedence(netns_factory: NetnsFactory) -> None:
     lan = await build_lan(netns_factory, "mbipb-")
-    assert lan.tcp("other", WEB) and lan.tcp("client", OTHER, 81) and lan.ping("client", str(ROUTER))
+    wait_until(lambda: lan.tcp("client", OTHER, 81), timeout=10, what="the other pod serving")
+    assert lan.tcp("other", WEB) and lan.ping("client", str(ROUTER))
     await lan.enforce(IP_BLOCKS)
     # Ingress by source address: the client's address is in the block, the other pod's is the except.
     assert lan.tcp("client", WEB, 80) and not lan.udp("client", WEB, 80)  # ports: TCP 80 only
