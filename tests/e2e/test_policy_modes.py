@@ -64,6 +64,11 @@ def node_with(settings: dict[str, object], prefix: str = "mbpm", namespaces: tup
 
         asyncio.run(write())  # before the agent starts: the store's settings win over its defaults
         node.start()
+        if others := [ns for ns in namespaces if ns != "default"]:
+            manifest = node.dir / "namespaces.yaml"
+            manifest.write_text("---\n".join(f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"
+                                             for ns in others))
+            node.membrane("apply", "-f", str(manifest))
         for namespace in namespaces:  # a server per namespace, one client
             node.membrane("pod", "run", "server", "-n", namespace, "-l", "app=server", "--",
                           sys.executable, "-c", SERVER)
