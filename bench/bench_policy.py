@@ -9,7 +9,9 @@ namespaces, identities written straight to the store's identity keys, policies t
    endpoint enforced) against the same pods with no policy at all, interleaved within each run;
 2. compile + render + ``nft -f`` of the full node table for the load, in-process with the engine
    and a throwaway ``mbbp-…`` namespace (110 local endpoints, as the scale test); plus the lab
-   agent's own reaction to the load (store write → kernel, from its status);
+   agent's own reaction to the load (store write → kernel, from its status); and the same for a
+   second load, 1,000 NetworkPolicies with 1,000 ipBlock peers (every tenth with 10 excepts),
+   which land in the address maps ``pol_in_addr``/``pol_out_addr`` (element counts reported);
 3. ``membrane pod run`` of a pod selected by a policy → enforced (``bp-client`` connects and
    ``bp-other``'s SYN is dropped), p50/p99 over ``NEW_PODS`` pods;
 4. one policy apply/delete → a probe from ``bp-other`` flips, p50/p99 over ``CHANGES`` changes.
@@ -64,7 +66,7 @@ from bench.netpath import (
     wait_listening,
 )
 from membrane.api.cilium import CiliumNetworkPolicy
-from membrane.api.k8s import Namespace
+from membrane.api.k8s import Namespace, NetworkPolicy
 from membrane.api.meta import ApiObject
 from membrane.cni.client import AgentClient
 from membrane.datapath.nft.render import render_table
@@ -94,6 +96,8 @@ SYNC_TIMEOUT = 60.0
 CLI_SAMPLES = 5
 METRICS = (("tcp_stream", "Gbit/s"), ("tcp_rr", "trans/s"), ("tcp_crr", "trans/s"))
 SCALE_TEST = Path(__file__).resolve().parent.parent / "tests" / "unit" / "test_policy_scale.py"
+IPBLOCK_POLICIES = 1000
+IPBLOCK_EXCEPTS = 10  # on every tenth policy
 
 # One line in: "open|closed IP PORT TIMEOUT". One JSON line out: the CLOCK_MONOTONIC time at which
 # the port was seen open (connect done) or closed (start of the attempt whose SYN went unanswered).
@@ -277,6 +281,33 @@ def probers(*places: PodPlace) -> Iterator[list[Prober]]:
 
 
 # -- 2: compile + render + nft apply in-process ------------------------------------------------
+def ipblock_policies(namespaces: int, count: int = IPBLOCK_POLICIES, seed: int = 3) -> list[ApiObject]:
+    """``count`` NetworkPolicies with one ipBlock peer each (a /24 of 100.64.0.0/10 per policy, every
+    tenth with ``IPBLOCK_EXCEPTS`` /32 excepts), half ingress and half egress, some with ports,
+    selecting a tier or (every fourth) every pod of a namespace of the synthetic load."""
+    rng = random.Random(seed)
+    policies: list[ApiObject] = []
+    for n in range(count):
+        block = f"100.{64 + n // 256}.{n % 256}"
+        ip_block: dict[str, Any] = {"cidr": f"{block}.0/24"}
+        if n % 10 == 0:
+            ip_block["except"] = [f"{block}.{10 * k + 1}/32" for k in range(IPBLOCK_EXCEPTS)]
+        peer: dict[str, Any] = {"ipBlock": ip_block}
+        item: dict[str, Any] = {}
+        if n % 3:
+            item["ports"] = [{"port": rng.choice([80, 443, 5432])}]
+        ingress = n % 2 == 0
+        item["from" if ingress else "to"] = [peer]
+        selector = {} if n % 4 == 0 else {"matchLabels": {"tier": rng.choice(["web", "api", "db"])}}
+        spec: dict[str, Any] = {"podSelector": selector, "policyTypes": ["Ingress" if ingress else "Egress"],
+                                "ingress" if ingress else "egress": [item]}
+        policies.append(NetworkPolicy.model_validate({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"ipb-{n}", "namespace": f"ns-{rng.randrange(namespaces)}"}, "spec": spec,
+        }))
+    return policies
+
+
 @dataclass(frozen=True)
 class CompileTimes:
     compile: float
@@ -284,16 +315,18 @@ class CompileTimes:
     apply: float
     elements: int
     table_bytes: int
+    address_elements: int = 0  # of them in pol_in_addr / pol_out_addr
 
     @property
     def total(self) -> float:
         return self.compile + self.render + self.apply
 
 
-def compile_render_apply(scale: ModuleType, netns: str) -> CompileTimes:
-    """The node's full table for the load, from policy objects to the kernel (nft -f in ``netns``)."""
+def compile_render_apply(scale: ModuleType, netns: str, policies: Sequence[ApiObject] | None = None) -> CompileTimes:
+    """The node's full table for the load (``policies``: the synthetic load of the scale test by
+    default), from policy objects to the kernel (nft -f in ``netns``)."""
     identities = scale.synthetic_identities()
-    policies = scale.synthetic_policies()
+    policies = scale.synthetic_policies() if policies is None else policies
     endpoints = scale.local_endpoints(random.Random(2))
     base = [IpcacheEntry(IPv4Network("0.0.0.0/0"), WORLD.id, "reserved")]
     base += [IpcacheEntry(IPv4Network((int(scale.pod_address(i)), 32)), i, "custom-resource") for i in identities]
@@ -315,8 +348,9 @@ def compile_render_apply(scale: ModuleType, netns: str) -> CompileTimes:
     t3 = time.perf_counter()
     if result.returncode != 0:
         raise RuntimeError(f"nft -f of the rendered table failed: {result.stderr.strip()[-300:]}")
-    count = len(policy.ipcache) + len(policy.ingress) + len(policy.egress)
-    return CompileTimes(t1 - t0, t2 - t1, t3 - t2, count, len(text))
+    addresses_count = len(policy.ingress_addresses) + len(policy.egress_addresses)
+    count = len(policy.ipcache) + len(policy.ingress) + len(policy.egress) + addresses_count
+    return CompileTimes(t1 - t0, t2 - t1, t3 - t2, count, len(text), addresses_count)
 
 
 @contextlib.contextmanager
@@ -382,10 +416,15 @@ def run(ctx: BenchContext) -> BenchResult:
     load_sync: list[float] = []
     agent_compile: list[float] = []
 
+    blocks = ipblock_policies(scale.NAMESPACES)
     with throwaway_netns() as netns:
         times = [compile_render_apply(scale, netns) for _ in range(max(ctx.runs, 1))]
+        block_times = [compile_render_apply(scale, netns, blocks) for _ in range(max(ctx.runs, 1))]
     for t in times:
         ctx.log(f"in-process: compile {t.compile:.3f} s, render {t.render:.3f} s, nft -f {t.apply:.3f} s")
+    for t in block_times:
+        ctx.log(f"in-process, 1k ipBlock NetworkPolicies: compile {t.compile:.3f} s, render {t.render:.3f} s, "
+                f"nft -f {t.apply:.3f} s, {t.elements:,} elements ({t.address_elements:,} by address)")
 
     with sigterm_cleans_up(), bench_cluster(ctx, 1, "vxlan", LAB_PREFIX) as lab, lab_store(lab.store_url) as store:
         server_cmd = f"{tcprr} -s -b 0.0.0.0 -p {TCPRR_PORT} & exec iperf3 -s -p {IPERF_PORT}"
@@ -453,6 +492,11 @@ def run(ctx: BenchContext) -> BenchResult:
         Metric("  compile", "ms", (), (median([t.compile for t in times]) * 1000,), False),
         Metric("  render", "ms", (), (median([t.render for t in times]) * 1000,), False),
         Metric("  nft -f", "ms", (), (median([t.apply for t in times]) * 1000,), False),
+        Metric("1k ipBlock NPs: compile+render+nft -f", "ms", (1000.0,),
+               (median([t.total for t in block_times]) * 1000,), False),
+        Metric("  compile", "ms", (), (median([t.compile for t in block_times]) * 1000,), False),
+        Metric("  render", "ms", (), (median([t.render for t in block_times]) * 1000,), False),
+        Metric("  nft -f", "ms", (), (median([t.apply for t in block_times]) * 1000,), False),
         Metric("agent: load write -> kernel", "ms", (), (median(load_sync) * 1000,), False),
         Metric("agent: compile (its status)", "ms", (), (median(agent_compile) * 1000,), False),
         Metric("pod run -> enforced p50", "ms", (500.0,), ms(enforced, 50), False),
@@ -467,8 +511,14 @@ def run(ctx: BenchContext) -> BenchResult:
                 f"(store), {scale.NAMESPACES} namespaces; agent rules compiled: {rules}",
         "datapath": f"baseline = same pods with no policy; {ctx.duration:g} s per metric, client pinned "
                     f"to CPU {cpu} with the server; sides interleaved (no policy, then the load, in each run)",
-        "in-process table": f"110 local endpoints, {times[0].elements:,} map elements, "
+        "in-process table": f"110 local endpoints, {times[0].elements:,} map elements "
+                            f"({times[0].address_elements:,} by address), "
                             f"{times[0].table_bytes / 1e6:.1f} MB of nft text, applied in a fresh namespace",
+        "in-process table, 1k ipBlock NPs": f"{IPBLOCK_POLICIES} NetworkPolicies, {IPBLOCK_POLICIES} ipBlock peers "
+                                            f"({IPBLOCK_POLICIES // 10} with {IPBLOCK_EXCEPTS} excepts): "
+                                            f"{block_times[0].elements:,} map elements "
+                                            f"({block_times[0].address_elements:,} in pol_*_addr), "
+                                            f"{block_times[0].table_bytes / 1e6:.1f} MB of nft text",
         "CLI start-up + one store read (get pod)": f"{cli * 1000:.0f} ms (median of {CLI_SAMPLES}): "
                                                    "most of pod run -> Running",
         "new pods": f"{NEW_PODS} (after 1 warm-up) selected by bp-target; enforced = bp-client connects "

@@ -17,7 +17,9 @@ cases that need an agent enforcement setting other than the lab's default (skipp
 
 The tables name the outside ``198.51.100.10`` (``ext1``) and ``198.51.100.200`` (``ext2``); the
 lab's outside is its underlay, so the client takes the same host numbers there and the policies'
-``198.51.100.`` addresses are rewritten into the underlay subnet (prefix lengths kept).
+``198.51.100.`` addresses are rewritten into the underlay subnet (prefix lengths kept). Pod
+addresses of the model (``10.244.<ns>.<pod>``, in the upstream ipBlock cases) become the lab
+pods' addresses, prefix lengths kept too.
 
 One lab, one set of pods and one outside server serve the whole module.
 """
@@ -29,6 +31,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -47,7 +50,7 @@ import pytest
 from membrane.lab import Lab
 from membrane.lab.state import LabDirs
 from membrane.policy.mapstate import EnforcementConfig
-from membrane.policy.reachability import Reachability
+from membrane.policy.reachability import Reachability, default_model
 from membrane.store import keys, open_store
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
 
@@ -75,6 +78,9 @@ Netpol = _lab_kit.Netpol
 OUTSIDE_PREFIX = "198.51.100."  # the tables' outside /24
 OUTSIDE_HOSTS = {"ext1": 10, "ext2": 200}  # host numbers of the tables' ext1/ext2, kept in the underlay
 KERNEL_PROTOCOLS = ("TCP", "UDP")
+#: The model's pod addresses (what the tables' ipBlocks name) → pod key.
+MODEL_POD_IPS = {str(pod.ip): pod.key for pod in default_model().pods}
+_ADDRESS = re.compile(r"(?<![\d.])\d+\.\d+\.\d+\.\d+(?![\d.])")
 
 # argv: source address ("" = any), then JSON [[ip, proto, port], ...]; prints JSON [bool, ...].
 # Short timeouts: a denied packet is dropped, so every denied cell costs a full timeout.
@@ -147,9 +153,16 @@ class ConformanceLab:
         return self.outside[name] if name in self.outside else str(self.net.pod_ips[name])
 
     def localize(self, manifest: str) -> str:
-        """The tables' outside /24 becomes the lab's underlay /24 (same host numbers)."""
+        """The tables' outside /24 becomes the lab's underlay /24 (same host numbers), and the model's
+        pod addresses the lab pods' (in one pass: a lab address may be another model pod's)."""
         underlay = IPv4Network(self.net.subnet)
         assert underlay.prefixlen == 24, underlay
+
+        def lab_address(match: re.Match[str]) -> str:
+            key = MODEL_POD_IPS.get(match.group(0))
+            return str(self.net.pod_ips[key]) if key is not None else match.group(0)
+
+        manifest = _ADDRESS.sub(lab_address, manifest)
         return manifest.replace(OUTSIDE_PREFIX, str(underlay.network_address).rsplit(".", 1)[0] + ".")
 
     def probe(self, cells: Sequence[tuple[str, str, str, int]]) -> dict[tuple[str, str, str, int], bool]:

@@ -265,3 +265,80 @@ async def test_a_port_an_l7_rule_selects_is_closed_until_there_is_an_l7_proxy(ne
     assert lan.tcp("client", WEB, 81)  # the plain L4 allow of the same policy lets the client in
     assert not lan.tcp("client", WEB, 80)  # fail closed: not allowed at L4 while nothing enforces L7
     assert lan.counter("pol_l7_in") > 0  # dropped as L7 traffic, not by default deny
+
+
+IP_BLOCKS = f"""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: web-from-block, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{{ipBlock: {{cidr: 10.244.1.0/24, except: [{OTHER}/32]}}}}]
+    ports: [{{port: 80}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: client-to-web-and-node, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: {WEB}/32}}}}, {{ipBlock: {{cidr: {ROUTER}/32}}}}]
+"""
+
+
+async def test_ip_blocks_match_pod_and_node_addresses_with_deny_precedence(netns_factory: NetnsFactory) -> None:
+    lan = await build_lan(netns_factory, "mbipb-")
+    wait_until(lambda: lan.tcp("client", OTHER, 81), timeout=10, what="the other pod serving")
+    assert lan.tcp("other", WEB) and lan.ping("client", str(ROUTER))
+    await lan.enforce(IP_BLOCKS)
+    # Ingress by source address: the client's address is in the block, the other pod's is the except.
+    assert lan.tcp("client", WEB, 80) and not lan.udp("client", WEB, 80)  # ports: TCP 80 only
+    assert not lan.tcp("client", WEB, 81) and not lan.tcp("other", WEB, 80)
+    # Egress by destination address: the web pod and the node; nothing else.
+    assert lan.ping("client", str(ROUTER)) and not lan.tcp("client", OTHER, 81)
+    # An except is no deny: a second policy allowing the excepted address wins (an element sync).
+    second = IP_BLOCKS + f"""
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: web-from-other, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - from: [{{ipBlock: {{cidr: {OTHER}/32}}}}]
+"""
+    await lan.enforce(second)
+    assert lan.tcp("other", WEB, 80) and lan.tcp("other", WEB, 81)
+    # A deny anywhere beats an allow: a CNP deny on the client's identity beats its ipBlock allow.
+    await lan.enforce(second + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-client, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+""")
+    assert not lan.tcp("client", WEB, 80) and lan.tcp("other", WEB, 80)
+    assert lan.counter("pol_denied_in") > 0
+
+
+async def test_an_ip_block_allow_beats_an_l7_rule_on_the_same_port(netns_factory: NetnsFactory) -> None:
+    lan = await build_lan(netns_factory, "mbipb-")
+    await lan.enforce(L7_ON_80_PLAIN_81 + f"""
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: web-from-client-address, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - from: [{{ipBlock: {{cidr: {CLIENT}/32}}}}]
+    ports: [{{port: 80}}]
+""")
+    assert lan.tcp("client", WEB, 80)  # the plain allow by address: the L7 rule is moot
+    assert not lan.tcp("other", WEB, 80)

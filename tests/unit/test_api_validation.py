@@ -206,6 +206,21 @@ CASES: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        # The API server's check, entry by entry: equal to the cidr, another family, outside it.
+        "netpol-except-not-a-strict-subset",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\n"
+        "spec: {ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, "
+        "except: [10.0.1.0/24, 10.0.0.0/16, 'fd00::/64', 10.0.0.0/8]}}]}]}\n",
+        [
+            'FILE: NetworkPolicy/np: spec.ingress[0].from[0].ipBlock.except[1]: invalid value "10.0.0.0/16": '
+            "must be a strict subset of `cidr`",
+            'FILE: NetworkPolicy/np: spec.ingress[0].from[0].ipBlock.except[2]: invalid value "fd00::/64": '
+            "must be a strict subset of `cidr`",
+            'FILE: NetworkPolicy/np: spec.ingress[0].from[0].ipBlock.except[3]: invalid value "10.0.0.0/8": '
+            "must be a strict subset of `cidr`",
+        ],
+    ),
+    (
         "netpol-bad-cidr",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\n"
         "spec: {egress: [{to: [{ipBlock: {cidr: 10.0.0.0}}]}]}\n",

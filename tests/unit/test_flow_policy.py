@@ -231,3 +231,32 @@ def test_enrichment_asks_each_local_side_with_the_remote_identity_protocol_and_p
     # An "allow" answer never lands on a drop, a "deny" never on a forwarded flow.
     drop = enrich(packet_record(DROP_POLICY_DENIED_INGRESS.prefix(), "client", "server"), STATE, policy=lookup)
     assert drop is not None and not drop.ingress_allowed_by and not drop.ingress_denied_by
+
+
+IP_BLOCK = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-intruder-address, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 10.244.1.0/24, except: [10.244.1.12/32]}}]
+"""
+
+
+def test_flows_name_the_network_policy_whose_ip_block_matched_the_remote_address() -> None:
+    # The intruder (10.244.1.13) reaches the client through an ipBlock naming its address; the
+    # server (10.244.1.12) is the except: the flow is dropped, with no allowing policy named.
+    policies = [stored(obj) for obj in parse_manifest_text(POLICIES + "---" + IP_BLOCK)]
+    h = PolicyHarness(NODE).load(policies=policies, records=RECORDS.values(),
+                                 pods=[pod_object("default", pod, POD_LABELS[pod], node=NODE) for pod in IDS])
+    attribution = PolicyAttribution(h.controller)
+    allowed = enrich(packet_record(TRACE_NEW.prefix(), "intruder", "client"), STATE, policy=attribution)
+    assert allowed is not None and allowed.verdict == FORWARDED
+    assert names(allowed.ingress_allowed_by) == ["NetworkPolicy default/from-intruder-address"]
+    dropped = enrich(packet_record(DROP_POLICY_DENIED_INGRESS.prefix(), "server", "client"), STATE, policy=attribution)
+    assert dropped is not None and dropped.verdict == DROPPED and not dropped.ingress_allowed_by
+    # Same identity and port, another address: answered on its own, not from the first answer's memo.
+    again = enrich(packet_record(TRACE_NEW.prefix(), "intruder", "client"), STATE, policy=attribution)
+    assert again is not None and names(again.ingress_allowed_by) == names(allowed.ingress_allowed_by)

@@ -8,9 +8,9 @@ engine computes with the expected one. Rows are sources, columns destinations; `
 198.51.100.10 and ``ext2`` = 198.51.100.200.
 
 The tables include loopback (a pod to itself) as policy decides it; the upstream suite ignores
-loopback, and a kernel run of these tables may too. Where Cilium differs from upstream on purpose
-the case says so: an ``ipBlock`` never matches pod addresses (cilium#9209), so the three upstream
-ipBlock cases are written with their Cilium outcome, plus variants on outside addresses.
+loopback, and a kernel run of these tables may too. A NetworkPolicy ``ipBlock`` matches the
+peer's address as upstream expects (pods included); Cilium's own ``toCIDR``/``fromCIDR`` keep
+Cilium's semantics (a CIDR identity: pods keep their own), and the Cilium cases say so.
 
 The probe is pluggable (:data:`membrane.policy.reachability.Probe`); here every table is checked
 against the compiled map state and against the rendered nft elements (looked up as the kernel does).
@@ -969,10 +969,8 @@ spec:
     ),
     Case("policies-deleted", "", {"TCP/80": ALL_OPEN}),
     Case(
-        # Upstream expects x/a to reach y/b through an ipBlock naming y/b's address. In Cilium an
-        # ipBlock never matches a pod (the pod's own identity wins in the ipcache), so x/a is
-        # isolated for egress with nothing allowed.
-        "egress-to-server-in-cidr-block-cilium",
+        # Upstream: an ipBlock matches the peer's address, pods included; x/a reaches only y/b.
+        "egress-to-server-in-cidr-block",
         """
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -984,12 +982,27 @@ spec:
   - to:
     - ipBlock: {cidr: 10.244.2.11/32}
 """,
-        {"TCP/80": NOTHING_OUT_OF_XA},
+        {
+            "TCP/80": """
+-    x/a  x/b  x/c  y/a  y/b  y/c  z/a  z/b  z/c  ext1 ext2
+x/a  X    X    X    X    .    X    X    X    X    X    X
+x/b  .    .    .    .    .    .    .    .    .    .    .
+x/c  .    .    .    .    .    .    .    .    .    .    .
+y/a  .    .    .    .    .    .    .    .    .    .    .
+y/b  .    .    .    .    .    .    .    .    .    .    .
+y/c  .    .    .    .    .    .    .    .    .    .    .
+z/a  .    .    .    .    .    .    .    .    .    .    .
+z/b  .    .    .    .    .    .    .    .    .    .    .
+z/c  .    .    .    .    .    .    .    .    .    .    .
+ext1 .    .    .    .    .    .    .    .    .    .    .
+ext2 .    .    .    .    .    .    .    .    .    .    .
+"""
+        },
     ),
     Case(
-        # Upstream: x/a egress to x/a's address/4 except x/b/32; only x/a -> x/b blocked. Cilium:
-        # none of it matches pods.
-        "except-clause-egress-cidr-block-cilium",
+        # Upstream: x/a egress to x/a's address/4 (0.0.0.0/4: every pod, not the outside) except
+        # x/b/32; only x/a -> x/b is blocked among the pods.
+        "except-clause-egress-cidr-block",
         """
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -1001,7 +1014,157 @@ spec:
   - to:
     - ipBlock: {cidr: 10.244.1.10/4, except: [10.244.1.11/32]}
 """,
-        {"TCP/80": NOTHING_OUT_OF_XA},
+        {
+            "TCP/80": """
+-    x/a  x/b  x/c  y/a  y/b  y/c  z/a  z/b  z/c  ext1 ext2
+x/a  .    X    .    .    .    .    .    .    .    X    X
+x/b  .    .    .    .    .    .    .    .    .    .    .
+x/c  .    .    .    .    .    .    .    .    .    .    .
+y/a  .    .    .    .    .    .    .    .    .    .    .
+y/b  .    .    .    .    .    .    .    .    .    .    .
+y/c  .    .    .    .    .    .    .    .    .    .    .
+z/a  .    .    .    .    .    .    .    .    .    .    .
+z/b  .    .    .    .    .    .    .    .    .    .    .
+z/c  .    .    .    .    .    .    .    .    .    .    .
+ext1 .    .    .    .    .    .    .    .    .    .    .
+ext2 .    .    .    .    .    .    .    .    .    .    .
+"""
+        },
+    ),
+    Case(
+        # Upstream, right after the previous case: the same policy replaced by one whose cidr is
+        # exactly the address the old one excepted; x/a now reaches x/b and nothing else.
+        "cidr-of-the-former-except-replaces-the-policy",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-client-a-via-cidr-egress-rule, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - ipBlock: {cidr: 10.244.1.11/32}
+""",
+        {
+            "TCP/80": """
+-    x/a  x/b  x/c  y/a  y/b  y/c  z/a  z/b  z/c  ext1 ext2
+x/a  X    .    X    X    X    X    X    X    X    X    X
+x/b  .    .    .    .    .    .    .    .    .    .    .
+x/c  .    .    .    .    .    .    .    .    .    .    .
+y/a  .    .    .    .    .    .    .    .    .    .    .
+y/b  .    .    .    .    .    .    .    .    .    .    .
+y/c  .    .    .    .    .    .    .    .    .    .    .
+z/a  .    .    .    .    .    .    .    .    .    .    .
+z/b  .    .    .    .    .    .    .    .    .    .    .
+z/c  .    .    .    .    .    .    .    .    .    .    .
+ext1 .    .    .    .    .    .    .    .    .    .    .
+ext2 .    .    .    .    .    .    .    .    .    .    .
+"""
+        },
+    ),
+    Case(
+        # Upstream: an except is no deny. A second policy allowing the excepted pod address wins.
+        "except-is-not-a-deny",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-client-a-via-cidr-egress-rule, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - ipBlock: {cidr: 10.244.1.10/4, except: [10.244.1.11/32]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-client-a-to-xb, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - ipBlock: {cidr: 10.244.1.11/32}
+""",
+        {
+            "TCP/80": """
+-    x/a  x/b  x/c  y/a  y/b  y/c  z/a  z/b  z/c  ext1 ext2
+x/a  .    .    .    .    .    .    .    .    .    X    X
+x/b  .    .    .    .    .    .    .    .    .    .    .
+x/c  .    .    .    .    .    .    .    .    .    .    .
+y/a  .    .    .    .    .    .    .    .    .    .    .
+y/b  .    .    .    .    .    .    .    .    .    .    .
+y/c  .    .    .    .    .    .    .    .    .    .    .
+z/a  .    .    .    .    .    .    .    .    .    .    .
+z/b  .    .    .    .    .    .    .    .    .    .    .
+z/c  .    .    .    .    .    .    .    .    .    .    .
+ext1 .    .    .    .    .    .    .    .    .    .    .
+ext2 .    .    .    .    .    .    .    .    .    .    .
+"""
+        },
+    ),
+    Case(
+        # Upstream: ingress into x/a from y/b's address only.
+        "ingress-from-pod-address-in-cidr-block",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-ingress-from-yb-address, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - ipBlock: {cidr: 10.244.2.11/32}
+""",
+        {
+            "TCP/80": """
+-    x/a  x/b  x/c  y/a  y/b  y/c  z/a  z/b  z/c  ext1 ext2
+x/a  X    .    .    .    .    .    .    .    .    .    .
+x/b  X    .    .    .    .    .    .    .    .    .    .
+x/c  X    .    .    .    .    .    .    .    .    .    .
+y/a  X    .    .    .    .    .    .    .    .    .    .
+y/b  .    .    .    .    .    .    .    .    .    .    .
+y/c  X    .    .    .    .    .    .    .    .    .    .
+z/a  X    .    .    .    .    .    .    .    .    .    .
+z/b  X    .    .    .    .    .    .    .    .    .    .
+z/c  X    .    .    .    .    .    .    .    .    .    .
+ext1 X    .    .    .    .    .    .    .    .    .    .
+ext2 X    .    .    .    .    .    .    .    .    .    .
+"""
+        },
+    ),
+    Case(
+        # Upstream: ingress into x/a from 0.0.0.0/4 (every pod, not the outside) except y/b.
+        "ingress-from-cidr-block-except-one-pod",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-ingress-except-yb, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - ipBlock: {cidr: 10.244.1.10/4, except: [10.244.2.11/32]}
+""",
+        {
+            "TCP/80": """
+-    x/a  x/b  x/c  y/a  y/b  y/c  z/a  z/b  z/c  ext1 ext2
+x/a  .    .    .    .    .    .    .    .    .    .    .
+x/b  .    .    .    .    .    .    .    .    .    .    .
+x/c  .    .    .    .    .    .    .    .    .    .    .
+y/a  .    .    .    .    .    .    .    .    .    .    .
+y/b  X    .    .    .    .    .    .    .    .    .    .
+y/c  .    .    .    .    .    .    .    .    .    .    .
+z/a  .    .    .    .    .    .    .    .    .    .    .
+z/b  .    .    .    .    .    .    .    .    .    .    .
+z/c  .    .    .    .    .    .    .    .    .    .    .
+ext1 X    .    .    .    .    .    .    .    .    .    .
+ext2 X    .    .    .    .    .    .    .    .    .    .
+"""
+        },
     ),
     Case(
         "egress-to-outside-cidr-block-with-except",
@@ -1552,6 +1715,21 @@ ext1 .    .    .    .    .    .    .    .    .    .    .
 ext2 .    .    .    .    .    .    .    .    .    .    .
 """
         },
+    ),
+    Case(
+        # Unlike a NetworkPolicy ipBlock, a CNP toCIDR naming a pod's address does not match the pod
+        # (its own identity wins in the ipcache): x/a is isolated with nothing allowed.
+        "to-cidr-of-a-pod-address-is-not-the-pod",
+        """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: xa-to-yb-address, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {pod: a}}
+  egress:
+  - toCIDR: [10.244.2.11/32]
+""",
+        {"TCP/80": NOTHING_OUT_OF_XA},
     ),
     Case(
         # 0.0.0.0/0 is the world: the outside, but no pod (pods keep their identities).

@@ -41,6 +41,8 @@ from membrane.datapath.ruleset import (
     FILTER_OUTPUT,
     IPCACHE,
     POL_IN,
+    POL_IN_ADDR,
+    POL_OUT_ADDR,
     DesiredDatapath,
     EndpointAddress,
     FlowLog,
@@ -212,11 +214,16 @@ def test_enforced_and_audited_endpoints_and_what_the_maps_hold() -> None:
     assert not any(k[0] == xa and k[1] == "257" and k[2] == "tcp" and k[3] == "81-81" for k in pol_in)
     # ICMP echo request (type 8): type and code, the first 16 bits of the header.
     assert pol_in[(xa, "257", "icmp", "2048-2303")] == "return"
-    # The deny from the world on TCP 81 goes to the drop chain; the except half of the block is world.
+    # The deny from the world on TCP 81 goes to the drop chain, and beats the ipBlock allow of the
+    # same addresses: the address map is only read after a miss in the identity map.
     assert pol_in[(xa, "2", "tcp", "81-81")] == "goto pol_denied_in"
+    # The NetworkPolicy ipBlock is an address range (its except cut out), not a CIDR identity.
+    assert ruleset.get_map(POL_IN_ADDR).mapping() == {(xa, "198.51.100.0-198.51.100.127", "0-255", "0-65535"): "return"}
+    assert not ruleset.get_map(POL_OUT_ADDR).elements
     ipcache = dict(ruleset.get_map(IPCACHE).elements)
     assert ipcache[("10.244.1.11",)] == "256" and ipcache[("172.31.0.11",)] == "1"
-    assert ipcache[("172.31.0.12",)] == "6" and ipcache[("198.51.100.128/25",)] == "16777218"
+    assert ipcache[("172.31.0.12",)] == "6"
+    assert not any(int(v) > 0xFFFFFF for v in ipcache.values())  # no CIDR identities for ipBlocks
     assert {k for k, v in ipcache.items() if v == "2"}  # the world covers the rest
 
 
@@ -448,7 +455,9 @@ def test_l7_rules_are_valid_but_unsupported_and_their_traffic_is_denied() -> Non
     assert pol_in[(xa, "257", "tcp", "81-81")] == "return"  # the plain L4 allow
     assert pol_in[(xa, "257", "tcp", "80-80")] == "goto pol_l7_in"  # the L7 port: dropped, reported
     chains = {c.name: [r.text for r in c.rules] for c in ruleset.chains}
-    assert chains["pol_l7_in"] == ["counter drop"]
+    # An ipBlock allow of the address still wins over the L7 rule (a plain allow beats it); the rest drops.
+    assert chains["pol_l7_in"][-1] == "counter drop"
+    assert all("vmap @pol_in_addr" in rule for rule in chains["pol_l7_in"][:-1])
 
 
 async def test_the_status_reconciler_writes_each_policys_status_once() -> None:
@@ -515,7 +524,10 @@ async def test_policy_get_selectors_and_endpoint_enforcement() -> None:
                in r["labels"])
     assert web["endpointSelector"] == {"matchLabels": {"k8s:io.kubernetes.pod.namespace": "x", "k8s:pod": "a"}}
     assert web["ingress"][0]["toPorts"] == [{"ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}]
-    assert web["ingress"][1]["fromCIDRSet"] == [{"cidr": "198.51.100.0/24", "except": ["198.51.100.128/25"]}]
+    assert web["ingress"][1]["ipBlocks"] == [
+        {"cidr": "198.51.100.0/24", "except": ["198.51.100.128/25"], "path": "from[0].ipBlock"}
+    ]
+    assert "fromCIDRSet" not in web["ingress"][1]
     assert all(r["labels"][-1]["value"] == "x" for r in rules)
     table = format_selectors(view).splitlines()
     assert table[0].split() == ["SELECTOR", "LABELS", "USERS", "IDENTITIES"]
@@ -535,3 +547,31 @@ def test_renderer_reuses_unchanged_endpoints() -> None:
     assert renderer.direction(101, policies["x/a"].ingress) is cached
     assert first.ingress == render_policy(
         {r.host_ifindex: policies[f"{r.namespace}/{r.pod}"] for r in RECORDS}, (), renderer).ingress
+
+
+def test_policy_get_says_an_ipv6_ip_block_matches_nothing() -> None:
+    policy = parse_manifest_text("""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: v6, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - ipBlock: {cidr: "2001:db8::/32", except: ["2001:db8::/48"]}
+    - ipBlock: {cidr: 198.51.100.0/24}
+""")[0]
+    imported = import_policy("k", policy)
+    (entry,) = imported_rules(imported.rules)[0]["ingress"]
+    assert entry["ipBlocks"] == [{"cidr": "198.51.100.0/24", "path": "from[1].ipBlock"}]
+    assert entry["unsupported"] == [
+        "from[0].ipBlock 2001:db8::/32: IPv6, matches nothing (the cluster is IPv4-only)"
+    ]
+    assert imported.unsupported == (
+        "spec.ingress[0]: from[0].ipBlock 2001:db8::/32: IPv6, matches nothing (the cluster is IPv4-only)",
+    )
+    # Accepted, and matches nothing: the IPv4 block still allows its addresses, the rest stays isolated.
+    model = default_model(outside={"ext": "198.51.100.10"})
+    probe = engine_probe(model, model.compile([policy]))
+    assert probe("ext", "x/a", "TCP", 80) and not probe("y/a", "x/a", "TCP", 80)

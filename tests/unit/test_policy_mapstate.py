@@ -31,13 +31,16 @@ from membrane.policy.mapstate import (
     IDENTITY_MAX,
     PORT_MAX,
     PROTO_ANY,
+    AddressEntry,
     DirectionPolicy,
     EnforcementConfig,
     MapEntry,
+    Match,
     PolicyEndpoint,
     ServiceInfo,
     Verdict,
     compute_policies,
+    flatten_address_entries,
     flatten_entries,
 )
 from membrane.policy.reachability import default_model
@@ -420,3 +423,48 @@ spec:
     compiled.cache.update(removed=[301])
     gone = compute_policies(web, compiled.repository, compiled.cache, compiled.config)
     assert gone["x/web"].ingress.lookup(301, TCP, 80).verdict is None
+
+
+def test_flattened_address_boxes_are_disjoint_and_agree_with_lookup() -> None:
+    rng = random.Random(12)
+    origins = [RuleOrigin("NetworkPolicy", "x", f"p{i}", 0, "spec.ingress[0].from[0].ipBlock") for i in range(4)]
+    bounds = [0, 10, 11, 12, 100, 255, 256, 1000, (1 << 32) - 1]
+    for _ in range(60):
+        entries = []
+        for _ in range(rng.randint(1, 10)):
+            cuts = sorted(rng.sample(bounds, 4))
+            ranges = ((cuts[0], cuts[1]), (cuts[2] + 1, cuts[3])) if cuts[2] + 1 <= cuts[3] else ((cuts[0], cuts[1]),)
+            proto = rng.choice([PROTO_ANY, TCP, UDP])
+            low = rng.choice([0, 80, 81])
+            high = rng.choice([low, low + 1, PORT_MAX])
+            entries.append(AddressEntry(ranges, proto, low, min(high, PORT_MAX), Verdict.ALLOW, rng.choice(origins)))
+        policy = DirectionPolicy("ingress", "default", (), True, False, (), tuple(entries))
+        boxes = flatten_address_entries(policy.addresses, with_rules=True)
+        for _ in range(200):
+            address = rng.choice([*bounds, 5, 13, 99, 101, 999, 1001])
+            proto, port = rng.choice([1, 6, 17]), rng.choice([0, 79, 80, 81, 82, PORT_MAX])
+            covering = [
+                b for b in boxes
+                if b.addresses[0] <= address <= b.addresses[1] and b.proto[0] <= proto <= b.proto[1]
+                and b.port[0] <= port <= b.port[1]
+            ]
+            assert len(covering) <= 1, f"overlapping boxes at {address}: {covering}"
+            match = policy.lookup(WORLD.id, proto, port, address)
+            assert policy.lookup(WORLD.id, proto, port).verdict is None  # addresses only with an address
+            if match.verdict is None:
+                assert covering == []
+            else:
+                assert covering and covering[0].verdict is match.verdict
+                assert covering[0].rules == frozenset(match.rules)
+
+
+def test_an_identity_deny_beats_an_address_allow_and_an_address_allow_beats_an_l7_rule() -> None:
+    origin = RuleOrigin("CiliumNetworkPolicy", "x", "p")
+    block = RuleOrigin("NetworkPolicy", "x", "b", 0, "spec.ingress[0].from[0].ipBlock")
+    allow = AddressEntry(((100, 200),), PROTO_ANY, 0, PORT_MAX, Verdict.ALLOW, block)
+    deny = MapEntry(frozenset({300}), TCP, 80, 80, Verdict.DENY, origin)
+    l7 = MapEntry(frozenset({301}), TCP, 80, 80, Verdict.REDIRECT, origin)
+    policy = DirectionPolicy("ingress", "default", (), True, False, (deny, l7), (allow,))
+    assert policy.lookup(300, TCP, 80, 150).verdict is Verdict.DENY
+    assert policy.lookup(301, TCP, 80, 150) == Match(Verdict.ALLOW, (block,))
+    assert policy.lookup(301, TCP, 80, 250).verdict is Verdict.REDIRECT

@@ -19,7 +19,7 @@ from membrane.policy.rules import (
     normalize,
     normalize_all,
 )
-from membrane.policy.selectors import CIDRSelector, Requirement, Selector, match_label
+from membrane.policy.selectors import AddressBlock, CIDRSelector, Requirement, Selector, match_label
 
 NS = "io.kubernetes.pod.namespace"
 
@@ -86,7 +86,7 @@ spec:
     assert rule.endpoints == (WILDCARD,)
 
 
-def test_ip_block_becomes_a_cidr_selector_with_exceptions() -> None:
+def test_ip_block_becomes_an_address_block_with_exceptions() -> None:
     (rule,) = rules_of("""
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -98,8 +98,33 @@ spec:
   - to:
     - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}
 """)
-    assert rule.peers == (CIDRSelector(IPv4Network("10.0.0.0/8"), (IPv4Network("10.1.0.0/16"),)),)
-    assert rule.endpoints == ()
+    # Matched against addresses (pods included), not a CIDR identity.
+    assert rule.addresses == (AddressBlock(IPv4Network("10.0.0.0/8"), (IPv4Network("10.1.0.0/16"),), "to[0].ipBlock"),)
+    assert rule.peers == () and rule.endpoints == () and rule.has_peers
+    assert rule.addresses[0].ranges() == ((0x0A000000, 0x0A00FFFF), (0x0A010000 + 0x10000, 0x0AFFFFFF))
+
+
+def test_ipv6_ip_block_matches_nothing_and_says_so() -> None:
+    (rule,) = rules_of("""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - ipBlock: {cidr: "2001:db8::/32"}
+""")
+    assert not rule.has_peers  # selects nothing, still isolates
+    assert rule.unsupported == ("from[0].ipBlock 2001:db8::/32: IPv6, matches nothing (the cluster is IPv4-only)",)
+
+
+def test_address_block_ranges_cut_out_nested_and_overlapping_exceptions() -> None:
+    block = AddressBlock(IPv4Network("10.0.0.0/24"), tuple(
+        IPv4Network(n) for n in ("10.0.0.0/30", "10.0.0.0/31", "10.0.0.8/29", "10.0.0.255/32")))
+    assert block.ranges() == ((0x0A000004, 0x0A000007), (0x0A000010, 0x0A0000FE))
+    assert block.contains(0x0A000005) and not block.contains(0x0A000009) and not block.contains(0x0A0000FF)
 
 
 def test_network_policy_ports_default_to_tcp_and_keep_names_and_ranges() -> None:

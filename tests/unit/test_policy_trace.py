@@ -171,3 +171,46 @@ def test_port_argument() -> None:
     for bad in ("http/TCP", "80/GRE", "70000/TCP"):
         with pytest.raises(InvalidInput, match="invalid port"):
             parse_port(bad)
+
+
+IP_BLOCKS = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: xa-to-block, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - podSelector: {matchLabels: {pod: c}}
+    - ipBlock: {cidr: 10.244.2.0/24, except: [10.244.2.12/32]}
+    ports: [{port: 80}]
+"""
+
+
+def test_an_ip_block_matches_pod_and_outside_addresses_and_is_named() -> None:
+    result = MODEL.compile(parse_manifest_text(IP_BLOCKS))
+    intervals = flatten_ipcache(MODEL.ipcache(result))
+    addresses = {pod.ip: pod.key for pod in MODEL.pods}
+
+    def run_block(source: str, destination: str, port: str = "80/TCP") -> PolicyTrace:
+        src = resolve_peer(source, result.endpoints, intervals, addresses)
+        dst = resolve_peer(destination, result.endpoints, intervals, addresses)
+        return trace(src, dst, *parse_port(port))
+
+    # Pod to pod by name: y/b's address (10.244.2.11) lies in the block.
+    to_pod = run_block("x/a", "y/b")
+    assert to_pod.allowed and to_pod.egress.reason == "rule"
+    assert [str(r) for r in to_pod.egress.rules] == [
+        "NetworkPolicy x/xa-to-block rule 0 (spec.egress[0].to[1].ipBlock)"
+    ]
+    assert "spec.egress[0].to[1].ipBlock" in format_trace(to_pod)
+    # The same by address, and an address of the block no pod holds.
+    assert run_block("x/a", "10.244.2.11").allowed and run_block("x/a", "10.244.2.200").allowed
+    # The except (y/c) and outside the block (z/a) fall to the default deny; the port must match.
+    assert run_block("x/a", "y/c").egress.reason == "default-deny"
+    assert not run_block("x/a", "z/a").allowed and not run_block("x/a", "y/b", "81/TCP").allowed
+    # The podSelector peer of the same rule still matches by identity.
+    assert [str(r) for r in run_block("x/a", "x/c").egress.rules] == [
+        "NetworkPolicy x/xa-to-block rule 0 (spec.egress[0])"
+    ]

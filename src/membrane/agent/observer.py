@@ -171,7 +171,7 @@ class PolicySource(Protocol):
     def local_record(self, ifindex: int) -> EndpointRecord | None: ...
 
 
-AnswerKey = tuple[Direction, int, int, int]
+AnswerKey = tuple[Direction, int, int, int, str]
 
 
 class PolicyAttribution:
@@ -180,7 +180,9 @@ class PolicyAttribution:
 
     Answers are memoized per endpoint until the policy revision changes or the endpoint's record
     does, so a busy connection costs a dict lookup, not a policy walk. A remote the ipcache calls
-    ``world`` is looked up under the CIDR identity a policy gave its prefix (toCIDR rules).
+    ``world`` is looked up under the CIDR identity a policy gave its prefix (toCIDR rules). The
+    remote address takes part too when the endpoint has NetworkPolicy ipBlock entries (which match
+    addresses, pods included), so those flows name the NetworkPolicy that allowed them.
     """
 
     def __init__(self, source: PolicySource, max_answers: int = 4096) -> None:
@@ -202,13 +204,14 @@ class PolicyAttribution:
         policy, answers = found
         if remote_identity == WORLD.id and self._cidrs:
             remote_identity = self._cidr_identity(remote_ip)
-        key = (direction, remote_identity, proto, port)
+        side = policy.egress if direction is Direction.EGRESS else policy.ingress
+        address = self._address(remote_ip) if side.addresses else None
+        key = (direction, remote_identity, proto, port, str(address) if address is not None else "")
         try:
             return answers[key]
         except KeyError:
             pass
-        side = policy.egress if direction is Direction.EGRESS else policy.ingress
-        match = side.lookup(remote_identity, proto, port)
+        match = side.lookup(remote_identity, proto, port, address)
         answer = None if match.verdict is None else PolicyDecision(
             # An L7 rule's traffic is dropped (no proxy yet): its rules are what denied it.
             "allow" if match.verdict is Verdict.ALLOW else "deny", self._refs(match.rules))
@@ -239,6 +242,13 @@ class PolicyAttribution:
         policy = self._source.compiler.endpoint_policies([(endpoint, parse_labels(record.labels))])[endpoint.key]
         self._endpoints[info.ifindex] = (record, policy, {})
         return policy, self._endpoints[info.ifindex][2]
+
+    @staticmethod
+    def _address(ip: str) -> IPv4Address | None:
+        try:
+            return IPv4Address(ip)
+        except ValueError:
+            return None
 
     def _cidr_identity(self, ip: str) -> int:
         try:

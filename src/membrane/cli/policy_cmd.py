@@ -165,6 +165,11 @@ def _entry(rule: PolicyRule) -> dict[str, Any]:
         entry[f"{side}CIDRSet"] = [
             {"cidr": str(c.prefix), **({"except": [str(e) for e in c.excepts]} if c.excepts else {})} for c in cidrs
         ]
+    if rule.addresses:  # NetworkPolicy ipBlock: matched against the peer's address, pods included
+        entry["ipBlocks"] = [
+            {"cidr": str(b.prefix), **({"except": [str(e) for e in b.excepts]} if b.excepts else {}), "path": b.path}
+            for b in rule.addresses
+        ]
     if rule.requires:
         entry[f"{side}Requires"] = [selector_json(Selector(rule.requires))]
     if rule.unsupported:

@@ -10,6 +10,8 @@ ruleset's policy section (:mod:`membrane.datapath.ruleset`) loads:
   (:class:`VerdictText`; the agent's texts are :data:`INGRESS_VERDICTS`/:data:`EGRESS_VERDICTS`:
   allow ``return``, deny and L7 (no proxy yet: fail closed) to the drop chains, audit to the
   audit chains);
+- ``pol_in_addr``/``pol_out_addr``: ``iface_index . ipv4_addr . inet_proto . inet_service`` →
+  verdict text, the NetworkPolicy ipBlock allows by remote address (:func:`address_map_elements`);
 - ``enforced_*``/``audited_*``: host veth indexes;
 - ``ipcache``: address interval → identity.
 
@@ -19,7 +21,7 @@ when its intervals did; :func:`render_policy` assembles the ruleset's :class:`Po
 way the kernel does (tests compare it with the engine).
 
 Primitives: :data:`POLICY_MAP_TYPE`, :class:`VerdictText`, :func:`element_key`,
-:func:`policy_map_elements`, :func:`enforced_elements`, :func:`audited_elements`,
+:func:`policy_map_elements`, :func:`address_map_elements`, :func:`enforced_elements`, :func:`audited_elements`,
 :func:`ipcache_elements`, :data:`INGRESS_VERDICTS`, :data:`EGRESS_VERDICTS`,
 :class:`PolicyRenderer`, :func:`render_policy`, :func:`rendered_probe`.
 """
@@ -46,7 +48,7 @@ from membrane.datapath.ruleset import (
 from membrane.identity.reserved import WORLD
 from membrane.policy.engine import CompiledPolicy
 from membrane.policy.ipcache import IpcacheInterval, flatten_ipcache
-from membrane.policy.mapstate import DirectionPolicy, EndpointPolicy, FlatEntry, Verdict
+from membrane.policy.mapstate import DirectionPolicy, EndpointPolicy, FlatAddressEntry, FlatEntry, Verdict
 from membrane.policy.reachability import NetpolModel, Probe
 
 #: The key of the per-endpoint verdict maps ``pol_in`` / ``pol_out``.
@@ -116,6 +118,27 @@ def policy_map_elements(
     return tuple(elements)
 
 
+def _address_token(low: int, high: int) -> str:
+    return str(IPv4Address(low)) if low == high else f"{IPv4Address(low)}-{IPv4Address(high)}"
+
+
+def address_element_key(ifindex: int, entry: FlatAddressEntry) -> Key:
+    return (str(ifindex), _address_token(*entry.addresses), _proto_token(*entry.proto), _range_token(*entry.port))
+
+
+def address_map_elements(
+    endpoints: Iterable[tuple[int, DirectionPolicy]], verdicts: VerdictText | None = None
+) -> tuple[Element, ...]:
+    """Elements of ``pol_in_addr``/``pol_out_addr`` (the ipBlock allows by remote address) for
+    ``(host veth index, policy)`` pairs of one direction; disjoint like :func:`policy_map_elements`."""
+    verdicts = verdicts or VerdictText()
+    return tuple(
+        (address_element_key(ifindex, entry), verdicts.of(entry.verdict, entry.parser, policy.audit))
+        for ifindex, policy in endpoints
+        for entry in policy.flat_addresses
+    )
+
+
 def enforced_elements(endpoints: Iterable[tuple[int, DirectionPolicy]]) -> frozenset[Key]:
     """Elements of ``enforced_in``/``enforced_out``: endpoints whose misses are dropped."""
     return frozenset((str(ifindex),) for ifindex, policy in endpoints if policy.enforced)
@@ -140,18 +163,28 @@ class PolicyRenderer:
     the ipcache only when its intervals changed (it holds every pod of the cluster)."""
 
     def __init__(self) -> None:
-        self._rendered: dict[tuple[int, str], tuple[DirectionPolicy, tuple[Element, ...]]] = {}
+        self._rendered: dict[tuple[int, str], tuple[DirectionPolicy, tuple[Element, ...], tuple[Element, ...]]] = {}
         self._ipcache: tuple[tuple[IpcacheInterval, ...], tuple[Element, ...]] | None = None
 
     def direction(self, ifindex: int, policy: DirectionPolicy) -> tuple[Element, ...]:
+        """The identity map elements of one endpoint and direction."""
+        return self._render(ifindex, policy)[0]
+
+    def addresses(self, ifindex: int, policy: DirectionPolicy) -> tuple[Element, ...]:
+        """The address map (ipBlock) elements of one endpoint and direction."""
+        return self._render(ifindex, policy)[1]
+
+    def _render(self, ifindex: int, policy: DirectionPolicy) -> tuple[tuple[Element, ...], tuple[Element, ...]]:
         key = (ifindex, policy.direction)
         cached = self._rendered.get(key)
         if cached is not None and cached[0] is policy:
-            return cached[1]
+            return cached[1], cached[2]
         verdicts = INGRESS_VERDICTS if policy.direction == "ingress" else EGRESS_VERDICTS
-        elements = policy_map_elements([(ifindex, policy)], verdicts)
-        self._rendered[key] = (policy, elements)
-        return elements
+        pair = [(ifindex, policy)]
+        elements = policy_map_elements(pair, verdicts)
+        addresses = address_map_elements(pair, verdicts)
+        self._rendered[key] = (policy, elements, addresses)
+        return elements, addresses
 
     def ipcache(self, intervals: tuple[IpcacheInterval, ...]) -> tuple[Element, ...]:
         if self._ipcache is None or self._ipcache[0] is not intervals:
@@ -173,6 +206,8 @@ def render_policy(
         ipcache=renderer.ipcache(ipcache),
         ingress=tuple(e for i, p in ingress for e in renderer.direction(i, p)),
         egress=tuple(e for i, p in egress for e in renderer.direction(i, p)),
+        ingress_addresses=tuple(e for i, p in ingress for e in renderer.addresses(i, p)),
+        egress_addresses=tuple(e for i, p in egress for e in renderer.addresses(i, p)),
         enforced_ingress=enforced_elements(ingress),
         enforced_egress=enforced_elements(egress),
         audited_ingress=audited_elements(ingress),
@@ -207,8 +242,10 @@ def _address_range(token: str) -> tuple[int, int]:
 def rendered_probe(model: NetpolModel, compiled: CompiledPolicy, verdicts: VerdictText | None = None) -> Probe:
     """A reachability probe answered from the rendered nft elements, as the kernel would: the
     source and destination identities from the ``ipcache`` intervals, then ``pol_out`` at the
-    source's veth and ``pol_in`` at the destination's (a miss drops only on ``enforced_*``
-    endpoints). Fails loudly when two elements cover the same packet (nft would refuse the map)."""
+    source's veth and ``pol_in`` at the destination's, where a miss (or an L7 verdict, when its
+    text differs from the deny text) reads the address maps ``pol_out_addr``/``pol_in_addr`` with
+    the remote address (a miss there drops only on ``enforced_*`` endpoints). Fails loudly when two
+    elements cover the same packet (nft would refuse the map)."""
     ifindex = {pod.key: 100 + index for index, pod in enumerate(model.pods)}
     addresses = {pod.key: pod.ip for pod in model.pods} | dict(model.outside)
     by_direction = {
@@ -222,35 +259,57 @@ def rendered_probe(model: NetpolModel, compiled: CompiledPolicy, verdicts: Verdi
         ]
         for direction, items in by_direction.items()
     }
+    address_maps = {
+        direction: [
+            ((int(k[0]), _address_range(k[1]), _proto_range(k[2]), _token_range(k[3])), value)
+            for k, value in address_map_elements(items, verdicts)
+        ]
+        for direction, items in by_direction.items()
+    }
     enforced = {direction: enforced_elements(items) for direction, items in by_direction.items()}
     ipcache = [(_address_range(k[0]), int(v)) for k, v in ipcache_elements(flatten_ipcache(model.ipcache(compiled)))]
     text = verdicts or VerdictText()
     passes = {text.allow, text.audit or text.allow}  # deny and redirect (no L7 proxy yet) drop
+    # The L7 verdict's chain reads the address map before it drops (a plain allow beats an L7 rule).
+    to_address_map = {text.redirect} - {text.deny, None}
 
     def identity_of(address: IPv4Address) -> int:
         found = [identity for (low, high), identity in ipcache if low <= int(address) <= high]
         assert len(found) <= 1, f"overlapping ipcache elements for {address}"
         return found[0] if found else WORLD.id
 
-    def allowed(direction: str, endpoint: int, remote: int, proto: int, port: int) -> bool:
+    def find(
+        elements: list[tuple[tuple[int, tuple[int, int], tuple[int, int], tuple[int, int]], str]],
+        endpoint: int, remote: int, proto: int, port: int,
+    ) -> str | None:
         found = [
             value
-            for (index, ids, protos, ports), value in maps[direction]
+            for (index, ids, protos, ports), value in elements
             if index == endpoint
             and ids[0] <= remote <= ids[1]
             and protos[0] <= proto <= protos[1]
             and ports[0] <= port <= ports[1]
         ]
-        assert len(found) <= 1, f"overlapping {direction} elements for {endpoint} {remote} {proto} {port}: {found}"
-        if found:
-            return found[0] in passes
+        assert len(found) <= 1, f"overlapping elements for {endpoint} {remote} {proto} {port}: {found}"
+        return found[0] if found else None
+
+    def allowed(direction: str, endpoint: int, remote: int, address: IPv4Address, proto: int, port: int) -> bool:
+        value = find(maps[direction], endpoint, remote, proto, port)
+        if value is not None and value not in to_address_map:
+            return value in passes
+        by_address = find(address_maps[direction], endpoint, int(address), proto, port)
+        if by_address is not None:
+            return by_address in passes
+        if value is not None:
+            return value in passes  # the L7 verdict: dropped
         return (str(endpoint),) not in enforced[direction]
 
     def probe(source: str, destination: str, protocol: str, port: int) -> bool:
         proto = PROTOCOLS[protocol]
-        src, dst = identity_of(addresses[source]), identity_of(addresses[destination])
-        if source in ifindex and not allowed("egress", ifindex[source], dst, proto, port):
+        src_ip, dst_ip = addresses[source], addresses[destination]
+        src, dst = identity_of(src_ip), identity_of(dst_ip)
+        if source in ifindex and not allowed("egress", ifindex[source], dst, dst_ip, proto, port):
             return False
-        return not (destination in ifindex and not allowed("ingress", ifindex[destination], src, proto, port))
+        return not (destination in ifindex and not allowed("ingress", ifindex[destination], src, src_ip, proto, port))
 
     return probe

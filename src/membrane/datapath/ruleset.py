@@ -36,7 +36,9 @@ when some section dispatches from it. Shared names:
 - map ``ipcache``: ``ipv4_addr : mark``, flags interval — prefix → identity, non-overlapping
   intervals computed in Python so the most specific prefix wins (policy enforcement);
 - maps ``pol_in`` / ``pol_out``: ``iface_index . mark . inet_proto . inet_service : verdict``, flags
-  interval — per-endpoint policy, keyed by the endpoint's host veth index; sets ``enforced_in`` /
+  interval — per-endpoint policy, keyed by the endpoint's host veth index; maps ``pol_in_addr`` /
+  ``pol_out_addr`` (``iface_index . ipv4_addr . inet_proto . inet_service : verdict``, interval) —
+  NetworkPolicy ipBlock allows by remote address; sets ``enforced_in`` /
   ``enforced_out`` (``iface_index``) for endpoints selected by a policy (policy enforcement);
 - base chains ``filter_forward``, ``filter_input``, ``filter_output`` (filter: policy) and
   ``nat_postrouting`` (srcnat: masquerade);
@@ -74,8 +76,13 @@ Policy enforcement (:class:`PolicyDatapath`; sections :func:`ipcache`, :func:`po
 ``filter_forward``/``filter_input``/``filter_output``, then egress for packets from a pod's veth
 (destination identity from ``ipcache`` on daddr, ``host`` for the node itself) and ingress for
 packets to one (source identity on saddr, ``host`` from the node), each a lookup of
-``iif|oif . ct mark . l4proto . port`` in ``pol_out``/``pol_in`` and a drop for misses of endpoints
-in ``enforced_*``; deny-rule drops and audit verdicts go through ``pol_denied_*``/``pol_audit_*``.
+``iif|oif . ct mark . l4proto . port`` in ``pol_out``/``pol_in``, then (on a miss) of
+``iif|oif . ip daddr|saddr . l4proto . port`` in ``pol_out_addr``/``pol_in_addr`` (NetworkPolicy
+ipBlock allows, by address), and a drop for misses of endpoints in ``enforced_*``; deny-rule drops
+and audit verdicts go through ``pol_denied_*``/``pol_audit_*``. The order makes a deny anywhere win
+and allows a union: the identity map's deny drops before the address map is read, its allow
+returns (the address map holds allows only), and its L7 verdict goes to ``pol_l7_*``, which lets an
+ipBlock allow through first (a plain allow beats an L7 rule) and drops the rest.
 """
 
 from __future__ import annotations
@@ -349,6 +356,10 @@ def flow_logging(settings: FlowLog) -> Section:
 IPCACHE = "ipcache"
 POL_IN = "pol_in"
 POL_OUT = "pol_out"
+#: Per-endpoint verdict maps keyed by the remote *address* (NetworkPolicy ipBlock), next to the
+#: identity maps; they hold allows only (NetworkPolicy has no deny).
+POL_IN_ADDR = "pol_in_addr"
+POL_OUT_ADDR = "pol_out_addr"
 ENFORCED_IN = "enforced_in"
 ENFORCED_OUT = "enforced_out"
 AUDITED_IN = "audited_in"
@@ -372,6 +383,8 @@ POL_L7_IN = "pol_l7_in"
 
 #: The policy map key (``membrane.datapath.policy.POLICY_MAP_TYPE``) and the identity the node itself has.
 POLICY_KEY_TYPE = ("iface_index", "mark", "inet_proto", "inet_service")
+#: The key of ``pol_in_addr``/``pol_out_addr``: the remote address takes the identity's place.
+POLICY_ADDRESS_KEY_TYPE = ("iface_index", "ipv4_addr", "inet_proto", "inet_service")
 HOST_IDENTITY = 1
 WORLD_IDENTITY = 2
 _ICMP_TOKEN = "icmp"
@@ -430,6 +443,9 @@ class PolicyDatapath:
     - ``ingress`` / ``egress``: the elements of ``pol_in`` / ``pol_out`` keyed
       ``host veth index . remote identity . protocol . port`` (``policy_map_elements`` with the
       verdict texts above); for ICMP the port is the ICMP type, as the renderer writes it;
+    - ``ingress_addresses`` / ``egress_addresses``: the elements of ``pol_in_addr`` /
+      ``pol_out_addr`` keyed ``host veth index . remote address . protocol . port`` (NetworkPolicy
+      ipBlock allows, ``address_map_elements``);
     - ``enforced_*``: endpoints whose misses drop; ``audited_*``: endpoints whose misses are only
       reported (audit mode).
     """
@@ -437,6 +453,8 @@ class PolicyDatapath:
     ipcache: tuple[Element, ...] = ()
     ingress: tuple[Element, ...] = ()
     egress: tuple[Element, ...] = ()
+    ingress_addresses: tuple[Element, ...] = ()
+    egress_addresses: tuple[Element, ...] = ()
     enforced_ingress: frozenset[Key] = frozenset()
     enforced_egress: frozenset[Key] = frozenset()
     audited_ingress: frozenset[Key] = frozenset()
@@ -469,15 +487,21 @@ def _policy_elements(elements: Iterable[Element]) -> tuple[Element, ...]:
     return tuple(out)
 
 
-def _lookups(direction_map: str, iface: str) -> tuple[Rule, ...]:
+def _lookups(direction_map: str, iface: str, remote: str = "ct mark", what: str = "") -> tuple[Rule, ...]:
     """The verdict map lookups of one direction: ports for everything but ICMP, whose type and code
-    (the first 16 bits of its header, which nft reads as ``th sport``) take the port's place."""
-    concat = f"{iface} . ct mark . meta l4proto"
+    (the first 16 bits of its header, which nft reads as ``th sport``) take the port's place.
+    ``remote`` is the remote identity (``ct mark``) or, for the address maps, the remote address."""
+    concat = f"{iface} . {remote} . meta l4proto"
+    prefix = f"{what}: " if what else ""
     return (
-        Rule(f"meta l4proto != icmp {concat} . th dport vmap @{direction_map}", comment="ports"),
+        Rule(f"meta l4proto != icmp {concat} . th dport vmap @{direction_map}", comment=f"{prefix}ports"),
         Rule(f"meta l4proto icmp {concat} . th sport vmap @{direction_map}",
-             comment="ICMP: type and code, the first 16 bits of its header"),
+             comment=f"{prefix}ICMP: type and code, the first 16 bits of its header"),
     )
+
+
+def _address_lookups(direction_map: str, iface: str, address: str) -> tuple[Rule, ...]:
+    return _lookups(direction_map, iface, address, "ipBlock by address")
 
 
 def ipcache(policy: PolicyDatapath) -> Section:
@@ -500,6 +524,12 @@ def policy_maps(policy: PolicyDatapath) -> Section:
         Map(name=POL_OUT, type=POLICY_KEY_TYPE, value_type="verdict", flags=interval,
             comment="egress: host veth . destination identity . protocol . port (ICMP: type*256+code)",
             elements=_policy_elements(policy.egress)),
+        Map(name=POL_IN_ADDR, type=POLICY_ADDRESS_KEY_TYPE, value_type="verdict", flags=interval,
+            comment="ingress ipBlock allows: host veth . source address . protocol . port",
+            elements=_policy_elements(policy.ingress_addresses)),
+        Map(name=POL_OUT_ADDR, type=POLICY_ADDRESS_KEY_TYPE, value_type="verdict", flags=interval,
+            comment="egress ipBlock allows: host veth . destination address . protocol . port",
+            elements=_policy_elements(policy.egress_addresses)),
     )
     sets = (
         Set(name=ENFORCED_IN, type=("iface_index",), comment="ingress default deny: a miss drops",
@@ -536,8 +566,10 @@ def policy_enforcement(desired: DesiredDatapath) -> Section:
                      Rule(f"goto {POL_EGRESS_CHECK}"))),
         Chain(name=POL_EGRESS_TO_HOST, comment="egress of a local pod to this node",
               rules=(Rule(f"ct mark set {HOST_IDENTITY} goto {POL_EGRESS_CHECK}", comment="the host identity"),)),
-        Chain(name=POL_EGRESS_CHECK, comment="pol_out: allow returns, deny drops, a miss drops when enforced",
+        Chain(name=POL_EGRESS_CHECK,
+              comment="pol_out, then pol_out_addr: allow returns, deny drops, a miss drops when enforced",
               rules=(*_lookups(POL_OUT, "iif"),
+                     *_address_lookups(POL_OUT_ADDR, "iif", "ip daddr"),
                      Rule(f"iif @{ENFORCED_OUT} {drop_statement(desired, DROP_POLICY_DENIED_EGRESS)}",
                           comment="egress default deny"),
                      Rule(f"iif @{AUDITED_OUT} goto {POL_AUDIT_OUT}", comment="egress audit"))),
@@ -547,8 +579,10 @@ def policy_enforcement(desired: DesiredDatapath) -> Section:
                      Rule(f"goto {POL_INGRESS_CHECK}"))),
         Chain(name=POL_INGRESS_FROM_HOST, comment="ingress of a local pod from this node",
               rules=(Rule(f"ct mark set {HOST_IDENTITY} goto {POL_INGRESS_CHECK}", comment="the host identity"),)),
-        Chain(name=POL_INGRESS_CHECK, comment="pol_in: allow returns, deny drops, a miss drops when enforced",
+        Chain(name=POL_INGRESS_CHECK,
+              comment="pol_in, then pol_in_addr: allow returns, deny drops, a miss drops when enforced",
               rules=(*_lookups(POL_IN, "oif"),
+                     *_address_lookups(POL_IN_ADDR, "oif", "ip saddr"),
                      Rule(f"oif @{ENFORCED_IN} {drop_statement(desired, DROP_POLICY_DENIED_INGRESS)}",
                           comment="ingress default deny"),
                      Rule(f"oif @{AUDITED_IN} goto {POL_AUDIT_IN}", comment="ingress audit"))),
@@ -556,10 +590,13 @@ def policy_enforcement(desired: DesiredDatapath) -> Section:
               rules=(Rule(drop_statement(desired, DROP_POLICY_DENY_EGRESS)),)),
         Chain(name=POL_DENIED_IN, comment="ingress denied by a deny rule",
               rules=(Rule(drop_statement(desired, DROP_POLICY_DENY_INGRESS)),)),
-        Chain(name=POL_L7_OUT, comment="egress an L7 rule selects: no L7 proxy yet, denied",
-              rules=(Rule(drop_statement(desired, DROP_POLICY_L7_EGRESS)),)),
-        Chain(name=POL_L7_IN, comment="ingress an L7 rule selects: no L7 proxy yet, denied",
-              rules=(Rule(drop_statement(desired, DROP_POLICY_L7_INGRESS)),)),
+        # A plain allow beats an L7 rule: an ipBlock allow of the address still lets it through.
+        Chain(name=POL_L7_OUT, comment="egress an L7 rule selects: no L7 proxy yet, denied unless an ipBlock allows",
+              rules=(*_address_lookups(POL_OUT_ADDR, "iif", "ip daddr"),
+                     Rule(drop_statement(desired, DROP_POLICY_L7_EGRESS)))),
+        Chain(name=POL_L7_IN, comment="ingress an L7 rule selects: no L7 proxy yet, denied unless an ipBlock allows",
+              rules=(*_address_lookups(POL_IN_ADDR, "oif", "ip saddr"),
+                     Rule(drop_statement(desired, DROP_POLICY_L7_INGRESS)))),
         Chain(name=POL_AUDIT_OUT, comment="egress audit verdicts", rules=(audit(AUDIT_POLICY_EGRESS),)),
         Chain(name=POL_AUDIT_IN, comment="ingress audit verdicts", rules=(audit(AUDIT_POLICY_INGRESS),)),
     )

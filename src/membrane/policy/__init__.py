@@ -29,9 +29,11 @@ from membrane.policy.ipcache import (
     with_cidr_identities,
 )
 from membrane.policy.mapstate import (
+    AddressEntry,
     DirectionPolicy,
     EndpointPolicy,
     EnforcementConfig,
+    FlatAddressEntry,
     FlatEntry,
     MapEntry,
     Match,
@@ -41,11 +43,13 @@ from membrane.policy.mapstate import (
     Verdict,
     compute_endpoint_policy,
     compute_policies,
+    flatten_address_entries,
     flatten_entries,
     named_ports_of,
 )
 from membrane.policy.rules import PolicyRule, RuleOrigin, normalize, normalize_all
 from membrane.policy.selectors import (
+    AddressBlock,
     CIDRSelector,
     Requirement,
     SelectionChanges,
@@ -59,11 +63,14 @@ from membrane.policy.trace import PolicyTrace, TracePeer, format_trace, parse_po
 
 __all__ = [
     "PROTOCOLS",
+    "AddressBlock",
+    "AddressEntry",
     "CIDRSelector",
     "CompiledPolicy",
     "DirectionPolicy",
     "EndpointPolicy",
     "EnforcementConfig",
+    "FlatAddressEntry",
     "FlatEntry",
     "IpcacheInterval",
     "MapEntry",
@@ -85,6 +92,7 @@ __all__ = [
     "compile_policies",
     "compute_endpoint_policy",
     "compute_policies",
+    "flatten_address_entries",
     "flatten_entries",
     "flatten_ipcache",
     "format_trace",

@@ -21,15 +21,23 @@ protocol (key protocol 0 = ANY). Named ports resolve against the *destination* p
 itself on ingress, the pods behind each peer identity on egress (so a name may map to different
 numbers per peer). ICMP rules (``icmps``) use protocol 1/58 with the ICMP type in the port field.
 
+Address entries: a NetworkPolicy ``ipBlock`` matches the peer's *address* (upstream Kubernetes),
+not an identity, so its allows are :class:`AddressEntry` s over address ranges (the block minus its
+exceptions; an exception is no deny: another allow of that address still wins). They hold allows
+only (NetworkPolicy has no deny), and combine with the identity entries under the same
+precedence: :meth:`DirectionPolicy.lookup` given the remote address sees both.
+:func:`flatten_address_entries` cuts them into disjoint address boxes the same way.
+
 Flattening (:func:`flatten_entries`) splits the identity, protocol and port space into disjoint
 boxes, each carrying the winning typed verdict (and the L7 parser of a redirect), and merges
 neighbours with the same outcome: what an interval map that refuses overlaps can hold. Rendering
 those boxes as nft elements is the datapath's business (its policy renderer).
 
 Primitives: :class:`EnforcementConfig`, :class:`PolicyEndpoint`, :class:`ServiceInfo`,
-:class:`Verdict`, :class:`MapEntry`, :class:`Match`, :class:`DirectionPolicy`,
+:class:`Verdict`, :class:`MapEntry`, :class:`AddressEntry`, :class:`Match`, :class:`DirectionPolicy`,
 :class:`EndpointPolicy`, :class:`PolicyRepository`, :func:`compute_endpoint_policy`,
-:func:`compute_policies`, :class:`FlatEntry`, :func:`flatten_entries`, :func:`named_ports_of`,
+:func:`compute_policies`, :class:`FlatEntry`, :func:`flatten_entries`, :class:`FlatAddressEntry`,
+:func:`flatten_address_entries`, :func:`named_ports_of`,
 :data:`PROTOCOLS` (from :mod:`membrane.core.protocols`).
 """
 
@@ -39,8 +47,9 @@ import enum
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
+from ipaddress import IPv4Address
 from typing import Literal, TypeVar
 
 from membrane.api import k8s
@@ -58,7 +67,7 @@ from membrane.policy.rules import (
     RuleOrigin,
     ServiceRef,
 )
-from membrane.policy.selectors import Requirement, Selector, SelectorCache, match_label
+from membrane.policy.selectors import AddressBlock, Requirement, Selector, SelectorCache, match_label
 
 #: What ``ANY`` means in a port rule (Cilium: TCP, UDP and SCTP).
 ANY_L4 = (PROTOCOLS["TCP"], PROTOCOLS["UDP"], PROTOCOLS["SCTP"])
@@ -153,6 +162,28 @@ class MapEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class AddressEntry:
+    """An allow for remote *addresses* (disjoint inclusive ranges of integer IPv4 addresses: an
+    ``ipBlock`` minus its exceptions), a protocol and a port range, with the rule it comes from
+    (its path names the ipBlock)."""
+
+    ranges: tuple[tuple[int, int], ...]
+    proto: int
+    port_low: int
+    port_high: int
+    verdict: Verdict
+    origin: RuleOrigin
+    l7: L7Spec | None = None
+
+    def matches(self, address: int, proto: int, port: int) -> bool:
+        return (
+            (self.proto == PROTO_ANY or self.proto == proto)
+            and self.port_low <= port <= self.port_high
+            and any(low <= address <= high for low, high in self.ranges)
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Match:
     """What the entries say about one packet: the winning verdict (None: no entry) and the rules."""
 
@@ -171,6 +202,7 @@ class DirectionPolicy:
     default_deny: bool
     audit: bool
     entries: tuple[MapEntry, ...] = ()
+    addresses: tuple[AddressEntry, ...] = ()  # ipBlock allows, by the remote address
 
     @property
     def selected(self) -> bool:
@@ -181,9 +213,13 @@ class DirectionPolicy:
         """Whether a packet no entry allows is dropped (default-deny and not in audit mode)."""
         return self.default_deny and not self.audit
 
-    def lookup(self, identity: int, proto: int, port: int) -> Match:
-        """The verdict the entries give a packet from/to ``identity`` (ICMP: ``port`` = type)."""
-        found = [e for e in self.entries if e.matches(identity, proto, port)]
+    def lookup(self, identity: int, proto: int, port: int, address: IPv4Address | int | None = None) -> Match:
+        """The verdict the entries give a packet from/to ``identity`` (ICMP: ``port`` = type); with
+        the remote ``address``, the address entries (ipBlock) take part under the same precedence."""
+        found: list[MapEntry | AddressEntry] = [e for e in self.entries if e.matches(identity, proto, port)]
+        if address is not None and self.addresses:
+            number = int(address)
+            found += [e for e in self.addresses if e.matches(number, proto, port)]
         if not found:
             return Match(None)
         best = max((e.verdict for e in found), key=_PRECEDENCE.__getitem__)
@@ -196,6 +232,11 @@ class DirectionPolicy:
     def flat(self) -> tuple[FlatEntry, ...]:
         """The entries as disjoint boxes (verdicts only), ready to render."""
         return flatten_entries(self.entries)
+
+    @cached_property
+    def flat_addresses(self) -> tuple[FlatAddressEntry, ...]:
+        """The address entries as disjoint boxes, ready to render next to :attr:`flat`."""
+        return flatten_address_entries(self.addresses)
 
 
 @dataclass(frozen=True)
@@ -246,7 +287,9 @@ class _Context:
     services: tuple[ServiceInfo, ...]
     # A rule's entries depend on the rule, the requirements in force and (named ports on
     # ingress) the endpoint's ports: computed once per combination, shared by all endpoints.
-    entries: dict[tuple[int, tuple[Requirement, ...], object], list[MapEntry]] = field(default_factory=dict)
+    entries: dict[tuple[int, tuple[Requirement, ...], object], tuple[list[MapEntry], list[AddressEntry]]] = field(
+        default_factory=dict
+    )
 
 
 def _service_selectors(ref: ServiceRef, services: Sequence[ServiceInfo]) -> list[Selector]:
@@ -314,7 +357,37 @@ def _port_entries(
     return [(frozenset(ids), proto, port, port) for (proto, port), ids in sorted(groups.items())]
 
 
+def _address_entries(
+    rule: PolicyRule, block: AddressBlock, endpoint: PolicyEndpoint, ctx: _Context
+) -> list[AddressEntry]:
+    """The entries of one ipBlock peer. A named port resolves against the destination pod: on
+    ingress that is the endpoint itself; on egress an address names no pod, so the name resolves
+    to nothing (fail closed)."""
+    ranges = block.ranges()
+    if not ranges:
+        return []
+    origin = replace(rule.origin, path=f"{rule.origin.path}.{block.path}" if block.path else rule.origin.path)
+    verdict = Verdict.DENY if rule.action == "deny" else Verdict.ALLOW
+    if rule.l4 is None:
+        return [AddressEntry(ranges, PROTO_ANY, 0, PORT_MAX, verdict, origin)]
+    entries = []
+    for l4 in rule.l4:
+        for spec in l4.ports:
+            if not isinstance(spec.port, int) and rule.direction == "egress":
+                continue
+            for _, proto, low, high in _port_entries(spec, None, rule.direction, endpoint, ctx):
+                entries.append(AddressEntry(ranges, proto, low, high, verdict, origin))
+    return entries
+
+
 def _rule_entries(
+    rule: PolicyRule, requirements: tuple[Requirement, ...], endpoint: PolicyEndpoint, ctx: _Context
+) -> tuple[list[MapEntry], list[AddressEntry]]:
+    addresses = [entry for block in rule.addresses for entry in _address_entries(rule, block, endpoint, ctx)]
+    return _identity_entries(rule, requirements, endpoint, ctx), addresses
+
+
+def _identity_entries(
     rule: PolicyRule, requirements: tuple[Requirement, ...], endpoint: PolicyEndpoint, ctx: _Context
 ) -> list[MapEntry]:
     identities = _peer_identities(rule, requirements, ctx)
@@ -347,6 +420,7 @@ def _direction_policy(
     allow_requirements = tuple(req for r in mine if r.action == "allow" for req in r.requires)
     deny_requirements = tuple(req for r in mine if r.action == "deny" for req in r.requires)
     entries: list[MapEntry] = []
+    addresses: list[AddressEntry] = []
     ports = endpoint.named_ports_signature if direction == "ingress" else ()
     for rule in mine:
         requirements = deny_requirements if rule.action == "deny" else allow_requirements
@@ -354,10 +428,11 @@ def _direction_policy(
         found = ctx.entries.get(memo_key)
         if found is None:
             found = ctx.entries[memo_key] = _rule_entries(rule, requirements, endpoint, ctx)
-        entries.extend(found)
+        entries.extend(found[0])
+        addresses.extend(found[1])
     if direction == "ingress" and default_deny and config.allow_localhost:
         entries.append(MapEntry(frozenset({HOST.id}), PROTO_ANY, 0, PORT_MAX, Verdict.ALLOW, ALLOW_LOCALHOST))
-    return DirectionPolicy(direction, config.mode, selected_by, default_deny, audit, tuple(entries))
+    return DirectionPolicy(direction, config.mode, selected_by, default_deny, audit, tuple(entries), tuple(addresses))
 
 
 def _context(
@@ -432,7 +507,10 @@ class FlatEntry:
     rules: frozenset[RuleOrigin] = frozenset()
 
 
-def _decide(active: Sequence[MapEntry], with_rules: bool) -> Decision:
+_Entry = MapEntry | AddressEntry
+
+
+def _decide(active: Sequence[_Entry], with_rules: bool) -> Decision:
     best = max((e.verdict for e in active), key=_PRECEDENCE.__getitem__)
     winners = [e for e in active if e.verdict is best]
     parser = min((e.l7.parser for e in winners if e.l7 is not None), default="") if best is Verdict.REDIRECT else ""
@@ -444,7 +522,7 @@ PortCells = tuple[tuple[int, int, Decision], ...]
 ProtoCells = tuple[tuple[int, int, PortCells], ...]
 
 
-def _flatten_ports(entries: Sequence[MapEntry], with_rules: bool) -> PortCells:
+def _flatten_ports(entries: Sequence[_Entry], with_rules: bool) -> PortCells:
     if not entries:
         return ()
     points = sorted({e.port_low for e in entries} | {e.port_high + 1 for e in entries})
@@ -492,9 +570,9 @@ def _split(points: Iterable[int], maximum: int) -> list[tuple[int, int, int | No
     return cells
 
 
-def _flatten_protos(entries: Sequence[MapEntry], with_rules: bool) -> ProtoCells:
+def _flatten_protos(entries: Sequence[_Entry], with_rules: bool) -> ProtoCells:
     wild = [e for e in entries if e.proto == PROTO_ANY]
-    specific: dict[int, list[MapEntry]] = defaultdict(list)
+    specific: dict[int, list[_Entry]] = defaultdict(list)
     for entry in entries:
         if entry.proto != PROTO_ANY:
             specific[entry.proto].append(entry)
@@ -544,3 +622,55 @@ def flatten_entries(entries: Sequence[MapEntry], with_rules: bool = False) -> tu
                     FlatEntry((id_low, id_high), (proto_low, proto_high), (port_low, port_high), verdict, parser, rules)
                 )
     return tuple(boxes)
+
+
+@dataclass(frozen=True, slots=True)
+class FlatAddressEntry:
+    """A disjoint box of the address, protocol and port space and its verdict (addresses as
+    inclusive integer ranges)."""
+
+    addresses: tuple[int, int]
+    proto: tuple[int, int]
+    port: tuple[int, int]
+    verdict: Verdict
+    parser: str = ""
+    rules: frozenset[RuleOrigin] = frozenset()
+
+
+def flatten_address_entries(entries: Sequence[AddressEntry], with_rules: bool = False) -> tuple[FlatAddressEntry, ...]:
+    """Disjoint boxes covering exactly what the address entries cover, each with the winning verdict.
+
+    A sweep over the range boundaries: between two consecutive boundaries the same entries are
+    active, and runs with the same active set share one protocol/port flattening."""
+    if not entries:
+        return ()
+    events: dict[int, list[tuple[int, int]]] = defaultdict(list)  # address -> (entry, +1 | -1)
+    for index, entry in enumerate(entries):
+        for low, high in entry.ranges:
+            events[low].append((index, 1))
+            events[high + 1].append((index, -1))
+    points = sorted(events)
+    depth: dict[int, int] = defaultdict(int)
+    memo: dict[frozenset[int], ProtoCells] = {}
+    cells: list[tuple[int, int, ProtoCells]] = []
+    for point, next_point in itertools.pairwise(points):
+        for index, delta in events[point]:
+            depth[index] += delta
+            if not depth[index]:
+                del depth[index]
+        if not depth:
+            continue
+        active = frozenset(depth)
+        if active not in memo:
+            memo[active] = _flatten_protos([entries[i] for i in sorted(active)], with_rules)
+        content = memo[active]
+        if cells and cells[-1][1] == point - 1 and cells[-1][2] == content:
+            cells[-1] = (cells[-1][0], next_point - 1, content)
+        else:
+            cells.append((point, next_point - 1, content))
+    return tuple(
+        FlatAddressEntry((low, high), (proto_low, proto_high), (port_low, port_high), verdict, parser, rules)
+        for low, high, protos in cells
+        for proto_low, proto_high, ports in protos
+        for port_low, port_high, (verdict, parser, rules) in ports
+    )

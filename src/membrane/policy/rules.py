@@ -15,7 +15,9 @@ Translation follows Cilium (``pkg/k8s/network_policy.go`` and the CRD parsing in
   ``reserved:init``;
 - NetworkPolicy peers: ``podSelector`` alone = pods of the policy namespace; ``namespaceSelector``
   = namespace labels (``io.cilium.k8s.namespace.labels.<key>``), ``{}`` = every namespace, ANDed
-  with a ``podSelector`` of the same peer; ``ipBlock`` = CIDR with exceptions; a missing or empty
+  with a ``podSelector`` of the same peer; ``ipBlock`` = an :class:`AddressBlock`, matched against
+  the peer's address as upstream Kubernetes does (pods and nodes included; an IPv6 block matches
+  nothing in this IPv4-only cluster and is reported unsupported); a missing or empty
   ``from``/``to`` = every peer; ``ports`` default to TCP, a missing ``port`` = all ports,
   ``endPort`` = a range; only the directions named in ``policyTypes`` apply, and a listed
   direction without rules is default-deny through a rule that selects nothing;
@@ -51,6 +53,7 @@ from membrane.policy.selectors import (
     ANY_SOURCE,
     SOURCE_RESERVED,
     WILDCARD,
+    AddressBlock,
     CIDRSelector,
     PeerSelector,
     Requirement,
@@ -161,7 +164,8 @@ class PolicyRule:
     """One normalized rule: subject, direction, allow/deny, peers and L4 (+L7).
 
     Peers are ORed: ``endpoints`` (the ``fromEndpoints``/``toEndpoints`` selectors, to which
-    ``fromRequires`` requirements apply), ``peers`` (entities, CIDRs, the wildcard), ``services``
+    ``fromRequires`` requirements apply), ``peers`` (entities, CIDRs, the wildcard), ``addresses``
+    (NetworkPolicy ``ipBlock`` peers, matched against the peer's address), ``services``
     (resolved by the compiler), ``fqdns`` (kept for a DNS proxy; they select nothing yet) and the
     other peers not supported yet (``unsupported``).
     A rule with no peer at all selects nothing. ``l4`` None means every protocol and port.
@@ -174,6 +178,7 @@ class PolicyRule:
     default_deny: bool = True
     endpoints: tuple[Selector, ...] = ()
     peers: tuple[PeerSelector, ...] = ()
+    addresses: tuple[AddressBlock, ...] = ()
     services: tuple[ServiceRef, ...] = ()
     fqdns: tuple[cilium.FQDNSelector, ...] = ()
     unsupported: tuple[str, ...] = ()
@@ -183,7 +188,7 @@ class PolicyRule:
 
     @property
     def has_peers(self) -> bool:
-        return bool(self.endpoints or self.peers or self.services or self.fqdns)
+        return bool(self.endpoints or self.peers or self.addresses or self.services or self.fqdns)
 
     def selectors(self) -> Iterator[PeerSelector]:
         yield self.subject
@@ -484,16 +489,23 @@ def _cilium_rules(
 # --- NetworkPolicy ---------------------------------------------------------------------------------------
 
 
-def _np_peer(peer: k8s.NetworkPolicyPeer, namespace: str) -> tuple[Selector | None, CIDRSelector | None]:
-    if peer.ipBlock is not None:
-        return None, _cidr_selector(peer.ipBlock.cidr, peer.ipBlock.except_ or ())
+def _address_block(block: k8s.IPBlock, path: str) -> AddressBlock | None:
+    """An ipBlock as addresses; None for an IPv6 block (pods and nodes are IPv4-only)."""
+    prefix = _cidr(block.cidr)
+    if prefix is None:
+        return None
+    excepts = tuple(e for e in (_cidr(x) for x in block.except_ or ()) if e is not None)
+    return AddressBlock(prefix, excepts, path)
+
+
+def _np_peer(peer: k8s.NetworkPolicyPeer, namespace: str) -> Selector:
     pods = selector_from_k8s(peer.podSelector) if peer.podSelector is not None else WILDCARD
     if peer.namespaceSelector is not None:
         namespaces = selector_from_k8s(peer.namespaceSelector, key_prefix=NAMESPACE_LABELS_PREFIX)
         if namespaces.is_wildcard:  # every namespace: any pod (not the host, not the world)
             namespaces = Selector((Requirement(SOURCE_K8S, POD_NAMESPACE_LABEL, "Exists"),))
-        return namespaces.and_(*pods.requirements), None
-    return pods.and_(match_label(SOURCE_K8S, POD_NAMESPACE_LABEL, namespace)), None
+        return namespaces.and_(*pods.requirements)
+    return pods.and_(match_label(SOURCE_K8S, POD_NAMESPACE_LABEL, namespace))
 
 
 def _np_ports(ports: tuple[k8s.NetworkPolicyPort, ...] | None) -> tuple[L4Rule, ...] | None:
@@ -529,22 +541,28 @@ def _network_policy_rules(policy: k8s.NetworkPolicy) -> Iterator[PolicyRule]:
             continue
         for position, (raw_peers, ports) in enumerate(items):
             endpoints: list[Selector] = []
-            cidrs: list[PeerSelector] = []
+            addresses: list[AddressBlock] = []
+            unsupported: list[str] = []
+            side = "from" if direction == "ingress" else "to"
             if not raw_peers:
                 endpoints.append(WILDCARD)  # missing or empty: every peer
-            for peer in raw_peers or ():
-                endpoint, cidr = _np_peer(peer, namespace)
-                if endpoint is not None:
-                    endpoints.append(endpoint)
-                if cidr is not None:
-                    cidrs.append(cidr)
+            for index, peer in enumerate(raw_peers or ()):
+                if peer.ipBlock is None:
+                    endpoints.append(_np_peer(peer, namespace))
+                elif (block := _address_block(peer.ipBlock, f"{side}[{index}].ipBlock")) is not None:
+                    addresses.append(block)
+                else:
+                    unsupported.append(
+                        f"{side}[{index}].ipBlock {peer.ipBlock.cidr}: IPv6, matches nothing (the cluster is IPv4-only)"
+                    )
             yield PolicyRule(
                 origin=RuleOrigin(policy.kind, namespace, policy.name, 0, f"spec.{direction}[{position}]"),
                 subject=subject,
                 direction=direction,
                 action="allow",
                 endpoints=tuple(dict.fromkeys(endpoints)),
-                peers=tuple(dict.fromkeys(cidrs)),
+                addresses=tuple(dict.fromkeys(addresses)),
+                unsupported=tuple(unsupported),
                 l4=_np_ports(ports),
             )
 

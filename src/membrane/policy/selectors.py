@@ -14,6 +14,7 @@ Primitives:
 - :class:`Requirement`, :class:`Selector` (ANDed requirements over identity labels),
   :class:`CIDRSelector` (a prefix minus exceptions, matched by prefix containment) and
   :data:`PeerSelector`, the union of the two;
+- :class:`AddressBlock` -- a Kubernetes ``ipBlock``: matched against addresses, not identities;
 - :class:`SelectorCache` -- the identity table plus the selection of every registered selector,
   updated incrementally as identities appear and disappear (:meth:`SelectorCache.update`
   returns the :class:`SelectionChange` of every selector it touched); it is the one mutable
@@ -188,6 +189,46 @@ class CIDRSelector:
 
 
 PeerSelector = Selector | CIDRSelector
+
+
+@dataclass(frozen=True, slots=True)
+class AddressBlock:
+    """A Kubernetes ``ipBlock`` peer: addresses in ``prefix`` but in none of ``excepts``, matched
+    against the peer's *address* (pods, nodes and the outside alike), not against an identity.
+    ``path`` is where it sits in its section entry (``to[1].ipBlock``)."""
+
+    prefix: IPv4Network
+    excepts: tuple[IPv4Network, ...] = ()
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "excepts", tuple(sorted(set(self.excepts))))
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """The block as disjoint, sorted inclusive ranges of integer addresses (the exceptions cut out)."""
+        low, high = int(self.prefix.network_address), int(self.prefix.broadcast_address)
+        cuts = sorted((int(e.network_address), int(e.broadcast_address)) for e in self.excepts)
+        found: list[tuple[int, int]] = []
+        cursor = low
+        for cut_low, cut_high in cuts:
+            if cut_high < cursor:
+                continue  # inside an exception already cut
+            if cut_low > cursor:
+                found.append((cursor, min(cut_low - 1, high)))
+            cursor = max(cursor, cut_high + 1)
+            if cursor > high:
+                break
+        if cursor <= high:
+            found.append((cursor, high))
+        return tuple(found)
+
+    def contains(self, address: int) -> bool:
+        return any(low <= address <= high for low, high in self.ranges())
+
+    def __str__(self) -> str:
+        if not self.excepts:
+            return f"ipBlock:{self.prefix}"
+        return f"ipBlock:{self.prefix} except {','.join(str(e) for e in self.excepts)}"
 
 WILDCARD = Selector()
 

@@ -9,7 +9,9 @@ denied, audit mode lets it pass).
 
 Peers are named as ``membrane policy trace`` takes them: ``NS/POD`` for an endpoint, an address or
 CIDR (resolved through the ipcache, so a pod's address finds the pod's identity), or an entity
-name (``world``, ``host``, ``remote-node``, ...).
+name (``world``, ``host``, ``remote-node``, ...). A peer with an address (a pod, an address, a
+CIDR's first address) is also checked against the NetworkPolicy ``ipBlock`` entries, which match
+addresses, not identities; the deciding rule then names the ipBlock (``spec.egress[0].to[1].ipBlock``).
 
 Primitives: :class:`TracePeer`, :func:`resolve_peer`, :class:`DirectionTrace`,
 :class:`PolicyTrace`, :func:`trace_direction`, :func:`trace`, :func:`format_trace`.
@@ -43,6 +45,7 @@ class TracePeer:
     name: str
     identity: int
     endpoint: EndpointPolicy | None = None
+    address: IPv4Address | None = None  # for ipBlock entries; None: an entity, or a pod without one
 
 
 def resolve_peer(
@@ -54,7 +57,8 @@ def resolve_peer(
     """``NS/POD``, an address or CIDR, or an entity name → the peer with its identity."""
     if text in policies:
         policy = policies[text]
-        return TracePeer(text, policy.endpoint.identity, policy)
+        own = next((a for a, key in (endpoint_addresses or {}).items() if key == text), None)
+        return TracePeer(text, policy.endpoint.identity, policy, own)
     if text in RESERVED_BY_NAME and text != "unknown":
         return TracePeer(text, RESERVED_BY_NAME[text].id)
     try:
@@ -66,9 +70,9 @@ def resolve_peer(
     address = IPv4Address(network.network_address)
     key = (endpoint_addresses or {}).get(address)
     if key is not None and key in policies:
-        return TracePeer(text, policies[key].endpoint.identity, policies[key])
+        return TracePeer(text, policies[key].endpoint.identity, policies[key], address)
     identity = lookup_identity(intervals, address)
-    return TracePeer(text, WORLD.id if identity is None else identity)
+    return TracePeer(text, WORLD.id if identity is None else identity, None, address)
 
 
 @dataclass(frozen=True)
@@ -86,15 +90,21 @@ class DirectionTrace:
 
 
 def trace_direction(
-    direction: Direction, endpoint: str | None, policy: DirectionPolicy | None, remote: int, proto: int, port: int
+    direction: Direction,
+    endpoint: str | None,
+    policy: DirectionPolicy | None,
+    remote: int,
+    proto: int,
+    port: int,
+    address: IPv4Address | None = None,
 ) -> DirectionTrace:
-    """One check: ``policy`` of ``endpoint`` against the remote identity, protocol and port."""
+    """One check: ``policy`` of ``endpoint`` against the remote identity (and address), protocol and port."""
     if policy is None:
         return DirectionTrace(direction, endpoint, "allowed", "not-an-endpoint")
     if policy.mode == "never":
         return DirectionTrace(direction, endpoint, "allowed", "disabled")
     blocked: Outcome = "audited" if policy.audit else "denied"
-    match = policy.lookup(remote, proto, port)
+    match = policy.lookup(remote, proto, port, address)
     if match.verdict is Verdict.DENY:
         return DirectionTrace(direction, endpoint, blocked, "deny-rule", match.rules)
     if match.verdict is Verdict.ALLOW:
@@ -150,6 +160,7 @@ def trace(source: TracePeer, destination: TracePeer, protocol: str, port: int) -
         destination.identity,
         proto,
         port,
+        destination.address,
     )
     ingress = trace_direction(
         "ingress",
@@ -158,6 +169,7 @@ def trace(source: TracePeer, destination: TracePeer, protocol: str, port: int) -
         source.identity,
         proto,
         port,
+        source.address,
     )
     return PolicyTrace(source, destination, protocol, port, egress, ingress)
 
