@@ -72,7 +72,7 @@ def test_install_writes_the_unit_the_config_the_conflist_and_the_plugin_link(roo
 
     config = yaml.safe_load((root / "etc/membrane/agent.yaml").read_text())
     assert config == {"nodeName": "n1", "store": "etcd://10.0.0.5:2379", "stateDir": "/var/lib/membrane",
-                      "runDir": "/run/membrane"}
+                      "runDir": "/run/membrane", "hubble": {"relayAddress": "127.0.0.1:4245"}}
 
     conflist = json.loads((root / "etc/cni/net.d/05-membrane.conflist").read_text())
     assert conflist["name"] == "membrane"

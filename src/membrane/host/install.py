@@ -153,6 +153,9 @@ def agent_config_text(options: InstallOptions) -> str:
     settings["runDir"] = str(RUN_DIR)
     if options.node_ip:
         settings["nodeIP"] = options.node_ip
+    if options.relay:
+        # The CLI on this host reads it: membrane observe shows the whole cluster by default.
+        settings["hubble"] = {"relayAddress": options.relay_listen}
     # Refuse what the agent would refuse at start, naming the field, before anything is written.
     from membrane.agent.config import load_agent_config
 
