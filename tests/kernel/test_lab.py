@@ -177,7 +177,8 @@ def test_the_command_line(dirs: LabDirs, agent: list[str], name: str, monkeypatc
     up = runner.invoke(cli, ["lab", "up", "--name", name, "--nodes", "1"])
     assert up.exit_code == 0, up.output
     assert f"lab {name} is up: 1 node, vxlan routing, sqlite store" in up.stdout
-    assert "[1/5] state and run dirs\n" in up.stderr  # not a terminal: one line per step
+    assert "[1/7] state and run dirs\n" in up.stderr  # not a terminal: one line per step
+    assert "relay listening on 127.0.0.1:" in up.stderr
 
     status = runner.invoke(cli, ["lab", "status", "--name", name])
     assert status.exit_code == 0
