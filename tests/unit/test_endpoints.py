@@ -17,7 +17,8 @@ from membrane.datapath.netlink.fake import FakeNetlink
 from membrane.datapath.nft.fake import FakeNftRunner
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
-from membrane.testing.agentkit import FakeNode, pod
+from membrane.api.manifest import parse_manifest_text
+from membrane.testing.agentkit import FakeNode, pod, policy_object
 
 
 async def test_add_returns_cni_result_and_programs_anti_spoofing():
@@ -158,3 +159,24 @@ def test_an_endpoint_record_is_stored_under_the_stores_endpoint_key():
                             300, (), "runner")
     assert record.key == keys.endpoint_key("node1", "c1")
     assert record.key.startswith(keys.endpoints_prefix("node1"))
+
+
+async def test_an_added_endpoint_reaches_the_kernel_with_its_policy() -> None:
+    policy = parse_manifest_text("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-in, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+""")
+    async with FakeNode() as h:
+        h.policies.upsert(*(policy_object(p) for p in policy))
+        h.pods.upsert(pod("x", "web", {"app": "web"}))
+        await h.settled()
+        result = await h.add("c1", "web")
+        # The CNI ADD answered: the kernel holds the anti-spoofing entry and the policy together.
+        ifindex = str(h.manager.get("c1").host_ifindex)
+        assert len(h.set_elements("endpoint_sources")) == 1
+        assert h.set_elements("enforced_in") == {(ifindex,)}, result

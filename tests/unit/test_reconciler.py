@@ -180,3 +180,17 @@ async def test_wait_done_returns_once_realized_and_raises_on_failure() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_nothing_is_touched_until_the_table_is_initialized() -> None:
+    target = RouteTable(held={"10.0.7.0/24": "left by the previous run"})
+    db = StateDB()
+    table = db.table("routes", primary=lambda r: r.prefix, initialized=False)
+    reconciler = Reconciler("routes", db, table, target, clock=FakeClock())
+    writer = table.writer("restore")
+    await reconciler.reconcile_once()  # a full pass now would prune the route nobody restored yet
+    assert target.calls == [] and target.held == {"10.0.7.0/24": "left by the previous run"}
+    writer.upsert(Route("10.0.7.0/24", "restored"))
+    table.initialized.set()
+    await reconciler.reconcile_once()
+    assert target.held == {"10.0.7.0/24": "restored"}

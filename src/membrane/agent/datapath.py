@@ -132,8 +132,15 @@ class DatapathController:
         settings = self.cluster.snapshot().get("cluster") if self.cluster is not None else None
         return None if settings is not None and not settings.config.hubbleEnabled else self.flow_log
 
-    def compute(self) -> None:
+    def compute(self) -> bool:
+        """Write the desired nft objects; False when it waited for the policy controller instead."""
         endpoints_snap = self.local_endpoints.snapshot()
+        if self.policy is not None:
+            computed = self.policy.ipcache.snapshot().get("ipcache")
+            if computed is None or computed.local_revision < endpoints_snap.revision:
+                # The policy controller has not seen these endpoints yet; it writes its tables next,
+                # and that runs this again: a new endpoint never reaches the kernel without its policy.
+                return False
         ready = [r for r in endpoints_snap if r.state == "ready" and r.host_ifindex]
         policy = None
         store_revisions: tuple[tuple[str, int], ...] = ()
@@ -153,6 +160,7 @@ class DatapathController:
         self.computed = [*self.computed[-63:], (self.nft.revision, endpoints_snap.revision, store_revisions)]
         done, self.next_compute = self.next_compute, asyncio.Event()
         done.set()
+        return True
 
 
 class DatapathModule:

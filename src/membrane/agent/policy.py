@@ -68,6 +68,9 @@ class IpcacheRow:
 
     intervals: tuple[IpcacheInterval, ...]
     store_revisions: tuple[tuple[str, int], ...] = ()
+    #: The ``local_endpoints`` revision the endpoint policies were computed from: the datapath waits
+    #: for it, so a new endpoint's anti-spoofing entry and its policy reach the kernel together.
+    local_revision: int = 0
     key: str = "ipcache"
 
 
@@ -147,7 +150,8 @@ class PolicyController:
             cluster.values(), pods, enforcement_config(settings.config) if settings is not None else None)
         if changed:
             self.last_compile = time.perf_counter() - started
-        local = [r for r in self.local_endpoints.snapshot() if r.state == "ready" and r.host_ifindex]
+        local_snapshot = self.local_endpoints.snapshot()
+        local = [r for r in local_snapshot if r.state == "ready" and r.host_ifindex]
         endpoints = [(policy_endpoint(r, pods), parse_labels(r.labels)) for r in local]
         policies = self.compiler.endpoint_policies(endpoints)
         rows = [EndpointPolicyRow(r.host_ifindex, f"{r.namespace}/{r.pod}", policies[f"{r.namespace}/{r.pod}"])
@@ -158,7 +162,7 @@ class PolicyController:
         nodes = {n.name: n for n in intent.nodes.snapshot()}
         intervals = self._ipcache.intervals(cluster, nodes, self.compiler.compiled.cidr_identities)
         self._policies_writer.replace_all(rows)
-        self._ipcache_writer.replace_all([IpcacheRow(intervals, store_revisions)])
+        self._ipcache_writer.replace_all([IpcacheRow(intervals, store_revisions, local_snapshot.revision)])
         self._status_writer.replace_all(self._status_rows(rows))
 
     def _status_rows(self, rows: Sequence[EndpointPolicyRow]) -> list[PolicyStatusRow]:
@@ -220,8 +224,10 @@ def policy_module(db: StateDB, intent: IntentTables, local_endpoints: Table[Endp
                   controller: PolicyController, write_status: StatusWriter | None, *,
                   resync_interval: float, debounce: float = 0.02) -> Module:
     tables = controller.tables
+    # A new local endpoint waits for its policy (a CNI ADD answers once both are in the kernel): no
+    # debounce for it; bursts of store changes are debounced.
     compute = Controller("policy", [*intent.all(), local_endpoints], controller.compute, debounce=debounce,
-                         outputs=[tables.endpoint_policies, tables.ipcache, tables.status])
+                         urgent=[local_endpoints], outputs=[tables.endpoint_policies, tables.ipcache, tables.status])
     reconcilers: tuple[Reconciler[Any], ...] = ()
     if write_status is not None:
         reconcilers = (Reconciler("policy-status", db, tables.status,

@@ -140,15 +140,18 @@ class Controller:
     """Runs ``compute`` whenever one of ``inputs`` changes (and once at start).
 
     ``compute`` is the controller's pure function plus the write of its output tables (``outputs``,
-    created uninitialized); it reads the input snapshots itself. ``debounce`` lets a burst of input
-    changes land before computing.
+    created uninitialized, are marked initialized after the first computation that did not return
+    False); it reads the input snapshots itself. ``debounce`` lets a burst of input
+    changes land before computing, except for a change of an ``urgent`` input.
     """
 
-    def __init__(self, name: str, inputs: Sequence[Table[Any]], compute: Callable[[], None], *,
-                 outputs: Sequence[Table[Any]] = (), debounce: float = 0.0,
+    def __init__(self, name: str, inputs: Sequence[Table[Any]], compute: Callable[[], bool | None], *,
+                 outputs: Sequence[Table[Any]] = (), debounce: float = 0.0, urgent: Sequence[Table[Any]] = (),
                  resync_interval: float | None = None) -> None:
         self.name = name
         self.inputs = tuple(inputs)
+        #: Inputs whose change is computed at once, without the debounce.
+        self.urgent = tuple(urgent)
         #: Marked initialized after the first computation: until then their reconcilers wait, so a
         #: restarted agent never prunes what it has not computed yet.
         self.outputs = tuple(outputs)
@@ -160,16 +163,18 @@ class Controller:
 
     def run_once(self) -> None:
         started = time.perf_counter()
-        self.compute()
+        wrote = self.compute()
         self.last_duration = time.perf_counter() - started
         self.runs += 1
-        for table in self.outputs:
-            table.initialized.set()
+        if wrote is not False:  # False: its inputs are not ready, nothing was written
+            for table in self.outputs:
+                table.initialized.set()
 
     async def run(self) -> None:
         while True:
             snaps = [table.snapshot() for table in self.inputs]
+            urgent = [table.snapshot().changed for table in self.urgent]
             self.run_once()
             await wait_any([s.changed for s in snaps], self.resync_interval)
-            if self.debounce:
+            if self.debounce and not any(event.is_set() for event in urgent):
                 await asyncio.sleep(self.debounce)

@@ -172,6 +172,8 @@ class Reconciler(Generic[Row]):
     async def reconcile_once(self, snap: Snapshot[Row] | None = None) -> None:
         """One pass over ``snap`` (default: the table now); full when the resync is due. Passes
         never overlap (a test or a first sync may call this while :meth:`run` is running)."""
+        if not self.table.initialized.is_set():
+            return  # nothing is known to be desired yet: a pass would prune what is merely not loaded
         async with self._lock:
             await self._reconcile(snap if snap is not None else self.table.snapshot())
 

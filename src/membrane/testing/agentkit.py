@@ -200,11 +200,14 @@ class PolicyHarness:
         if identities is None:
             identities = {r.identity: parse_labels(r.labels) for r in record_list}
         self.identities.upsert(*(IdentityRow(i, labels) for i, labels in identities.items()))
-        self.controller.compute()
+        self.compute()
         return self
 
     def compute(self) -> None:
         self.controller.compute()
+        for table in (self.controller.tables.endpoint_policies, self.controller.tables.ipcache,
+                      self.controller.tables.status):
+            table.initialized.set()
 
     def policy_datapath(self) -> PolicyDatapath:
         """The policy tables as the datapath renders them."""
