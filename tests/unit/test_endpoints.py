@@ -12,12 +12,12 @@ import pytest
 
 from membrane.agent.contract import CniFailure
 from membrane.api.endpoint import EndpointRecord
+from membrane.api.manifest import parse_manifest_text
 from membrane.core.errors import DatapathError
 from membrane.datapath.netlink.fake import FakeNetlink
 from membrane.datapath.nft.fake import FakeNftRunner
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
-from membrane.api.manifest import parse_manifest_text
 from membrane.testing.agentkit import FakeNode, pod, policy_object
 
 
