@@ -323,7 +323,9 @@ def routing_module(db: StateDB, nodes: Table[CiliumNode], netlink: Netlink, loca
                      ", ".join(f"{p.name} {p.pod_cidr} via {p.node_ip}" for p in found.peers) or "none")
         writer.replace_all(found.peers)
 
-    controller = Controller("routing", [nodes], compute, outputs=[peers])
     reconciler = Reconciler("routing", db, peers, RoutingOperations(RoutingReconciler(netlink, local, cluster)),
                             resync_interval=resync_interval)
+    # A node's route is programmed in the same step as the peers are computed: on a large cluster the
+    # policy and datapath controllers take hundreds of ms per change, and the route must not wait.
+    controller = Controller("routing", [nodes], compute, outputs=[peers], then=reconciler.reconcile_once)
     return Module("routing", reads=(nodes,), writes=(peers,), controllers=(controller,), reconcilers=(reconciler,))

@@ -147,11 +147,14 @@ class Controller:
 
     def __init__(self, name: str, inputs: Sequence[Table[Any]], compute: Callable[[], bool | None], *,
                  outputs: Sequence[Table[Any]] = (), debounce: float = 0.0, urgent: Sequence[Table[Any]] = (),
-                 resync_interval: float | None = None) -> None:
+                 resync_interval: float | None = None, then: Callable[[], Awaitable[None]] | None = None) -> None:
         self.name = name
         self.inputs = tuple(inputs)
         #: Inputs whose change is computed at once, without the debounce.
         self.urgent = tuple(urgent)
+        #: Awaited right after each computation, in the same task: the pass of the reconciler of
+        #: this controller's output, for a path that must not queue behind heavier controllers.
+        self.then = then
         #: Marked initialized after the first computation: until then their reconcilers wait, so a
         #: restarted agent never prunes what it has not computed yet.
         self.outputs = tuple(outputs)
@@ -175,6 +178,8 @@ class Controller:
             snaps = [table.snapshot() for table in self.inputs]
             urgent = [table.snapshot().changed for table in self.urgent]
             self.run_once()
+            if self.then is not None:
+                await self.then()
             await wait_any([s.changed for s in snaps], self.resync_interval)
             if self.debounce and not any(event.is_set() for event in urgent):
                 await asyncio.sleep(self.debounce)
