@@ -16,6 +16,7 @@ import pytest
 
 from membrane.testing.agentnode import AgentNode
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
+from membrane.testing.probes import CONNECT
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +27,6 @@ SERVER = textwrap.dedent(f"""
     srv.bind(("0.0.0.0", {PORT})); srv.listen(16)
     while True:
         conn, _ = srv.accept(); conn.close()
-""")
-# argv: address, port; prints "ok" or "blocked" (a dropped SYN times out).
-CONNECT = textwrap.dedent("""
-    import socket, sys
-    try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close(); print("ok")
-    except OSError:
-        print("blocked")
 """)
 POLICIES = f"""
 apiVersion: cilium.io/v2

@@ -23,28 +23,11 @@ from membrane.cni.client import AgentClient
 from membrane.lab.lab import Lab
 from membrane.lab.state import LabDirs
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
+from membrane.testing.probes import CONNECT, TCP_ECHO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 PORT = 7000
-ECHO = textwrap.dedent(f"""
-    import socket, threading
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", {PORT})); srv.listen(16)
-    def echo(conn):
-        with conn:
-            while data := conn.recv(64):
-                conn.sendall(data)
-    while True:
-        threading.Thread(target=echo, args=(srv.accept()[0],), daemon=True).start()
-""")
-CONNECT = textwrap.dedent("""
-    import socket, sys
-    try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close(); print("ok")
-    except OSError:
-        print("blocked")
-""")
 POLICY = f"""
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -86,7 +69,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def test_audit_mode_set_live_turns_the_drop_into_audit_on_every_node(cluster: Cluster, tmp_path: Path) -> None:
-    run = [sys.executable, "-c", ECHO]
+    run = [sys.executable, "-c", TCP_ECHO, str(PORT)]
     cluster.membrane("pod", "run", "server", "-n", "default", "--node", "node3", "-l", "app=server", "--", *run)
     for pod in ("friend", "stranger"):
         cluster.membrane("pod", "run", pod, "-n", "default", "--node", "node1", "-l", f"app={pod}", "--",
