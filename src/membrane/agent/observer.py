@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
@@ -464,10 +465,16 @@ class AgentObserver:
                 publish(flow)
 
     async def _follow_state(self) -> None:
+        took = 0.0
         while True:
             watches = [self._endpoint_table.snapshot().changed, self._node_table.snapshot().changed]
             await wait_any(watches)
+            # Rebuilding costs time proportional to the cluster: changes arriving meanwhile are
+            # taken together, so it never takes more than half of the event loop.
+            await asyncio.sleep(took)
+            started = time.perf_counter()
             self.rebuild_state()
+            took = time.perf_counter() - started
 
     async def _follow_settings(self) -> None:
         assert self._cluster_table is not None

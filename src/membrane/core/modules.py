@@ -142,7 +142,8 @@ class Controller:
     ``compute`` is the controller's pure function plus the write of its output tables (``outputs``,
     created uninitialized, are marked initialized after the first computation that did not return
     False); it reads the input snapshots itself. ``debounce`` lets a burst of input
-    changes land before computing, except for a change of an ``urgent`` input.
+    changes land before computing (at least as long as the last computation took), except for a
+    change of an ``urgent`` input.
     """
 
     def __init__(self, name: str, inputs: Sequence[Table[Any]], compute: Callable[[], bool | None], *,
@@ -182,4 +183,7 @@ class Controller:
                 await self.then()
             await wait_any([s.changed for s in snaps], self.resync_interval)
             if self.debounce and not any(event.is_set() for event in urgent):
-                await asyncio.sleep(self.debounce)
+                # At least as long as the last computation took: a controller whose every run costs
+                # hundreds of ms (a large cluster) takes at most half of the event loop, and the
+                # changes that arrive meanwhile cost one run, not one each.
+                await asyncio.sleep(max(self.debounce, self.last_duration))
