@@ -21,7 +21,6 @@ Primitives: :class:`Module`, :func:`start_order`, :class:`ModuleRunner`, :class:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -185,5 +184,6 @@ class Controller:
             if self.debounce and not any(event.is_set() for event in urgent):
                 # At least as long as the last computation took: a controller whose every run costs
                 # hundreds of ms (a large cluster) takes at most half of the event loop, and the
-                # changes that arrive meanwhile cost one run, not one each.
-                await asyncio.sleep(max(self.debounce, self.last_duration))
+                # changes that arrive meanwhile cost one run, not one each. An urgent change ends it.
+                await wait_any([table.snapshot().changed for table in self.urgent],
+                               max(self.debounce, self.last_duration))
