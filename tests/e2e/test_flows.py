@@ -28,23 +28,11 @@ from membrane.lab import Lab
 from membrane.lab.state import LabDirs
 from membrane.testing.agentnode import AgentNode
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
+from membrane.testing.probes import TCP_ECHO
 
 pytestmark = pytest.mark.e2e
 
 PORT = 7000
-# Echoes one message per connection, then closes after the client does.
-ECHO_SERVER = textwrap.dedent(f"""
-    import socket, threading
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", {PORT})); srv.listen(16)
-    def serve(conn):
-        with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
-    while True:
-        conn, _ = srv.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-""")
 # One connection: send, read the echo, close first (so the client's FIN comes before the server's).
 ECHO_ONCE = textwrap.dedent(f"""
     import socket, sys
@@ -80,7 +68,8 @@ def node() -> Iterator[AgentNode]:
 
 
 def test_pod_traffic_becomes_flows_with_pods_identities_verdicts_and_flags(node: AgentNode) -> None:
-    node.membrane("pod", "run", "server", "-n", "default", "-l", "app=echo", "--", sys.executable, "-c", ECHO_SERVER)
+    node.membrane("pod", "run", "server", "-n", "default", "-l", "app=echo", "--",
+                  sys.executable, "-c", TCP_ECHO, str(PORT))
     node.membrane("pod", "run", "client", "-n", "default", "-l", "app=client", "--", "sleep", "3600")
     server_ip = json.loads(node.membrane("get", "pod", "server", "-n", "default", "-o", "json").stdout)["status"][
         "podIP"]
@@ -186,7 +175,7 @@ def test_the_relay_merges_every_nodes_flows_in_time_order(lab: tuple[Lab, dict[s
         return result
 
     membrane("pod", "run", "server", "-n", "default", "--node", "node1", "-l", "app=echo", "--",
-             sys.executable, "-c", ECHO_SERVER)
+             sys.executable, "-c", TCP_ECHO, str(PORT))
     membrane("pod", "run", "client", "-n", "default", "--node", "node2", "-l", "app=client", "--", "sleep", "3600")
     membrane("pod", "run", "client3", "-n", "default", "--node", "node3", "-l", "app=client", "--", "sleep", "3600")
     server_ip = json.loads(membrane("get", "pod", "server", "-n", "default", "-o", "json").stdout)["status"]["podIP"]

@@ -23,22 +23,11 @@ import pytest
 from membrane.lab import Lab
 from membrane.lab.state import LabDirs
 from membrane.testing.netns import kernel_test_skip_reason, wait_until
+from membrane.testing.probes import TCP_ECHO
 
 pytestmark = pytest.mark.e2e
 
 PORT = 7000
-ECHO_SERVER = textwrap.dedent(f"""
-    import socket, threading
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", {PORT})); srv.listen(16)
-    def serve(conn):
-        with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
-    while True:
-        conn, _ = srv.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-""")
 # One connection, 2 s to answer: prints ok, or the reason it got none.
 ECHO_ONCE = textwrap.dedent(f"""
     import socket, sys
@@ -117,7 +106,7 @@ def drops(membrane: Run) -> list[str]:
 def test_the_whole_cluster_by_default_supervised_agents_and_a_vanished_node(cluster: tuple[Lab, Run]) -> None:
     built, membrane = cluster
     membrane("pod", "run", "server", "-n", "default", "--node", "node3", "-l", "app=echo", "--",
-             sys.executable, "-c", ECHO_SERVER)
+             sys.executable, "-c", TCP_ECHO, str(PORT))
     membrane("pod", "run", "client", "-n", "default", "--node", "node1", "-l", "app=client", "--", "sleep", "3600")
     membrane("pod", "run", "friend", "-n", "default", "--node", "node2", "-l", "app=friend", "--", "sleep", "3600")
     server_ip = json.loads(membrane("get", "pod", "server", "-n", "default", "-o", "json").stdout)["status"]["podIP"]

@@ -30,6 +30,7 @@ from typing import Any
 from membrane.api import cilium, k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.api.registry import POLICY_PLURALS
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import MembraneError
 from membrane.core.modules import Module
@@ -42,7 +43,6 @@ from membrane.store.reflector import Reflector, ReflectorBatch
 
 log = logging.getLogger(__name__)
 
-POLICY_PLURALS = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,10 @@ _BY_KIND = {info.kind: info for info in KINDS}
 _BY_NAME = {name: info for info in KINDS for name in info.names()}
 
 
+#: The kinds that hold network policy, as the store names their prefixes.
+POLICY_PLURALS: tuple[str, ...] = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
+
+
 def kind_info(kind: str) -> KindInfo:
     """The kind named exactly (``CiliumNetworkPolicy``); InvalidInput if unknown."""
     try:

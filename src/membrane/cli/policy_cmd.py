@@ -24,6 +24,7 @@ from membrane.api import k8s
 from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.api.registry import POLICY_PLURALS
 from membrane.cli.context import CliContext, pass_cli, run_async
 from membrane.cli.printers import format_table
 from membrane.core.config import ClusterConfig
@@ -48,8 +49,6 @@ from membrane.store import keys
 from membrane.store.base import KeyValue, Store
 from membrane.store.identities import decode_identity
 from membrane.store.objects import decode
-
-POLICY_PLURALS = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
 
 
 @dataclass

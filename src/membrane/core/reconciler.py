@@ -115,7 +115,6 @@ class Reconciler(Generic[Row]):
         resync_interval: float = DEFAULT_RESYNC_INTERVAL,
         retry_initial: float = 0.1,
         retry_max: float = 30.0,
-        min_interval: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
@@ -124,7 +123,6 @@ class Reconciler(Generic[Row]):
         self.resync_interval = resync_interval
         self.retry_initial = retry_initial
         self.retry_max = retry_max
-        self.min_interval = min_interval
         self._clock = clock
         self._batch = hasattr(ops, "repair")
         self.status_table: Table[RowStatus] = db.table(f"{name}/status", primary=lambda s: s.key)
@@ -160,8 +158,6 @@ class Reconciler(Generic[Row]):
             timeout = self._next_wakeup() - self._clock()
             self._kick.clear()
             await wait_any([snap.changed, self._kick], max(timeout, 0.0))
-            if self.min_interval:
-                await asyncio.sleep(self.min_interval)
 
     def _next_wakeup(self) -> float:
         due = [f.due for f in self._failures.values()]

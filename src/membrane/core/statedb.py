@@ -296,9 +296,6 @@ class StateDB:
         self._tables[name] = table
         return table
 
-    def get(self, name: str) -> Table[Any]:
-        return self._tables[name]
-
     @property
     def tables(self) -> Mapping[str, Table[Any]]:
         return MappingProxyType(self._tables)

@@ -30,6 +30,7 @@ from membrane.api import k8s
 from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.api.registry import kind_info
 from membrane.core.lifecycle import Lifecycle
 from membrane.core.modules import Module, ModuleRunner
 from membrane.core.statedb import StateDB, Table
@@ -155,13 +156,9 @@ class FakeNode:
         return set()
 
 
-_PLURALS = {"NetworkPolicy": "networkpolicies", "CiliumNetworkPolicy": "ciliumnetworkpolicies",
-            "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
-
-
 def policy_object(obj: ApiObject) -> PolicyObject:
     """A policy as the reflector puts it in the policies table (keyed by its store key)."""
-    return PolicyObject(object_key(_PLURALS[obj.kind], obj.namespace, obj.name), obj)
+    return PolicyObject(object_key(kind_info(obj.kind).plural, obj.namespace, obj.name), obj)
 
 
 class PolicyHarness:
