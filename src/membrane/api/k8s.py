@@ -8,7 +8,8 @@ Primitives: :class:`Namespace`, :class:`Pod` (:class:`PodSpec`, :class:`Containe
 :class:`ContainerPort`, :class:`PodStatus`), :class:`Service` (:class:`ServiceSpec`,
 :class:`ServicePort`, :class:`ServiceStatus`), :class:`NetworkPolicy`
 (:class:`NetworkPolicySpec`, :class:`NetworkPolicyPeer`, :class:`NetworkPolicyPort`, :class:`IPBlock`),
-and :data:`IntOrString`.
+and :data:`IntOrString`; ``discovery.k8s.io/v1`` :class:`EndpointSlice` (:class:`Endpoint`,
+:class:`EndpointConditions`, :class:`EndpointPort`, :class:`ObjectReference`).
 """
 
 from __future__ import annotations
@@ -592,12 +593,156 @@ class NetworkPolicy(ApiObject):
     spec: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
 
+# --- EndpointSlice (discovery.k8s.io/v1) ----------------------------------------------------------
+
+#: Ties an EndpointSlice to the Service it holds endpoints for (the Service's name).
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+#: Names the controller that manages an EndpointSlice; controllers leave other managers' slices alone.
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+#: Kubernetes' EndpointSlice controller's value of :data:`MANAGED_BY_LABEL`; membrane's operator
+#: plays that controller's part and marks its slices the same way.
+ENDPOINTSLICE_CONTROLLER = "endpointslice-controller.k8s.io"
+#: The API's limits (pkg/apis/discovery/validation).
+MAX_SLICE_ENDPOINTS = 1000
+MAX_ENDPOINT_ADDRESSES = 100
+MAX_SLICE_PORTS = 100
+
+AddressType = Literal["IPv4", "IPv6", "FQDN"]
+
+
+def _non_special_ip_error(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    # apivalidation.ValidateNonSpecialIP: an endpoint address must be one a client can reach.
+    if ip.is_unspecified:
+        return f"may not be unspecified ({ip})"
+    if ip.is_loopback:
+        return "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+    if ip.is_link_local:
+        return "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+    if ip in ipaddress.ip_network("224.0.0.0/24") or ip in ipaddress.ip_network("ff02::/16"):
+        return "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"
+    return None
+
+
+def endpoint_address_error(address: str, address_type: str) -> str | None:
+    """Why ``address`` cannot be an endpoint address of a slice of ``address_type`` (None if it can)."""
+    if address_type == "FQDN":
+        name = address.removesuffix(".")
+        if (reason := dns1123_subdomain_error(name)) is not None:
+            return reason
+        if name.count(".") < 1:
+            return "should be a domain with at least two segments separated by dots"
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    if ip is None or ip.version != (4 if address_type == "IPv4" else 6):
+        return f"must be a valid {address_type} address"
+    return _non_special_ip_error(ip)
+
+
+class EndpointConditions(Model):
+    """Unset means unknown; consumers read an unset ``ready``/``serving`` as true."""
+
+    ready: Bool | None = None
+    serving: Bool | None = None
+    terminating: Bool | None = None
+
+
+class ObjectReference(Model):
+    kind: Str | None = None
+    namespace: Str | None = None
+    name: Str | None = None
+    uid: Str | None = None
+    apiVersion: Str | None = None
+    resourceVersion: Str | None = None
+    fieldPath: Str | None = None
+
+
+class Endpoint(Model):
+    addresses: tuple[Str, ...]
+    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
+    hostname: Str | None = None
+    targetRef: ObjectReference | None = None
+    deprecatedTopology: dict[Str, Str] | None = None
+    nodeName: Str | None = None
+    zone: Str | None = None
+    hints: JsonValue = None
+
+    def check(self) -> Iterator[Issue]:
+        # The addresses' syntax depends on the slice's addressType: EndpointSlice.check has it.
+        if not self.addresses:
+            yield "addresses", "required value: must contain at least 1 address"
+        elif len(self.addresses) > MAX_ENDPOINT_ADDRESSES:
+            yield "addresses", f"too many: {len(self.addresses)}: must have at most {MAX_ENDPOINT_ADDRESSES} items"
+        if self.hostname is not None and (reason := dns1123_label_error(self.hostname)) is not None:
+            yield "hostname", invalid(self.hostname, reason)
+        if self.nodeName is not None and (reason := dns1123_subdomain_error(self.nodeName)) is not None:
+            yield "nodeName", invalid(self.nodeName, reason)
+
+
+class EndpointPort(Model):
+    # The API server defaults an unset name to "" and an unset protocol to TCP.
+    name: Str = ""
+    protocol: Protocol = "TCP"
+    port: Int | None = None
+    appProtocol: Str | None = None
+
+    def check(self) -> Iterator[Issue]:
+        if self.name and (reason := dns1123_label_error(self.name)) is not None:
+            yield "name", invalid(self.name, reason)
+        if self.port is not None:
+            yield from port_number_problems(self.port, "port")
+        if self.appProtocol is not None and (reason := label_key_error(self.appProtocol)) is not None:
+            yield "appProtocol", invalid(self.appProtocol, reason)
+
+
+class EndpointSlice(ApiObject):
+    """A set of endpoints of one Service (label :data:`SERVICE_NAME_LABEL`) for one set of ports."""
+
+    api_versions: ClassVar[tuple[str, ...]] = ("discovery.k8s.io/v1",)
+
+    kind: Literal["EndpointSlice"] = "EndpointSlice"
+    addressType: AddressType
+    endpoints: tuple[Endpoint, ...] = ()
+    ports: tuple[EndpointPort, ...] | None = None
+
+    @property
+    def service_name(self) -> str | None:
+        return self.labels.get(SERVICE_NAME_LABEL)
+
+    def check(self) -> Iterator[Issue]:
+        yield from super().check()
+        if len(self.endpoints) > MAX_SLICE_ENDPOINTS:
+            yield "endpoints", f"too many: {len(self.endpoints)}: must have at most {MAX_SLICE_ENDPOINTS} items"
+        for index, endpoint in enumerate(self.endpoints):
+            for aindex, address in enumerate(endpoint.addresses[:MAX_ENDPOINT_ADDRESSES]):
+                if (reason := endpoint_address_error(address, self.addressType)) is not None:
+                    yield f"endpoints[{index}].addresses[{aindex}]", invalid(address, reason)
+        ports = self.ports or ()
+        if len(ports) > MAX_SLICE_PORTS:
+            yield "ports", f"too many: {len(ports)}: must have at most {MAX_SLICE_PORTS} items"
+        seen: set[str] = set()
+        for index, port in enumerate(ports):
+            if port.name in seen:
+                yield f"ports[{index}].name", f"duplicate value {quote(port.name)}"
+            seen.add(port.name)
+
+
 __all__ = [
+    "ENDPOINTSLICE_CONTROLLER",
+    "MANAGED_BY_LABEL",
     "NAMESPACE_NAME_LABEL",
     "NODE_PORT_RANGE",
+    "SERVICE_NAME_LABEL",
+    "AddressType",
     "Container",
     "ContainerPort",
     "ContainerStatus",
+    "Endpoint",
+    "EndpointConditions",
+    "EndpointPort",
+    "EndpointSlice",
     "IPBlock",
     "IntOrString",
     "Namespace",
@@ -609,6 +754,7 @@ __all__ = [
     "NetworkPolicyPeer",
     "NetworkPolicyPort",
     "NetworkPolicySpec",
+    "ObjectReference",
     "Pod",
     "PodCondition",
     "PodIP",

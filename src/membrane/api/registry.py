@@ -60,6 +60,7 @@ KINDS: tuple[KindInfo, ...] = (
     _info(k8s.Pod, "pods", ("po",), True),
     _info(k8s.Service, "services", ("svc",), True),
     _info(k8s.NetworkPolicy, "networkpolicies", ("netpol",), True),
+    _info(k8s.EndpointSlice, "endpointslices", (), True),
     _info(cilium.CiliumNetworkPolicy, "ciliumnetworkpolicies", ("cnp", "ciliumnp"), True),
     _info(cilium.CiliumClusterwideNetworkPolicy, "ciliumclusterwidenetworkpolicies", ("ccnp",), False),
     _info(

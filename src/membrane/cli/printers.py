@@ -235,6 +235,24 @@ def _condition_message(type_: str) -> Callable[[Any, datetime], str]:
     return cell
 
 
+def _more(items: list[str], count: int, limit: int = 3) -> str:
+    # kubectl's listWithMoreString: the first three, then how many more; <unset> when empty.
+    text = ",".join(items[:limit])
+    if count > limit:
+        return f"{text} + {count - limit} more..."
+    return text or "<unset>"
+
+
+def _slice_ports(eps: k8s.EndpointSlice, _now: datetime) -> str:
+    ports = eps.ports or ()
+    return _more([str(p.port) if p.port is not None else (p.name or "*") for p in ports], len(ports))
+
+
+def _slice_endpoints(eps: k8s.EndpointSlice, _now: datetime) -> str:
+    addresses = [address for endpoint in eps.endpoints for address in endpoint.addresses]
+    return _more(addresses, len(addresses))
+
+
 _AGE = Column("AGE", _age)
 
 COLUMNS: dict[str, list[Column]] = {
@@ -260,6 +278,12 @@ COLUMNS: dict[str, list[Column]] = {
         Column("SELECTOR", _svc_selector, wide_only=True),
     ],
     "NetworkPolicy": [Column("POD-SELECTOR", lambda p, _n: p.spec.podSelector.format()), _AGE],
+    "EndpointSlice": [
+        Column("ADDRESSTYPE", lambda s, _n: s.addressType),
+        Column("PORTS", _slice_ports),
+        Column("ENDPOINTS", _slice_endpoints),
+        _AGE,
+    ],
     # Cilium's printer columns, in the CRDs' order (Age before Valid).
     "CiliumNetworkPolicy": [_AGE, Column("VALID", _condition_status("Valid"))],
     "CiliumClusterwideNetworkPolicy": [_AGE, Column("VALID", _condition_status("Valid"))],
