@@ -579,7 +579,7 @@ CASES: list[tuple[str, str, list[str]]] = [
             'FILE: Deployment/x: kind: unknown kind "Deployment" (accepted kinds: Namespace, Pod, Service, '
             "NetworkPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, CiliumLoadBalancerIPPool, "
             "CiliumL2AnnouncementPolicy, CiliumBGPPeeringPolicy, CiliumBGPClusterConfig, CiliumBGPPeerConfig, "
-            "CiliumBGPAdvertisement, CiliumNode)"
+            "CiliumBGPAdvertisement, CiliumNode, EndpointSlice)"
         ],
     ),
     (

@@ -60,7 +60,6 @@ KINDS: tuple[KindInfo, ...] = (
     _info(k8s.Pod, "pods", ("po",), True),
     _info(k8s.Service, "services", ("svc",), True),
     _info(k8s.NetworkPolicy, "networkpolicies", ("netpol",), True),
-    _info(k8s.EndpointSlice, "endpointslices", (), True),
     _info(cilium.CiliumNetworkPolicy, "ciliumnetworkpolicies", ("cnp", "ciliumnp"), True),
     _info(cilium.CiliumClusterwideNetworkPolicy, "ciliumclusterwidenetworkpolicies", ("ccnp",), False),
     _info(
@@ -75,6 +74,7 @@ KINDS: tuple[KindInfo, ...] = (
     _info(cilium.CiliumBGPPeerConfig, "ciliumbgppeerconfigs", ("cbgppeer",), False),
     _info(cilium.CiliumBGPAdvertisement, "ciliumbgpadvertisements", ("cbgpadvert",), False),
     _info(cilium.CiliumNode, "ciliumnodes", ("cn", "ciliumn"), False, system=True),
+    _info(k8s.EndpointSlice, "endpointslices", (), True),
 )
 
 _BY_KIND = {info.kind: info for info in KINDS}
