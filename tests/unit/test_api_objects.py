@@ -212,21 +212,20 @@ async def test_namespace_name_label_cannot_be_removed(client: ObjectClient) -> N
 
 
 async def test_system_allocated_service_fields_survive_a_reapply(client: ObjectClient) -> None:
-    await client.apply(objs(NAMESPACE, SERVICE))
-    # What a service controller writes back: a cluster IP and node ports.
-    allocated = SERVICE.replace("type: NodePort", "type: NodePort\n  clusterIP: 10.96.0.10").replace(
-        "{port: 80, name: http}", "{port: 80, name: http, nodePort: 31000}"
-    )
-    (result,) = await client.apply(objs(allocated))
-    assert result.action == "configured"
+    (created,) = (await client.apply(objs(NAMESPACE, SERVICE)))[1:]
+    # The API allocates a cluster IP and node ports the manifest leaves out.
+    assert isinstance(created.object, k8s.Service) and created.object.spec.ports is not None
+    allocated = (created.object.spec.clusterIP, created.object.spec.ports[0].nodePort)
+    assert allocated == ("10.96.0.2", 30000)
     (result,) = await client.apply(objs(SERVICE))
     assert result.action == "unchanged"
     service = await client.get("svc", "prod", "web")
     assert isinstance(service, k8s.Service) and service.spec.ports is not None
-    assert (service.spec.clusterIP, service.spec.ports[0].nodePort) == ("10.96.0.10", 31000)
+    assert (service.spec.clusterIP, service.spec.ports[0].nodePort) == allocated
 
+    changed = SERVICE.replace("type: NodePort", "type: NodePort\n  clusterIP: 10.96.0.11")
     with pytest.raises(ApplyRejected, match=r'spec.clusterIP: invalid value "10.96.0.11": field is immutable'):
-        await client.apply(objs(allocated.replace("10.96.0.10", "10.96.0.11")))
+        await client.apply(objs(changed))
 
 
 async def test_pod_spec_is_immutable_but_placement_and_image_may_change(client: ObjectClient) -> None:

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Any
 
 from membrane.agent.intent import ClusterSettings
 from membrane.agent.policy import PolicyTables
 from membrane.api.endpoint import EndpointRecord
+from membrane.core.config import ClusterConfig
 from membrane.core.modules import Controller, Module
 from membrane.core.reconciler import DEFAULT_RESYNC_INTERVAL, Reconciler
 from membrane.core.statedb import StateDB, Table, wait_any
@@ -46,8 +48,20 @@ from membrane.datapath.ruleset import (
     PolicyDatapath,
     build_ruleset,
 )
+from membrane.datapath.services import ServiceDatapath, maglev_settings
+from membrane.loadbalancer.model import Frontend
 
 NftKind = str  # "chain" | "set" | "map"
+
+
+@dataclass(frozen=True)
+class ServiceInputs:
+    """What the service section needs besides the frontends: the address replies to an outside
+    client come back to (the node's) and the pods' gateway (the source of a hairpinned connection)."""
+
+    frontends: Table[Frontend]
+    node_address: IPv4Address
+    gateway: IPv4Address
 
 
 @dataclass(frozen=True)
@@ -112,8 +126,9 @@ class DatapathController:
 
     def __init__(self, local_endpoints: Table[EndpointRecord], policy: PolicyTables | None, nft: Table[NftObject],
                  masquerade: Masquerade | None, flow_log: FlowLog | None,
-                 cluster: Table[ClusterSettings] | None = None) -> None:
+                 cluster: Table[ClusterSettings] | None = None, services: ServiceInputs | None = None) -> None:
         self.local_endpoints = local_endpoints
+        self.services = services
         self.policy = policy
         self.cluster = cluster
         self.nft = nft
@@ -131,6 +146,15 @@ class DatapathController:
         """This agent's log rules, unless the cluster turned flow visibility off (live)."""
         settings = self.cluster.snapshot().get("cluster") if self.cluster is not None else None
         return None if settings is not None and not settings.config.hubbleEnabled else self.flow_log
+
+    def _services(self, endpoints: frozenset[EndpointAddress]) -> ServiceDatapath | None:
+        if self.services is None:
+            return None
+        frontends = tuple(sorted(self.services.frontends.snapshot(), key=lambda f: f.id))
+        settings = self.cluster.snapshot().get("cluster") if self.cluster is not None else None
+        return ServiceDatapath(frontends, self.services.node_address, self.services.gateway,
+                               frozenset(e.ipv4 for e in endpoints),
+                               maglev_settings(settings.config if settings is not None else ClusterConfig()))
 
     def compute(self) -> bool:
         """Write the desired nft objects; False when it waited for the policy controller instead."""
@@ -152,9 +176,10 @@ class DatapathController:
         # endpoint): skip it when nothing it is built from changed (the policy controller rewrites
         # its rows with new store revisions on every pass). Equality is cheap here: the renderer
         # hands back the same ipcache tuple while the intervals are unchanged.
-        built = (endpoints, flow_log, policy)
+        services = self._services(endpoints)
+        built = (endpoints, flow_log, policy, services)
         if built != self._built:
-            desired = DesiredDatapath(endpoints, self.masquerade, flow_log, policy)
+            desired = DesiredDatapath(endpoints, self.masquerade, flow_log, policy, services)
             self._writer.replace_all(nft_objects(build_ruleset(desired)))
             self._built = built
         self.computed = [*self.computed[-63:], (self.nft.revision, endpoints_snap.revision, store_revisions)]
@@ -168,15 +193,18 @@ class DatapathModule:
 
     def __init__(self, db: StateDB, local_endpoints: Table[EndpointRecord], policy: PolicyTables | None,
                  nft_runner: NftRunner, masquerade: Masquerade | None, flow_log: FlowLog | None, *,
-                 cluster: Table[ClusterSettings] | None = None,
+                 cluster: Table[ClusterSettings] | None = None, services: ServiceInputs | None = None,
                  resync_interval: float = DEFAULT_RESYNC_INTERVAL) -> None:
         self.table: Table[NftObject] = db.table("nft", primary=lambda r: r.name, initialized=False)
-        self.controller = DatapathController(local_endpoints, policy, self.table, masquerade, flow_log, cluster)
+        self.controller = DatapathController(local_endpoints, policy, self.table, masquerade, flow_log, cluster,
+                                             services)
         self.operations = NftOperations(NftReconciler(nft_runner))
         self.reconciler = Reconciler("nft", db, self.table, self.operations, resync_interval=resync_interval)
         reads: tuple[Table[Any], ...] = (local_endpoints,) + ((cluster,) if cluster is not None else ())
         if policy is not None:
             reads += (policy.endpoint_policies, policy.ipcache)
+        if services is not None:
+            reads += (services.frontends,)
         self._controller = Controller("datapath", reads, self.controller.compute, outputs=[self.table])
         self.module = Module("datapath", reads=reads, writes=(self.table,), start=self._first_sync,
                              controllers=(self._controller,), reconcilers=(self.reconciler,))

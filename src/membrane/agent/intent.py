@@ -8,6 +8,8 @@
     /membrane/identities/id/            identities     IdentityRow                          id
     /membrane/endpoints/                endpoints      EndpointRecord     index node        store key
     /membrane/config/cluster            cluster        ClusterConfig (one row)             "cluster"
+    /membrane/objects/services/         services       k8s.Service                          (namespace, name)
+    /membrane/objects/endpointslices/   endpointslices k8s.EndpointSlice                    (namespace, name)
 
 Each store transaction becomes one table transaction (a reflector batch never splits a revision),
 so a reader never sees half of one. A re-list (after a compaction or a restart of the reflector)
@@ -78,6 +80,8 @@ class IntentTables:
     identities: Table[IdentityRow]
     endpoints: Table[EndpointRecord]
     cluster: Table[ClusterSettings]
+    services: Table[k8s.Service]
+    endpointslices: Table[k8s.EndpointSlice]
 
     @classmethod
     def create(cls, db: StateDB) -> IntentTables:
@@ -90,11 +94,13 @@ class IntentTables:
             identities=db.table("identities", primary=lambda i: i.id),
             endpoints=db.table("endpoints", primary=lambda e: e.key, indexes={"node": lambda e: [e.node]}),
             cluster=db.table("cluster", primary=lambda c: "cluster"),
+            services=db.table("services", primary=lambda s: (s.namespace or "default", s.name)),
+            endpointslices=db.table("endpointslices", primary=lambda s: (s.namespace or "default", s.name)),
         )
 
     def all(self) -> tuple[Table[Any], ...]:
         return (self.namespaces, self.pods, self.nodes, self.policies, self.identities, self.endpoints,
-                self.cluster)
+                self.cluster, self.services, self.endpointslices)
 
     def settings(self) -> ClusterSettings | None:
         """The cluster settings as the store holds them now (None before the initial list)."""
@@ -226,6 +232,11 @@ def reflectors(store: Store, tables: IntentTables) -> list[IntentReflector]:
                         _decode_endpoint, lambda k: k),
         IntentReflector(store, keys.CLUSTER_CONFIG, tables.cluster.writer("reflector cluster config"),
                         _decode_cluster, lambda k: "cluster"),
+        IntentReflector(store, keys.objects_prefix("services"), tables.services.writer("reflector services"),
+                        _decode_object, _namespaced_key(keys.objects_prefix("services"))),
+        IntentReflector(store, keys.objects_prefix("endpointslices"),
+                        tables.endpointslices.writer("reflector endpointslices"),
+                        _decode_object, _namespaced_key(keys.objects_prefix("endpointslices"))),
     ]
     # Three prefixes, one table: a writer shared by the three reflectors of the policy kinds
     # (they never write the same key).

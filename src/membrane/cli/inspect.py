@@ -375,4 +375,46 @@ async def tunnel_list(cli: CliContext, node: str | None) -> None:
         await store.close()
 
 
-COMMANDS = [status, node_group, endpoint_group, identity_group, ip_group, tunnel_group]
+def format_service_list(frontends: list[dict[str, Any]]) -> str:
+    """``cilium-dbg service list``: one row per frontend, one line per backend with its state."""
+    rows: list[list[str]] = []
+    for entry in frontends:
+        backends = entry.get("backends") or []
+        first = [str(entry["id"]), entry["frontend"], entry["type"], entry["service"]]
+        if not backends:
+            rows.append([*first, "(none)"])
+            continue
+        for index, backend in enumerate(backends):
+            state = backend["state"] if backend.get("selected") or backend["state"] != "active" else "not selected"
+            line = f"{index + 1} => {backend['address']}/{entry['frontend'].rsplit('/', 1)[1]} ({state})"
+            rows.append([*(first if index == 0 else ["", "", "", ""]), line])
+    return render_table(["ID", "FRONTEND", "SERVICE TYPE", "SERVICE", "BACKEND"], rows)
+
+
+@click.group("service")
+def service_group() -> None:
+    """Service load balancing as one node's agent programs it."""
+
+
+@service_group.command("list")
+@click.option("--node", help="Which node's agent to ask (lab or local host).")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@pass_cli
+def service_list(cli: CliContext, node: str | None, output: str) -> None:
+    """Frontends (ClusterIP, NodePort, LoadBalancer, external IPs) with their backends and state."""
+    import json
+
+    from membrane.cni.client import AgentClient, AgentClientError
+
+    try:
+        agent = AgentClient(str(agent_socket_for(cli, node)), timeout=5).status()
+    except AgentClientError as exc:
+        raise InvalidInput([f"agent of node {node or 'local'}: {exc}"]) from None
+    frontends = list(agent.get("services") or [])
+    if output == "json":
+        click.echo(json.dumps(frontends, indent=2))
+    else:
+        click.echo(format_service_list(frontends))
+
+
+COMMANDS = [status, node_group, endpoint_group, identity_group, ip_group, tunnel_group, service_group]

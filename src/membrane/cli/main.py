@@ -17,7 +17,7 @@ COMMAND_MODULES: dict[str, str] = {
     "apply": "resources", "get": "resources", "delete": "resources", "label": "resources",
     "pod": "pods",
     "status": "inspect", "node": "inspect", "endpoint": "inspect", "identity": "inspect", "ip": "inspect",
-    "tunnel": "inspect",
+    "tunnel": "inspect", "service": "inspect",
     "policy": "policy_cmd",
     "observe": "observe_cmd", "flows": "observe_cmd",
     "agent": "agent_cmd", "relay": "relay_cmd",

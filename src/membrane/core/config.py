@@ -11,6 +11,8 @@ are :class:`membrane.agent.config.AgentConfig`, which composes each feature's ow
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,12 +57,56 @@ class ClusterConfig(BaseModel):
     hubbleExportFilePath: str | None = None
     hubbleExportAllowlist: tuple[dict[str, Any], ...] | None = None
     hubbleExportDenylist: tuple[dict[str, Any], ...] | None = None
+    # Service load balancing (Kubernetes' --service-cluster-ip-range and --service-node-port-range;
+    # Cilium's loadBalancer.algorithm, maglev.tableSize and maglev.hashSeed).
+    serviceClusterIPRange: str = "10.96.0.0/12"
+    nodePortRange: str = "30000-32767"
+    loadBalancerAlgorithm: Literal["random", "maglev"] = "random"
+    maglevTableSize: int = 16381
+    # base64 of 12 bytes, shared by every node so each picks the same backend for a connection.
+    maglevHashSeed: str = "JLfvgnHc2kaSUFaI"
 
     @field_validator("clusterPoolIPv4PodCIDRList", "nonMasqueradeCIDRs")
     @classmethod
     def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for cidr in value:
             ipaddress.IPv4Network(cidr, strict=True)
+        return value
+
+    @field_validator("serviceClusterIPRange")
+    @classmethod
+    def _service_range(cls, value: str) -> str:
+        network = ipaddress.IPv4Network(value, strict=True)
+        if network.num_addresses < 8:
+            raise ValueError("needs at least 8 addresses (a /29)")
+        return value
+
+    @field_validator("nodePortRange")
+    @classmethod
+    def _node_port_range(cls, value: str) -> str:
+        low, sep, high = value.partition("-")
+        if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+            raise ValueError("expected FIRST-LAST, e.g. 30000-32767")
+        if not 1 <= int(low) <= int(high) <= 65535:
+            raise ValueError("ports 1-65535, first not above last")
+        return f"{int(low)}-{int(high)}"
+
+    @field_validator("maglevTableSize")
+    @classmethod
+    def _maglev_size(cls, value: int) -> int:
+        if value not in MAGLEV_TABLE_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, MAGLEV_TABLE_SIZES))}")
+        return value
+
+    @field_validator("maglevHashSeed")
+    @classmethod
+    def _maglev_seed(cls, value: str) -> str:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64 (of 12 bytes)") from None
+        if len(raw) != 12:
+            raise ValueError(f"must be base64 of 12 bytes, not {len(raw)}")
         return value
 
     @field_validator("hubbleMetrics")
@@ -81,6 +127,17 @@ class ClusterConfig(BaseModel):
     def pod_pools(self) -> list[ipaddress.IPv4Network]:
         return [ipaddress.IPv4Network(c) for c in self.clusterPoolIPv4PodCIDRList]
 
+    def service_range(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.serviceClusterIPRange)
+
+    def node_ports(self) -> tuple[int, int]:
+        low, _, high = self.nodePortRange.partition("-")
+        return int(low), int(high)
+
+
+#: Cilium's allowed Maglev table sizes (primes; M > 100 x backends keeps disruption near 1 %).
+MAGLEV_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+
 
 #: Hubble's metric families (``hubble-metrics``) that membrane serves.
 METRIC_FAMILIES = ("flow", "drop", "tcp", "policy", "dns", "http")
@@ -89,6 +146,7 @@ METRIC_FAMILIES = ("flow", "drop", "tcp", "policy", "dns", "http")
 LIVE_SETTINGS = frozenset({
     "policyEnforcementMode", "policyAuditMode", "policyAuditNamespaces", "hubbleEnabled", "hubbleMetrics",
     "hubbleEventBufferCapacity", "hubbleExportFilePath", "hubbleExportAllowlist", "hubbleExportDenylist",
+    "loadBalancerAlgorithm",
 })
 
 #: Why the other settings cannot change in a running cluster.
@@ -101,6 +159,10 @@ FIXED_SETTINGS = {
     "vxlanVNI": "every node's VXLAN device uses it: set it when the cluster is created",
     "nonMasqueradeCIDRs": "each agent reads it when it starts: set it when the cluster is created",
     "enableIPv4Masquerade": "each agent reads it when it starts: set it when the cluster is created",
+    "serviceClusterIPRange": "services hold cluster IPs from it: set it when the cluster is created",
+    "nodePortRange": "services hold node ports from it: set it when the cluster is created",
+    "maglevTableSize": "a new size reshuffles the backend of most connections: set it when the cluster is created",
+    "maglevHashSeed": "a new seed reshuffles the backend of most connections: set it when the cluster is created",
 }
 
 

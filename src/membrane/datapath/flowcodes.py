@@ -223,5 +223,9 @@ TRACE_NEW = FlowCode(EventKind.TRACE, CodeVerdict.FORWARDED, TraceReason.NEW, RU
 TRACE_TCP_ORIGINAL = FlowCode(EventKind.TRACE, CodeVerdict.FORWARDED, TraceReason.ESTABLISHED, RULE_TCP_ORIGINAL)
 TRACE_TCP_REPLY = FlowCode(EventKind.TRACE, CodeVerdict.FORWARDED, TraceReason.REPLY, RULE_TCP_REPLY)
 TRACE_FIRST_REPLY = FlowCode(EventKind.TRACE, CodeVerdict.FORWARDED, TraceReason.REPLY, RULE_FIRST_REPLY)
+#: A connection to a service frontend without a backend (refused with a reset / port unreachable).
+RULE_NO_SERVICE_BACKEND = 30
+DROP_NO_SERVICE_BACKEND = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.SERVICE_BACKEND_NOT_FOUND,
+                                   RULE_NO_SERVICE_BACKEND)
 DROP_SPOOFED_SOURCE = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.INVALID_SOURCE_IP, RULE_SPOOFED_SOURCE)
 DROP_IPV6 = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.UNSUPPORTED_L3_PROTOCOL, RULE_IPV6)

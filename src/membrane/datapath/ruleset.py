@@ -13,7 +13,8 @@ Hook order for a packet a pod sends (inet family; numbers are priorities)::
                                            IPv6 → drop          (pods are IPv4-only)
                                            anything else → drop (spoofed source)
                   -200  conntrack                     (kernel)
-                  -100  dstnat                        services: not yet (no load balancing)
+                  -100  nat_prerouting ── @services / @nodeports ──▶ svc_<id>: DNAT to a backend
+                   -90  refuse_prerouting ── a frontend without a backend: reset / port unreachable
       routing decision ─── local ──▶ input  0  filter_input   ── from a pod to this node: egress policy
       forward        0  filter_forward ── pod egress, then pod ingress (pol_out / pol_in maps)
       (this node's own packets) output  0  filter_output  ── to a pod: ingress policy
@@ -42,9 +43,10 @@ when some section dispatches from it. Shared names:
   ``enforced_out`` (``iface_index``) for endpoints selected by a policy (policy enforcement);
 - base chains ``filter_forward``, ``filter_input``, ``filter_output`` (filter: policy) and
   ``nat_postrouting`` (srcnat: masquerade);
-- reserved for service load balancing, which does not exist yet: base chain ``nat_prerouting``
-  (dstnat; declared, never rendered, since no section dispatches from it) and a map ``services``
-  (``ipv4_addr . inet_proto . inet_service : verdict``, a jump to a per-service chain).
+- service load balancing (:mod:`membrane.datapath.services`): base chains ``nat_prerouting`` and
+  ``nat_output`` (dstnat), ``refuse_prerouting``/``refuse_output`` (filter, dstnat + 10), the maps
+  ``services`` (``ipv4_addr . inet_proto . inet_service : verdict``) and ``nodeports``, one chain per
+  frontend, and two SNAT rules in ``nat_postrouting`` ahead of masquerade.
 
 Masquerade (:class:`Masquerade`, :func:`masquerade`): traffic from this node's pods to anything outside
 the cluster pod pools and the configured non-masquerade CIDRs, leaving through any device but the
@@ -93,6 +95,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
 from membrane.datapath.flowcodes import (
     DROP_IPV6,
+    DROP_NO_SERVICE_BACKEND,
     DROP_SPOOFED_SOURCE,
     TRACE_FIRST_REPLY,
     TRACE_NEW,
@@ -119,6 +122,7 @@ from membrane.datapath.nft.objects import (
     Set,
     key,
 )
+from membrane.datapath.services import ServiceDatapath, service_section
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "membrane"
@@ -131,6 +135,9 @@ FILTER_INPUT = "filter_input"
 FILTER_FORWARD = "filter_forward"
 FILTER_OUTPUT = "filter_output"  # policy enforcement: this node to its pods
 NAT_POSTROUTING = "nat_postrouting"
+NAT_OUTPUT = "nat_output"  # service load balancing: this node's own connections
+REFUSE_PREROUTING = "refuse_prerouting"  # service load balancing: frontends without a backend
+REFUSE_OUTPUT = "refuse_output"
 FLOW_FORWARD = "flow_forward"
 FLOW_INPUT = "flow_input"
 FLOW_OUTPUT = "flow_output"
@@ -143,6 +150,10 @@ BASE_CHAINS: dict[str, BaseChain] = {
     # Before conntrack (-200): drops here leave no conntrack entry behind.
     RAW_PREROUTING: BaseChain(type="filter", hook="prerouting", priority=PRIORITY_RAW),
     NAT_PREROUTING: BaseChain(type="nat", hook="prerouting", priority=PRIORITY_DSTNAT),
+    NAT_OUTPUT: BaseChain(type="nat", hook="output", priority=PRIORITY_DSTNAT),
+    # Just after dstnat: a packet still addressed to a frontend found no backend there.
+    REFUSE_PREROUTING: BaseChain(type="filter", hook="prerouting", priority=PRIORITY_DSTNAT + 10),
+    REFUSE_OUTPUT: BaseChain(type="filter", hook="output", priority=PRIORITY_DSTNAT + 10),
     FILTER_INPUT: BaseChain(type="filter", hook="input", priority=PRIORITY_FILTER),
     FILTER_FORWARD: BaseChain(type="filter", hook="forward", priority=PRIORITY_FILTER),
     FILTER_OUTPUT: BaseChain(type="filter", hook="output", priority=PRIORITY_FILTER),  # policy enforcement
@@ -229,6 +240,7 @@ class DesiredDatapath:
     masquerade: Masquerade | None = None
     flow_log: FlowLog | None = None
     policy: PolicyDatapath | None = None  # policy enforcement
+    services: ServiceDatapath | None = None  # service load balancing
 
     @classmethod
     def from_endpoints(
@@ -621,10 +633,19 @@ def policy_enforcement(desired: DesiredDatapath) -> Section:
 # -- end policy enforcement -----------------------------------------------------------------------
 
 
+def load_balancing(desired: DesiredDatapath, services: ServiceDatapath) -> Section:
+    """Service frontends, DNAT to backends, refusal without backends (:mod:`membrane.datapath.services`)."""
+    log = desired.flow_log.statement(DROP_NO_SERVICE_BACKEND) if desired.flow_log is not None else ""
+    dispatch, chains, sets, maps = service_section(services, log)
+    return Section(dispatch=tuple(dispatch), chains=tuple(chains), sets=tuple(sets), maps=tuple(maps))
+
+
 def build_ruleset(desired: DesiredDatapath) -> Ruleset:
     sections = [anti_spoofing(desired)]
     if desired.policy is not None:  # policy enforcement
         sections += [ipcache(desired.policy), policy_maps(desired.policy), policy_enforcement(desired)]
+    if desired.services is not None:  # before masquerade: its SNAT rules come first in nat_postrouting
+        sections.append(load_balancing(desired, desired.services))
     if desired.masquerade is not None:
         sections.append(masquerade(desired.masquerade))
     if desired.flow_log is not None:

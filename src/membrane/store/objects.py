@@ -42,9 +42,11 @@ from pydantic import BaseModel, ValidationError
 from membrane.api import k8s
 from membrane.api.meta import ApiObject, ObjectMeta, collect_problems, label_key_error, label_value_error, quote
 from membrane.api.registry import KINDS, KindInfo, ObjectInvalid, ObjectRef, kind_info, lookup_kind, validate_object
+from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, InvalidInput, MembraneError, NotFound, StoreError
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, KeyValue, Op, Put, Store
+from membrane.store.serviceips import ALLOCATIONS_KEY, ServiceAllocator
 
 #: How often a transaction that lost a compare-and-swap race is recomputed and retried.
 MAX_ATTEMPTS = 16
@@ -357,6 +359,7 @@ class ObjectClient:
         rejections: builtins.list[Rejection] = []
         applied_namespaces = {o.name for o in objects if o.kind == "Namespace"}
         namespace_kvs: dict[str, KeyValue | None] = {}
+        allocator: ServiceAllocator | None = None
         for index, obj in enumerate(objects):
             ref = ObjectRef.of(obj)
             info = ref.info
@@ -382,6 +385,12 @@ class ObjectClient:
                 continue
             if kv is None:
                 created = self._created(obj)
+                if isinstance(created, k8s.Service):
+                    allocator = allocator or await self._service_allocator(plan)
+                    created, problems = allocator.allocate(created)
+                    if problems:
+                        rejections.extend(Rejection(index, ref, p) for p in problems)
+                        continue
                 plan.ops.append(Put(key, encode(created)))
                 results.append(ApplyResult(ref, "created", created))
                 continue
@@ -392,6 +401,13 @@ class ObjectClient:
                 rejections.extend(Rejection(index, ref, p) for p in problems)
                 continue
             updated = self._updated(old, new)
+            if isinstance(updated, k8s.Service) and isinstance(old, k8s.Service):
+                allocator = allocator or await self._service_allocator(plan)
+                allocator.release(old)
+                updated, problems = allocator.allocate(updated)
+                if problems:
+                    rejections.extend(Rejection(index, ref, p) for p in problems)
+                    continue
             if encode(updated) == encode(old):
                 results.append(ApplyResult(ref, "unchanged", old))
                 continue
@@ -399,12 +415,24 @@ class ObjectClient:
             results.append(ApplyResult(ref, "configured", updated))
         if rejections:
             raise ApplyRejected(rejections)
+        if allocator is not None and allocator.changed:
+            # Rewritten under the compare taken when the allocator was loaded: a concurrent
+            # allocation makes this transaction fail and recompute.
+            plan.ops.append(Put(ALLOCATIONS_KEY, str(len(allocator.ips) + len(allocator.node_ports)).encode()))
         for ns, kv in namespace_kvs.items():
             # The namespace must still be there when the transaction lands.
             key = keys.object_key("namespaces", None, ns)
             if key not in plan.compares:
                 plan.compare(key, kv)
         return plan, results
+
+    async def _service_allocator(self, plan: _Plan) -> ServiceAllocator:
+        """The cluster IPs and node ports the stored services hold (the allocation key compared)."""
+        plan.compare(ALLOCATIONS_KEY, await self.store.get(ALLOCATIONS_KEY))
+        config_kv = await self.store.get(keys.CLUSTER_CONFIG)
+        config = ClusterConfig.model_validate_json(config_kv.value) if config_kv is not None else ClusterConfig()
+        stored, _ = await self.store.list(keys.objects_prefix("services"))
+        return ServiceAllocator(config, [obj for obj in (decode(kv) for kv in stored) if isinstance(obj, k8s.Service)])
 
     def _created(self, obj: ApiObject) -> ApiObject:
         created = _with_meta(

@@ -34,7 +34,8 @@ PRIORITY_SRCNAT = 100
 
 # Datatypes a set or map key may use here (the ones the reader knows how to canonicalise).
 KEY_TYPES = frozenset({"iface_index", "ipv4_addr", "mark", "inet_proto", "inet_service", "ifname"})
-VALUE_TYPES = frozenset({"verdict", "mark", "ipv4_addr", "inet_service", "iface_index"})
+VALUE_TYPES = frozenset({"verdict", "mark", "ipv4_addr", "inet_service", "iface_index",
+                         "ipv4_addr . inet_service"})  # a DNAT target: address . port
 SET_FLAGS = frozenset({"interval", "constant", "timeout", "dynamic"})
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -123,9 +124,12 @@ class BaseChain:
     policy: Literal["accept", "drop"] = "accept"
 
     def render_priority(self) -> str:
-        if self.priority in PRIORITY_NAMES:
-            return PRIORITY_NAMES[self.priority]
-        return str(self.priority)
+        name = PRIORITY_NAMES.get(self.priority)
+        # nft 1.0.6 accepts the NAT names only at their own hooks (``dstnat`` at output: refused).
+        if name is None or (name == "dstnat" and self.hook != "prerouting") or (
+                name == "srcnat" and self.hook not in ("postrouting", "input")):
+            return str(self.priority)
+        return name
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,16 @@ def _verdict(raw: Any) -> str:
     return str(raw)
 
 
+def _value(value_type: str, raw: Any, ifindex: dict[str, int]) -> str:
+    """A map value as the renderer writes it: a verdict, one datum, or a concatenation (``a . b``)."""
+    if value_type == "verdict":
+        return _verdict(raw)
+    types = value_type.split(" . ")
+    if len(types) > 1:
+        return " . ".join(_component(t, p, ifindex) for t, p in zip(types, _components(raw, len(types)), strict=True))
+    return _component(value_type, raw, ifindex)
+
+
 def _stateless(expr: Any) -> Any:
     """An expression without the state traffic changes (counter values, quota usage)."""
     if isinstance(expr, list):
@@ -234,8 +244,10 @@ def parse_table_json(data: dict[str, Any], family: str, table: str, resolve: Res
         elif kind == "map":
             types = _types(obj)
             pairs = [(_components(k, len(types)), v) for k, v in obj.get("elem", [])]
-            raw_maps[obj["name"]] = (types, str(obj.get("map")), pairs)
-            declarations[obj["name"]] = _declaration(obj, str(obj.get("map")))
+            value_type = obj.get("map")
+            value_type = " . ".join(value_type) if isinstance(value_type, list) else str(value_type)
+            raw_maps[obj["name"]] = (types, value_type, pairs)
+            declarations[obj["name"]] = _declaration(obj, value_type)
     names: set[str] = set()
     for types, keys in raw_sets.values():
         names |= _iface_names(keys, types)
@@ -249,7 +261,7 @@ def parse_table_json(data: dict[str, Any], family: str, table: str, resolve: Res
     sets = {name: frozenset(canonical(types, k) for k in keys) for name, (types, keys) in raw_sets.items()}
     maps = {
         name: {
-            canonical(types, k): _verdict(v) if value_type == "verdict" else _component(value_type, v, ifindex)
+            canonical(types, k): _value(value_type, v, ifindex)
             for k, v in pairs
         }
         for name, (types, value_type, pairs) in raw_maps.items()

@@ -273,6 +273,8 @@ def plan_changes(current: TableState, desired: Ruleset) -> Transaction | None:
     element_deletes: list[Op] = []
     element_adds: list[Op] = []
     for d in wanted_data.values():
+        if "dynamic" in d.flags:
+            continue  # the datapath adds and expires these elements itself (session affinity)
         if d.name in current.sets and d.name not in recreated_data_names:
             delete, add = _element_ops(d.name, current.sets[d.name].elements, _elements(d), recreated_chain_names)
             if delete is not None:

@@ -1,0 +1,228 @@
+"""Service load balancing in nftables: frontends → per-service chains → DNAT to a backend (pure).
+
+The per-packet cost is constant in the number of services: one verdict-map lookup finds the
+frontend's chain, and the chain holds a fixed number of rules however many services exist::
+
+    nat_prerouting (dstnat) / nat_output (host processes)
+        ip daddr . l4proto . th dport vmap @services        → goto svc_<id>   (ClusterIP, LB, external IPs)
+        fib daddr type local l4proto . th dport vmap @nodeports → goto svc_<id>   (node ports)
+    svc_<id>
+        [iifname "lxc*" goto svc_<id>_in]       externalTrafficPolicy Local: this node's pods use every backend
+        [ip saddr @svc_<id>_a<backend> goto svc_<id>_b<backend>  ...]   session affinity: back to the same backend
+        dnat ip to numgen random mod N map { i : backend_i }                      random (the default)
+        dnat ip to jhash ip saddr . th sport . ip daddr . th dport mod M seed S map @svc_<id>_mg   Maglev
+    svc_<id>_b<backend>   update @svc_<id>_a<backend> { ip saddr timeout T }; dnat ip to backend   (affinity only)
+
+    refuse_prerouting / refuse_output (filter, just after dstnat)
+        ip daddr . l4proto . th dport @svc_refuse → svc_no_backend: logged drop
+        (SERVICE_BACKEND_NOT_FOUND), TCP reset / ICMP port unreachable: a client learns at once
+    nat_postrouting (srcnat, before masquerade)
+        ct status dnat ip saddr . ip daddr @svc_hairpin   snat to the pods' gateway  (a pod reaching itself)
+        ct status dnat, not from or to a local pod        snat to the node address  (outside client,
+                                                           backend on another node: replies come back here)
+
+Only a frontend's own chain changes when its backends change (a chain-granular transaction).
+Established connections never meet these rules again (NAT runs on a connection's first packet), so
+a backend that is removed or terminating keeps its connections until they end.
+
+Primitives: :class:`ServiceDatapath`, :func:`service_section`, :func:`frontend_chain_name`.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from membrane.core.config import ClusterConfig
+from membrane.datapath.nft.objects import Chain, Key, Map, Rule, Set, key
+from membrane.loadbalancer.model import ANY_ADDRESS, Backend, Frontend
+
+SERVICES = "services"
+NODEPORTS = "nodeports"
+SVC_REFUSE = "svc_refuse"
+NODEPORT_REFUSE = "nodeport_refuse"
+SVC_HAIRPIN = "svc_hairpin"
+SVC_NO_BACKEND = "svc_no_backend"
+
+_PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+
+
+def frontend_chain_name(frontend: Frontend) -> str:
+    return f"svc_{frontend.id}"
+
+
+def _backend_suffix(backend: Backend) -> str:
+    return f"{int(backend.address):08x}{backend.port:04x}"
+
+
+@dataclass(frozen=True)
+class MaglevSettings:
+    """The cluster-wide Maglev parameters: table size M (a prime) and the 32-bit hash seed."""
+
+    size: int
+    seed: int
+    #: Computes the lookup table: backend keys (``address:port``) → M indexes into those keys.
+    table: Callable[[Sequence[str]], Sequence[int]] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class ServiceDatapath:
+    """What the service section is rendered from."""
+
+    frontends: tuple[Frontend, ...]
+    node_address: IPv4Address
+    gateway: IPv4Address
+    local_pods: frozenset[IPv4Address] = frozenset()
+    maglev: MaglevSettings | None = None
+
+
+def maglev_settings(config: ClusterConfig) -> MaglevSettings:
+    """The cluster's Maglev parameters (the same on every node)."""
+    raw = base64.b64decode(config.maglevHashSeed)
+    return MaglevSettings(config.maglevTableSize, int.from_bytes(raw[:4], "big"), table=None)
+
+
+def _dnat_one(proto: str, backend: Backend) -> str:
+    return f"meta l4proto {proto} dnat ip to {backend.address}:{backend.port}"
+
+
+def _random(proto: str, backends: Sequence[Backend]) -> str:
+    if len(backends) == 1:
+        return _dnat_one(proto, backends[0])
+    items = ", ".join(f"{i} : {b.address} . {b.port}" for i, b in enumerate(backends))
+    return f"meta l4proto {proto} dnat ip to numgen random mod {len(backends)} map {{ {items} }}"
+
+
+@dataclass
+class _Parts:
+    chains: list[Chain] = field(default_factory=list)
+    sets: list[Set] = field(default_factory=list)
+    maps: list[Map] = field(default_factory=list)
+
+
+def _selection(name: str, frontend: Frontend, backends: Sequence[Backend], maglev: MaglevSettings | None,
+               parts: _Parts) -> list[Rule]:
+    """The rules of chain ``name`` that send a new connection to one of ``backends``."""
+    proto = _PROTO[frontend.address.protocol]
+    if not backends:
+        return []
+    if frontend.algorithm == "maglev" and maglev is not None and maglev.table is not None and len(backends) > 1:
+        slots = maglev.table([b.key for b in backends])
+        map_name = f"{name}_mg"
+        parts.maps.append(Map(
+            name=map_name, type=("mark",), value_type="ipv4_addr . inet_service",
+            comment=f"Maglev lookup table of {frontend.name} ({len(slots)} slots)",
+            elements=tuple((key(i), f"{backends[s].address} . {backends[s].port}") for i, s in enumerate(slots)),
+        ))
+        source_port = "" if frontend.affinity_timeout else f" . {proto} sport"
+        return [Rule(
+            f"meta l4proto {proto} dnat ip to jhash ip saddr{source_port} . ip daddr . {proto} dport "
+            f"mod {maglev.size} seed {maglev.seed:#x} map @{map_name}",
+            comment="Maglev: every node picks the same backend for a connection",
+        )]
+    if not frontend.affinity_timeout:
+        return [Rule(_random(proto, backends))]
+    rules: list[Rule] = []
+    verdicts = []
+    for index, backend in enumerate(backends):
+        suffix = _backend_suffix(backend)
+        affinity, chain = f"{name}_a{suffix}", f"{name}_b{suffix}"
+        parts.sets.append(Set(name=affinity, type=("ipv4_addr",), flags=("dynamic", "timeout"),
+                              comment=f"clients of {backend.key} ({frontend.name} session affinity)"))
+        parts.chains.append(Chain(name=chain, comment=f"{frontend.name} -> {backend.key}", rules=(
+            Rule(f"update @{affinity} {{ ip saddr timeout {frontend.affinity_timeout}s }}"),
+            Rule(_dnat_one(proto, backend)),
+        )))
+        rules.append(Rule(f"ip saddr @{affinity} goto {chain}", comment="session affinity"))
+        verdicts.append(f"{index} : goto {chain}")
+    if len(backends) == 1:
+        rules.append(Rule(f"goto {name}_b{_backend_suffix(backends[0])}"))
+    else:
+        rules.append(Rule(f"numgen random mod {len(backends)} vmap {{ {', '.join(verdicts)} }}"))
+    return rules
+
+
+def _proto_token(frontend: Frontend) -> str:
+    return _PROTO[frontend.address.protocol]
+
+
+def service_section(desired: ServiceDatapath, log_refused: str) -> tuple[
+        list[tuple[str, Rule]], list[Chain], list[Set], list[Map]]:
+    """(dispatch rules by base chain name, chains, sets, maps) of the service section. The base
+    chain names are the caller's (``membrane.datapath.ruleset``): ``nat_prerouting``,
+    ``nat_output``, ``refuse_prerouting``, ``refuse_output``, ``nat_postrouting``. ``no_backend`` is the
+    log statement of a refused connection ("" without flow logging)."""
+    parts = _Parts()
+    services: list[tuple[Key, str]] = []
+    nodeports: list[tuple[Key, str]] = []
+    refuse: set[Key] = set()
+    nodeport_refuse: set[Key] = set()
+    for frontend in desired.frontends:
+        name = frontend_chain_name(frontend)
+        proto = _proto_token(frontend)
+        addr = frontend.address
+        is_nodeport = addr.address == ANY_ADDRESS
+        if not frontend.selected:
+            if is_nodeport:
+                nodeport_refuse.add(key(proto, addr.port))
+            else:
+                refuse.add(key(addr.address, proto, addr.port))
+        if not frontend.selected and not frontend.internal:
+            continue
+        rules: list[Rule] = []
+        if frontend.internal:
+            inner = f"{name}_in"
+            parts.chains.append(Chain(name=inner, comment=f"{frontend.name} from this node's pods: every backend",
+                                      rules=tuple(_selection(inner, frontend, frontend.internal, desired.maglev,
+                                                             parts))))
+            rules.append(Rule(f'iifname "lxc*" goto {inner}', comment="this node's pods"))
+        rules += _selection(name, frontend, frontend.selected, desired.maglev, parts)
+        parts.chains.append(Chain(name=name, comment=f"{frontend.type} {addr} of {frontend.name}",
+                                  rules=tuple(rules)))
+        if is_nodeport:
+            nodeports.append((key(proto, addr.port), f"goto {name}"))
+        else:
+            services.append((key(addr.address, proto, addr.port), f"goto {name}"))
+    parts.maps += [
+        Map(name=SERVICES, type=("ipv4_addr", "inet_proto", "inet_service"), value_type="verdict",
+            comment="frontends: address . protocol . port -> the service's chain", elements=tuple(services)),
+        Map(name=NODEPORTS, type=("inet_proto", "inet_service"), value_type="verdict",
+            comment="node ports (on every address of this node) -> the service's chain", elements=tuple(nodeports)),
+    ]
+    parts.sets += [
+        Set(name=SVC_REFUSE, type=("ipv4_addr", "inet_proto", "inet_service"),
+            comment="frontends without a backend for this client: refused at once", elements=frozenset(refuse)),
+        Set(name=NODEPORT_REFUSE, type=("inet_proto", "inet_service"),
+            comment="node ports without a backend for this client: refused at once",
+            elements=frozenset(nodeport_refuse)),
+        Set(name=SVC_HAIRPIN, type=("ipv4_addr", "ipv4_addr"),
+            comment="a local pod reaching itself through a service",
+            elements=frozenset(key(ip, ip) for ip in desired.local_pods)),
+    ]
+    parts.chains.append(Chain(name=SVC_NO_BACKEND, comment="a service without a backend: refused, never silent",
+                              rules=(Rule(f"counter {log_refused}".strip()),
+                                     Rule("meta l4proto tcp reject with tcp reset"),
+                                     Rule("reject with icmp type port-unreachable"))))
+    lookup = f"ip daddr . meta l4proto . th dport vmap @{SERVICES}"
+    nodeport = f"fib daddr type local meta l4proto . th dport vmap @{NODEPORTS}"
+    refuse_rules = (
+        Rule(f"ip daddr . meta l4proto . th dport @{SVC_REFUSE} goto {SVC_NO_BACKEND}", comment="no backend"),
+        Rule(f"fib daddr type local meta l4proto . th dport @{NODEPORT_REFUSE} goto {SVC_NO_BACKEND}",
+             comment="node port without a backend"),
+    )
+    dispatch: list[tuple[str, Rule]] = [
+        ("nat_prerouting", Rule(lookup, comment="service frontends")),
+        ("nat_prerouting", Rule(nodeport, comment="node ports")),
+        ("nat_output", Rule(lookup, comment="service frontends, from this node")),
+        ("nat_output", Rule(nodeport, comment="node ports, from this node")),
+        *(("refuse_prerouting", r) for r in refuse_rules),
+        *(("refuse_output", r) for r in refuse_rules),
+        ("nat_postrouting", Rule(f"ct status dnat ip saddr . ip daddr @{SVC_HAIRPIN} snat ip to {desired.gateway}",
+                                 comment="hairpin: the reply must come back through this node")),
+        ("nat_postrouting", Rule(f'ct status dnat iifname != "lxc*" oifname != "lxc*" '
+                                 f"snat ip to {desired.node_address}",
+                                 comment="outside client, remote backend: replies return through this node")),
+    ]
+    return dispatch, parts.chains, parts.sets, parts.maps
