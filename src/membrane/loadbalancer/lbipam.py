@@ -204,6 +204,7 @@ class _Range:
     reserved: frozenset[int]
     #: ip (as int) -> the Services holding it (a sharing group), in the order they joined.
     holders: dict[int, list[ServiceView]] = field(default_factory=dict)
+    cursor: int | None = None
 
     @property
     def size(self) -> int:
@@ -216,10 +217,12 @@ class _Range:
         return value in self.reserved or value in self.holders
 
     def next_free(self) -> int | None:
-        value = self.first
-        # Only allocated addresses are stepped over, so this is bounded by the holders, not the size.
+        # Within one computation addresses are only ever taken, never freed: every address below
+        # the cursor is taken, so each address is stepped over once, whatever the range's size.
+        value = self.cursor if self.cursor is not None else self.first
         while value <= self.last and self.taken(value):
             value += 1
+        self.cursor = value
         return value if value <= self.last else None
 
 
