@@ -7,6 +7,9 @@ so the role moves within one lease TTL.
 Tasks: give every node a pod CIDR, place pods that name no node (fewest pods first), forget
 nodes that were removed (their CIDR claim, endpoints and addresses), and collect identities no
 endpoint uses.
+
+LB-IPAM (:class:`~membrane.agent.lbipam.LoadBalancerIPAM`) runs here too: LoadBalancer Services
+get their IPs from the pools, at most a second after a pool or Service changed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from membrane.agent.intent import IntentTables
+from membrane.agent.lbipam import LoadBalancerIPAM
 from membrane.api import k8s
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, MembraneError
@@ -26,6 +30,7 @@ from membrane.store import keys
 from membrane.store.base import Compare, Delete, Put, Store
 from membrane.store.identities import IdentityAllocator
 from membrane.store.ipam import claim_node_cidr, node_cidrs
+from membrane.store.objects import ObjectClient
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class Operator:
         self._gc_interval = gc_interval
         self._last_gc = time.monotonic()
         self.is_leader = False
+        self.lbipam = LoadBalancerIPAM(ObjectClient(store))
 
     async def try_acquire(self) -> bool:
         key = keys.role_key(OPERATOR_ROLE)
@@ -86,6 +92,7 @@ class Operator:
                 await self.allocate_node_cidrs()
                 await self.forget_removed_nodes()
                 await self.schedule_pending_pods()
+                await self.assign_load_balancer_ips()
                 if time.monotonic() - self._last_gc > self._gc_interval:
                     self._last_gc = time.monotonic()
                     removed = await self._identities.collect_unreferenced()
@@ -139,6 +146,13 @@ class Operator:
                 await self._store.txn(compares, ops)
             log.info("node %s was removed: released %d endpoints and %s", owner, len(endpoints), cidr)
             await self._store.delete(keys.pod_cidr_key(cidr))
+
+    async def assign_load_balancer_ips(self) -> None:
+        """LB-IPAM: one pass (it returns at once while no pool exists or nothing changed)."""
+        try:
+            await self.lbipam.sync()
+        except MembraneError as exc:
+            log.error("LB-IPAM: %s", exc)
 
     async def ready_nodes(self) -> list[str]:
         kvs, _ = await self._store.list(keys.HEARTBEATS)
