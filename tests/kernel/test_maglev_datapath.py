@@ -59,18 +59,29 @@ def _veth(a: Netns, a_if: str, a_addr: str, b: Netns, b_if: str, b_addrs: list[s
 
 
 def _service_ruleset(table: tuple[str, ...], table_size: int) -> str:
+    # As the agent lays services out: a verdict map on (VIP, protocol, port) jumps to the service
+    # port's chain, whose one rule DNATs to the backend in the slot the flow hashes to. Naming the
+    # transport fields by protocol (``tcp sport``) gives the rule the protocol match nat needs.
     full = nft_jhash_expr("tcp", table_size=table_size, seed=SEED.jhash_seed)
     affinity = nft_jhash_expr("tcp", table_size=table_size, seed=SEED.jhash_seed, affinity=True)
     return textwrap.dedent(f"""
-        table ip mmglb {{
+        table inet mmglb {{
           map svc {{
             typeof numgen random mod {table_size} : ip daddr . tcp dport
             elements = {{ {nft_map_elements(table)} }}
           }}
+          chain svc_80 {{
+            dnat ip to {full} map @svc
+          }}
+          chain svc_81_affinity {{
+            dnat ip to {affinity} map @svc
+          }}
           chain pre {{
             type nat hook prerouting priority dstnat; policy accept;
-            ip daddr {VIP} tcp dport 80 dnat ip to {full} map @svc
-            ip daddr {VIP} tcp dport 81 dnat ip to {affinity} map @svc
+            ip daddr . meta l4proto . th dport vmap {{
+              {VIP} . tcp . 80 : goto svc_80,
+              {VIP} . tcp . 81 : goto svc_81_affinity
+            }}
           }}
         }}
     """)

@@ -17,8 +17,8 @@ padded run (``nft --debug=netlink`` shows ``jhash(reg 2, 16, seed)`` for four fi
 The kernel reads those bytes as host-endian 32-bit words; this replica assumes a little-endian host
 (x86-64, arm64), which is what every supported node runs.
 
-The protocol is not part of the hash: every service port has its own rule that already matches the
-protocol, so adding it would not separate any two flows the rule sees. With ``sessionAffinity:
+The protocol is not part of the hash: every service port has its own chain, reached through a
+verdict map keyed on the protocol, so adding it would not separate any two flows the rule sees. With ``sessionAffinity:
 ClientIP`` the source port is left out (as in Cilium), so all connections of one client reach the
 same backend: ``ip saddr . ip daddr . tcp dport`` (12 bytes).
 """
@@ -140,8 +140,10 @@ def nft_jhash_expr(l4proto: str, *, table_size: int, seed: int, affinity: bool =
     ``jhash ip saddr . tcp sport . ip daddr . tcp dport mod 16381 seed 0x1a2b3c4d``.
 
     The transport fields are named by protocol (``tcp sport``), not ``th``: both load the same
-    bytes, but nft lists a ``th`` field back under the protocol the rule matched, so naming the
-    protocol keeps the rendered text equal to the kernel's listing."""
+    bytes, but ``tcp sport`` brings its own ``meta l4proto tcp`` dependency, which nat's port
+    mapping requires (with ``th`` alone nft refuses the rule: "transport protocol mapping is only
+    valid after transport protocol match"), and nft lists the rule back in exactly this text.
+    Complete service rule: ``dnat ip to <this> map @<service map>``."""
     if l4proto not in _L4PROTOS:
         raise ValueError(f"unsupported protocol {l4proto!r} (expected one of {', '.join(_L4PROTOS)})")
     fields = ["ip saddr", f"{l4proto} sport", "ip daddr", f"{l4proto} dport"]
