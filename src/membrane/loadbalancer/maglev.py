@@ -13,10 +13,11 @@ under the seed — never Python's ``hash()``, which is salted per process — an
 sorted before the table is filled, so the table depends only on the set of backends, M and the
 seed: every agent computes the same one.
 
-Cost. Filling a table takes about M·ln(M/N)… M·ln(M) probes in pure Python; the populate loop
-keeps every per-backend state in flat lists and local names (measured: ~0.1 s for M=16381 and 100
-backends on a 2-core VM). A caller that reconciles often should reuse a table while the backend
-set is unchanged.
+Cost. The populate loop keeps every per-backend state in flat lists and local names and walks a
+backend's permutation by adding its skip (no multiplication or modulo per probe): a few times M
+probes in all. Measured in pure Python on a 2-core VM, M=16381: 4 ms for 3 backends, 7 ms for
+100, 9 ms for 1000. A caller that reconciles often can still reuse a table while the backend set
+is unchanged.
 """
 
 from __future__ import annotations
