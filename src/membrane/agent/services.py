@@ -111,8 +111,11 @@ def frontend_rows(frontends: Iterable[Frontend]) -> list[dict[str, Any]]:
             "id": f.id, "frontend": str(f.address), "type": f.type, "service": f.name, "port": f.port_name,
             "algorithm": f.algorithm, "sessionAffinityTimeout": f.affinity_timeout,
             "backends": [
+                # selected: new connections go there; internalOnly: only from this node's pods
+                # (externalTrafficPolicy Local sends outside clients to this node's backends).
                 {"address": f"{b.address}:{b.port}", "node": b.node or "", "state": b.state,
-                 "selected": b in f.selected or (f.internal is not None and b in f.internal)}
+                 "selected": b in f.selected,
+                 "internalOnly": b not in f.selected and f.internal is not None and b in f.internal}
                 for b in f.backends
             ],
         }

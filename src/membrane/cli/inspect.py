@@ -385,7 +385,11 @@ def format_service_list(frontends: list[dict[str, Any]]) -> str:
             rows.append([*first, "(none)"])
             continue
         for index, backend in enumerate(backends):
-            state = backend["state"] if backend.get("selected") or backend["state"] != "active" else "not selected"
+            state = backend["state"]
+            if backend.get("internalOnly"):
+                state += ", this node's pods only"
+            elif not backend.get("selected") and state == "active":
+                state = "not selected"
             line = f"{index + 1} => {backend['address']}/{entry['frontend'].rsplit('/', 1)[1]} ({state})"
             rows.append([*(first if index == 0 else ["", "", "", ""]), line])
     return render_table(["ID", "FRONTEND", "SERVICE TYPE", "SERVICE", "BACKEND"], rows)

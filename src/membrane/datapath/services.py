@@ -10,7 +10,8 @@ frontend's chain, and the chain holds a fixed number of rules however many servi
         [iifname "lxc*" goto svc_<id>_in]       externalTrafficPolicy Local: this node's pods use every backend
         [ip saddr @svc_<id>_a<backend> goto svc_<id>_b<backend>  ...]   session affinity: back to the same backend
         dnat ip to numgen random mod N map { i : backend_i }                      random (the default)
-        dnat ip to jhash ip saddr . th sport . ip daddr . th dport mod M seed S map @svc_<id>_mg   Maglev
+        dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod M seed S map @svc_<id>_mg   Maglev
+                                          (map: typeof numgen random mod M : ip daddr . tcp dport, M slots)
     svc_<id>_b<backend>   update @svc_<id>_a<backend> { ip saddr timeout T }; dnat ip to backend   (affinity only)
 
     refuse_prerouting / refuse_output (filter, just after dstnat)
@@ -30,13 +31,15 @@ Primitives: :class:`ServiceDatapath`, :func:`service_section`, :func:`frontend_c
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import IPv4Address
 
 from membrane.core.config import ClusterConfig
 from membrane.datapath.nft.objects import Chain, Key, Map, Rule, Set, key
+from membrane.loadbalancer.jhash import nft_jhash_expr
+from membrane.loadbalancer.maglev import MaglevSeed, lookup_table
 from membrane.loadbalancer.model import ANY_ADDRESS, Backend, Frontend
 
 SERVICES = "services"
@@ -59,12 +62,16 @@ def _backend_suffix(backend: Backend) -> str:
 
 @dataclass(frozen=True)
 class MaglevSettings:
-    """The cluster-wide Maglev parameters: table size M (a prime) and the 32-bit hash seed."""
+    """The cluster-wide Maglev parameters: table size M (a prime) and the seed."""
 
     size: int
-    seed: int
-    #: Computes the lookup table: backend keys (``address:port``) → M indexes into those keys.
-    table: Callable[[Sequence[str]], Sequence[int]] | None = field(default=None, compare=False)
+    seed: MaglevSeed
+
+
+@lru_cache(maxsize=4096)
+def _maglev_table(backends: tuple[str, ...], size: int, seed: MaglevSeed) -> tuple[str, ...]:
+    # Milliseconds per service: a full rebuild of many Maglev services reuses unchanged tables.
+    return lookup_table(backends, seed=seed, table_size=size)
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,7 @@ class ServiceDatapath:
 
 def maglev_settings(config: ClusterConfig) -> MaglevSettings:
     """The cluster's Maglev parameters (the same on every node)."""
-    raw = base64.b64decode(config.maglevHashSeed)
-    return MaglevSettings(config.maglevTableSize, int.from_bytes(raw[:4], "big"), table=None)
+    return MaglevSettings(config.maglevTableSize, MaglevSeed.parse(config.maglevHashSeed))
 
 
 def _dnat_one(proto: str, backend: Backend) -> str:
@@ -108,20 +114,20 @@ def _selection(name: str, frontend: Frontend, backends: Sequence[Backend], magle
     proto = _PROTO[frontend.address.protocol]
     if not backends:
         return []
-    if frontend.algorithm == "maglev" and maglev is not None and maglev.table is not None and len(backends) > 1:
-        slots = maglev.table([b.key for b in backends])
+    if frontend.algorithm == "maglev" and maglev is not None and len(backends) > 1:
+        table = _maglev_table(tuple(b.key for b in backends), maglev.size, maglev.seed)
+        by_key = {b.key: b for b in backends}
         map_name = f"{name}_mg"
         parts.maps.append(Map(
-            name=map_name, type=("mark",), value_type="ipv4_addr . inet_service",
-            comment=f"Maglev lookup table of {frontend.name} ({len(slots)} slots)",
-            elements=tuple((key(i), f"{backends[s].address} . {backends[s].port}") for i, s in enumerate(slots)),
+            name=map_name, type=("integer",), value_type="ipv4_addr . inet_service",
+            typeof=f"numgen random mod {maglev.size} : ip daddr . {proto} dport",
+            comment=f"Maglev lookup table of {frontend.name}",
+            elements=tuple((key(slot), f"{by_key[k].address} . {by_key[k].port}") for slot, k in enumerate(table)),
         ))
-        source_port = "" if frontend.affinity_timeout else f" . {proto} sport"
-        return [Rule(
-            f"meta l4proto {proto} dnat ip to jhash ip saddr{source_port} . ip daddr . {proto} dport "
-            f"mod {maglev.size} seed {maglev.seed:#x} map @{map_name}",
-            comment="Maglev: every node picks the same backend for a connection",
-        )]
+        expression = nft_jhash_expr(proto, table_size=maglev.size, seed=maglev.seed.jhash_seed,
+                                    affinity=bool(frontend.affinity_timeout))
+        return [Rule(f"dnat ip to {expression} map @{map_name}",
+                     comment="Maglev: every node picks the same backend for a connection")]
     if not frontend.affinity_timeout:
         return [Rule(_random(proto, backends))]
     rules: list[Rule] = []

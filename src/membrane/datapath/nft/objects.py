@@ -33,7 +33,8 @@ PRIORITY_FILTER = 0
 PRIORITY_SRCNAT = 100
 
 # Datatypes a set or map key may use here (the ones the reader knows how to canonicalise).
-KEY_TYPES = frozenset({"iface_index", "ipv4_addr", "mark", "inet_proto", "inet_service", "ifname"})
+KEY_TYPES = frozenset({"iface_index", "ipv4_addr", "mark", "inet_proto", "inet_service", "ifname",
+                       "integer"})  # "integer": a typeof map keyed by an expression (numgen, jhash)
 VALUE_TYPES = frozenset({"verdict", "mark", "ipv4_addr", "inet_service", "iface_index",
                          "ipv4_addr . inet_service"})  # a DNAT target: address . port
 SET_FLAGS = frozenset({"interval", "constant", "timeout", "dynamic"})
@@ -201,6 +202,10 @@ class Map:
     flags: tuple[str, ...] = ()
     elements: tuple[tuple[Key, str], ...] = ()
     comment: str = ""
+    #: Declared ``typeof`` this instead of ``type``: a key type only an expression names (the kernel
+    #: lists it back as ``integer``, which ``type`` then says). nft 1.0.6 cannot list a map declared
+    #: ``typeof jhash …`` (it crashes), so Maglev maps are declared ``typeof numgen random mod M``.
+    typeof: str = ""
 
     def __post_init__(self) -> None:
         _check_name(self.name, "map")

@@ -56,8 +56,13 @@ def _set(s: Set) -> list[str]:
     return [*lines, f"{INDENT}}}"]
 
 
+def _map_type(m: Map) -> str:
+    """``type KEY : VALUE``, or ``typeof …`` for a key only an expression can name."""
+    return f"typeof {m.typeof}" if m.typeof else f"type {' . '.join(m.type)} : {m.value_type}"
+
+
 def _map(m: Map) -> list[str]:
-    lines = [f"{INDENT}map {m.name} {{", f"{INDENT * 2}type {' . '.join(m.type)} : {m.value_type}"]
+    lines = [f"{INDENT}map {m.name} {{", f"{INDENT * 2}{_map_type(m)}"]
     if m.flags:
         lines.append(f"{INDENT * 2}flags {', '.join(m.flags)}")
     if m.comment:
@@ -115,7 +120,7 @@ def _chain_declaration(c: Chain) -> str:
 
 def _set_declaration(d: Set | Map) -> str:
     if isinstance(d, Map):
-        parts = [f"type {' . '.join(d.type)} : {d.value_type};"]
+        parts = [f"{_map_type(d)};"]
         items = [f"{_key(k)} : {v}" for k, v in d.elements]
     else:
         parts = [f"type {' . '.join(d.type)};"]

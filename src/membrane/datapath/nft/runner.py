@@ -34,7 +34,7 @@ from membrane.datapath.nft.transaction import Transaction
 
 IFACE_TYPES = frozenset({"iface_index"})
 # Bit widths of the integer datatypes, to turn an aligned prefix back into a range.
-INTEGER_WIDTHS = {"iface_index": 32, "mark": 32, "inet_service": 16, "inet_proto": 8}
+INTEGER_WIDTHS = {"iface_index": 32, "mark": 32, "inet_service": 16, "inet_proto": 8, "integer": 32}
 MAX_ERROR_CHARS = 600
 
 

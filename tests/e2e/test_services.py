@@ -1,0 +1,306 @@
+"""Services on a three-node lab with the real agents: ClusterIP from every node to backends on every
+node, random spread, node ports from outside through every node, session affinity,
+externalTrafficPolicy Local keeping the client address, a refused connection without backends, a
+pod reaching itself through its service, and LoadBalancer IPs from LB-IPAM pools.
+
+Each backend pod answers a TCP connection with ``<its own address> <the client address it saw>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from membrane.lab import Lab
+from membrane.lab.state import LabDirs
+from membrane.testing.netns import kernel_test_skip_reason, wait_until
+
+pytestmark = pytest.mark.e2e
+
+NODES = (1, 2, 3)
+
+SERVER = textwrap.dedent("""
+    import socket
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 7000)); srv.listen(128)
+    while True:
+        conn, peer = srv.accept()
+        with conn:
+            conn.sendall(f"{conn.getsockname()[0]} {peer[0]}".encode())
+""")
+
+# argv: address port count -> JSON list of the answers ("refused" / "timeout" for failures) and
+# the slowest failure in seconds.
+ASK = textwrap.dedent("""
+    import json, socket, sys, time
+    answers, slowest = [], 0.0
+    for _ in range(int(sys.argv[3])):
+        started = time.monotonic()
+        try:
+            with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as sock:
+                answers.append(sock.recv(64).decode())
+        except ConnectionRefusedError:
+            answers.append("refused"); slowest = max(slowest, time.monotonic() - started)
+        except OSError:
+            answers.append("timeout"); slowest = max(slowest, time.monotonic() - started)
+    print(json.dumps({"answers": answers, "slowest": slowest}))
+""")
+
+
+def service(name: str, selector: dict[str, str], *, kind: str = "ClusterIP", extra: str = "",
+            annotations: str = "") -> str:
+    labels = ", ".join(f"{k}: {v}" for k, v in selector.items())
+    return textwrap.dedent(f"""
+        apiVersion: v1
+        kind: Service
+        metadata:
+          name: {name}
+          namespace: default
+        spec:
+          type: {kind}
+          selector: {{{labels}}}
+          ports: [{{port: 80, targetPort: 7000, protocol: TCP}}]
+        """).replace("namespace: default", f"namespace: default{annotations}") + extra
+
+
+@dataclass
+class Cluster:
+    lab: Lab
+    env: dict[str, str]
+    pod_ips: dict[int, str]
+
+    def membrane(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "membrane", "--lab", self.lab.name, *args], input=input,
+                                capture_output=True, text=True, env=self.env, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"membrane {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def apply(self, manifest: str) -> None:
+        self.membrane("apply", "-f", "-", input=manifest)
+
+    def get(self, kind: str, name: str) -> dict[str, object]:
+        return dict(json.loads(self.membrane("get", kind, name, "-n", "default", "-o", "json").stdout))
+
+    def cluster_ip(self, name: str) -> str:
+        spec = self.get("svc", name)["spec"]
+        assert isinstance(spec, dict)
+        return str(spec["clusterIP"])
+
+    def node_port(self, name: str) -> int:
+        spec = self.get("svc", name)["spec"]
+        assert isinstance(spec, dict)
+        return int(spec["ports"][0]["nodePort"])
+
+    def ask_from_pod(self, pod: str, address: str, count: int = 1, port: int = 80) -> dict[str, object]:
+        out = self.membrane("pod", "exec", f"default/{pod}", "--", sys.executable, "-c", ASK, address, str(port),
+                            str(count)).stdout
+        return dict(json.loads(out))
+
+    def ask_from_outside(self, address: str, port: int, count: int = 1) -> dict[str, object]:
+        out = self.lab.exec("client", [sys.executable, "-c", ASK, address, str(port), str(count)],
+                            capture_output=True, check=True).stdout
+        return dict(json.loads(out))
+
+    def programmed(self, node: int, frontend: str, backends: int) -> bool:
+        """node's agent lists ``frontend`` with ``backends`` selected backends."""
+        out = self.membrane("service", "list", "--node", f"node{node}", "-o", "json").stdout
+        for entry in json.loads(out):
+            if entry["frontend"] == frontend:
+                return sum(b["selected"] for b in entry["backends"]) == backends
+        return False
+
+    def wait_programmed(self, frontend: str, backends: int, nodes: tuple[int, ...] = NODES) -> None:
+        wait_until(lambda: all(self.programmed(k, frontend, backends) for k in nodes), timeout=15,
+                   what=f"{frontend} with {backends} backends on nodes {nodes}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if (reason := kernel_test_skip_reason("nft", "nsenter")) is not None:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("services")
+    dirs = LabDirs(state_base=base / "state", run_base=base / "run")
+    env = {**os.environ, "MEMBRANE_LAB_STATE_DIR": str(dirs.state_base), "MEMBRANE_LAB_RUN_DIR": str(dirs.run_base)}
+    env.pop("MEMBRANE_STORE", None)
+    name = "s" + "".join(random.choices(string.ascii_lowercase + string.digits, k=7))
+    with Lab.up(name, len(NODES), client=True, dirs=dirs) as lab:
+        cluster = Cluster(lab, env, {})
+        for k in NODES:
+            cluster.membrane("pod", "run", f"web{k}", "--node", f"node{k}", "-l", "app=web", "-l", f"slot=s{k}",
+                             "--", sys.executable, "-c", SERVER)
+            cluster.membrane("pod", "run", f"client{k}", "--node", f"node{k}", "-l", "app=client",
+                             "--", "sleep", "infinity")
+            pod = cluster.get("pod", f"web{k}")
+            status = pod["status"]
+            assert isinstance(status, dict)
+            cluster.pod_ips[k] = str(status["podIP"])
+        yield cluster
+
+
+def backends_seen(answers: list[str]) -> Counter[str]:
+    return Counter(answer.split()[0] for answer in answers if " " in answer)
+
+
+def test_a_cluster_ip_reaches_backends_on_every_node_from_every_node(cluster: Cluster) -> None:
+    cluster.apply(service("web", {"app": "web"}))
+    ip = cluster.cluster_ip("web")
+    cluster.wait_programmed(f"{ip}:80/TCP", 3)
+    for k in NODES:
+        result = cluster.ask_from_pod(f"client{k}", ip, count=40)
+        answers = result["answers"]
+        assert isinstance(answers, list)
+        seen = backends_seen(answers)
+        assert set(seen) == set(cluster.pod_ips.values()), f"from node{k}: {answers}"
+        assert sum(seen.values()) == 40, f"from node{k}: every connection answered: {answers}"
+
+
+def test_random_spreads_three_thousand_connections_evenly(cluster: Cluster) -> None:
+    cluster.apply(service("web", {"app": "web"}))
+    ip = cluster.cluster_ip("web")
+    cluster.wait_programmed(f"{ip}:80/TCP", 3)
+    answers = cluster.ask_from_pod("client1", ip, count=3000)["answers"]
+    assert isinstance(answers, list)
+    seen = backends_seen(answers)
+    assert sum(seen.values()) == 3000
+    for backend, count in seen.items():
+        assert 900 <= count <= 1100, f"{backend}: {count} of 3000 ({dict(seen)})"
+
+
+def test_a_service_without_backends_refuses_at_once_and_the_flow_says_why(cluster: Cluster) -> None:
+    cluster.apply(service("empty", {"app": "nothing-matches"}))
+    ip = cluster.cluster_ip("empty")
+    cluster.wait_programmed(f"{ip}:80/TCP", 0)
+    result = cluster.ask_from_pod("client2", ip, count=3)
+    assert result["answers"] == ["refused"] * 3
+    slowest = result["slowest"]
+    assert isinstance(slowest, float) and slowest < 1.0
+    flows = cluster.membrane("observe", "--type", "drop", "--last", "50", "-o", "json").stdout
+    reasons = [json.loads(line)["flow"].get("drop_reason_desc") for line in flows.splitlines() if line.strip()]
+    assert "SERVICE_BACKEND_NOT_FOUND" in reasons, flows
+
+
+def test_node_ports_answer_from_outside_through_every_node(cluster: Cluster) -> None:
+    cluster.apply(service("web-np", {"app": "web"}, kind="NodePort"))
+    port = cluster.node_port("web-np")
+    cluster.wait_programmed(f"0.0.0.0:{port}/TCP", 3)
+    for k in NODES:
+        answers = cluster.ask_from_outside(cluster.lab.node_ip(k), port, count=30)["answers"]
+        assert isinstance(answers, list)
+        seen = backends_seen(answers)
+        assert sum(seen.values()) == 30, f"via node{k}: {answers}"
+        assert len(seen) > 1, f"via node{k}: every connection went to one backend: {answers}"
+
+
+def test_external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node(cluster: Cluster) -> None:
+    cluster.apply(service("web-local", {"app": "web"}, kind="NodePort",
+                          extra="  externalTrafficPolicy: Local\n"))
+    port = cluster.node_port("web-local")
+    cluster.wait_programmed(f"0.0.0.0:{port}/TCP", 1)
+    client = cluster.lab.record.client
+    assert client is not None
+    for k in NODES:
+        answers = cluster.ask_from_outside(cluster.lab.node_ip(k), port, count=10)["answers"]
+        assert isinstance(answers, list)
+        backends = {a.split()[0] for a in answers}
+        peers = {a.split()[1] for a in answers}
+        assert backends == {cluster.pod_ips[k]}, f"via node{k}: {answers}"
+        assert peers == {client.ip}, f"client address lost via node{k}: {answers}"
+
+
+def test_session_affinity_keeps_a_client_on_its_backend(cluster: Cluster) -> None:
+    cluster.apply(service("web-sticky", {"app": "web"},
+                          extra="  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n"))
+    ip = cluster.cluster_ip("web-sticky")
+    cluster.wait_programmed(f"{ip}:80/TCP", 3)
+    for k in NODES:
+        answers = cluster.ask_from_pod(f"client{k}", ip, count=30)["answers"]
+        assert isinstance(answers, list)
+        assert len(backends_seen(answers)) == 1 and len(answers) == 30, f"from node{k}: {answers}"
+
+
+def test_maglev_services_spread_and_agree_across_nodes(cluster: Cluster) -> None:
+    cluster.apply(service("web-maglev", {"app": "web"},
+                          annotations="\n  annotations: {service.cilium.io/lb-algorithm: maglev}"))
+    ip = cluster.cluster_ip("web-maglev")
+    cluster.wait_programmed(f"{ip}:80/TCP", 3)
+    answers = cluster.ask_from_pod("client1", ip, count=90)["answers"]
+    assert isinstance(answers, list)
+    seen = backends_seen(answers)
+    assert sum(seen.values()) == 90 and len(seen) == 3, dict(seen)
+    listed = json.loads(cluster.membrane("service", "list", "--node", "node1", "-o", "json").stdout)
+    assert any(e["frontend"] == f"{ip}:80/TCP" and e["algorithm"] == "maglev" for e in listed)
+
+
+def test_a_pod_reaches_itself_through_its_service(cluster: Cluster) -> None:
+    cluster.apply(service("only-web1", {"slot": "s1"}))
+    ip = cluster.cluster_ip("only-web1")
+    cluster.wait_programmed(f"{ip}:80/TCP", 1)
+    answers = cluster.ask_from_pod("web1", ip, count=5)["answers"]
+    assert isinstance(answers, list)
+    assert [a.split()[0] for a in answers] == [cluster.pod_ips[1]] * 5, answers
+
+
+def test_a_deleted_backend_gets_no_new_connections(cluster: Cluster) -> None:
+    cluster.membrane("pod", "run", "web-extra", "--node", "node2", "-l", "app=extra", "--",
+                     sys.executable, "-c", SERVER)
+    cluster.apply(service("extra", {"app": "extra"}))
+    ip = cluster.cluster_ip("extra")
+    cluster.wait_programmed(f"{ip}:80/TCP", 1)
+    assert cluster.ask_from_pod("client1", ip)["answers"] != ["refused"]
+    cluster.membrane("pod", "delete", "default/web-extra", "--grace-period", "0")
+    cluster.wait_programmed(f"{ip}:80/TCP", 0)
+    started = time.monotonic()
+    assert cluster.ask_from_pod("client1", ip)["answers"] == ["refused"]
+    assert time.monotonic() - started < 10
+
+
+def test_load_balancer_ips_come_from_pools_written_either_way(cluster: Cluster) -> None:
+    cluster.apply(textwrap.dedent("""
+        apiVersion: cilium.io/v2
+        kind: CiliumLoadBalancerIPPool
+        metadata: {name: by-cidr}
+        spec:
+          blocks: [{cidr: 10.250.10.0/30}]
+          serviceSelector: {matchLabels: {pool: cidr}}
+        ---
+        apiVersion: cilium.io/v2alpha1
+        kind: CiliumLoadBalancerIPPool
+        metadata: {name: by-range}
+        spec:
+          blocks: [{start: 10.250.20.5, stop: 10.250.20.7}]
+          serviceSelector: {matchLabels: {pool: range}}
+        """))
+    for name, pool in (("lb-cidr", "cidr"), ("lb-range", "range")):
+        manifest = service(name, {"app": "web"}, kind="LoadBalancer")
+        cluster.apply(manifest.replace("namespace: default", f"namespace: default\n  labels: {{pool: {pool}}}"))
+
+    def ingress(name: str) -> str:
+        status = cluster.get("svc", name).get("status") or {}
+        assert isinstance(status, dict)
+        items = (status.get("loadBalancer") or {}).get("ingress") or []
+        return str(items[0]["ip"]) if items else ""
+
+    wait_until(lambda: ingress("lb-cidr") and ingress("lb-range"), timeout=15, what="LoadBalancer IPs")
+    # Upstream hands out the first address of a CIDR block (allowFirstLastIPs defaults to Yes)
+    # and the start of a range.
+    assert (ingress("lb-cidr"), ingress("lb-range")) == ("10.250.10.0", "10.250.20.5")
+    rows = cluster.membrane("get", "svc", "lb-cidr", "lb-range").stdout
+    assert "10.250.10.0" in rows and "10.250.20.5" in rows
+    ip = ingress("lb-range")
+    cluster.wait_programmed(f"{ip}:80/TCP", 3)
+    # The outside reaches it through node1 (announcing it by BGP or ARP is another feature).
+    cluster.lab.exec("client", ["ip", "route", "replace", f"{ip}/32", "via", cluster.lab.node_ip(1)], check=True)
+    answers = cluster.ask_from_outside(ip, 80, count=10)["answers"]
+    assert isinstance(answers, list) and sum(backends_seen(answers).values()) == 10, answers
