@@ -220,8 +220,8 @@ def test_external_traffic_policy_local_keeps_the_client_address_and_stays_on_the
 
 
 def test_session_affinity_keeps_a_client_on_its_backend(cluster: Cluster) -> None:
-    cluster.apply(service("web-sticky", {"app": "web"},
-                          extra="  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n"))
+    sticky = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n"
+    cluster.apply(service("web-sticky", {"app": "web"}, extra=sticky))
     ip = cluster.cluster_ip("web-sticky")
     cluster.wait_programmed(f"{ip}:80/TCP", 3)
     for k in NODES:

@@ -360,3 +360,48 @@ async def test_objects_built_in_code_are_checked_too(client: ObjectClient, store
         "Pod/p: spec.containers[0].ports[0].containerPort: invalid value 0: must be between 1 and 65535, inclusive",
     ]
     assert await store.revision() == 1
+
+
+async def test_deleting_a_bound_pod_marks_it_terminating_for_its_grace_period(store: MemoryStore) -> None:
+    client = ObjectClient(store, clock=lambda: "2026-05-01T10:00:00Z")
+    bound = POD.replace("spec:\n", "spec:\n  nodeName: node1\n")
+    other = bound.replace("name: web,", "name: api,").replace("spec:\n", "spec:\n  terminationGracePeriodSeconds: 5\n")
+    await client.apply(objs(NAMESPACE, bound, other, SERVICE))
+
+    deleted = await client.delete("Pod", "prod", "web")
+    assert (deleted.metadata.deletionTimestamp, deleted.metadata.deletionGracePeriodSeconds) == (
+        "2026-05-01T10:00:30Z", 30)
+    stored = await client.get("Pod", "prod", "web")
+    assert stored.metadata.deletionTimestamp == "2026-05-01T10:00:30Z"  # still there, terminating
+    # Deleting again can shorten the grace period, never lengthen it.
+    assert (await client.delete("Pod", "prod", "web", grace_period=60)).metadata.deletionGracePeriodSeconds == 30
+    again = await client.delete("Pod", "prod", "web", grace_period=2)
+    assert (again.metadata.deletionTimestamp, again.metadata.deletionGracePeriodSeconds) == ("2026-05-01T10:00:02Z", 2)
+    # Applying the pod again keeps the marks (the node is stopping it).
+    await client.apply(objs(bound))
+    assert (await client.get("Pod", "prod", "web")).metadata.deletionGracePeriodSeconds == 2
+
+    # The pod's own terminationGracePeriodSeconds, in one transaction with a service.
+    deleted_objs, _ = await client.delete_objects([*objs(other), *objs(SERVICE)])
+    assert [o.metadata.deletionGracePeriodSeconds for o in deleted_objs] == [5, None]
+    assert await client.find("Service", "prod", "web") is None
+
+    # Only the node finishes the deletion, and only of the uid it stopped.
+    assert not await client.finish_deletion("Pod", "prod", "web", "another-uid")
+    assert await client.finish_deletion("Pod", "prod", "web", stored.metadata.uid or "")
+    assert await client.find("Pod", "prod", "web") is None
+
+    # A namespace takes its terminating pods with it at once.
+    await client.delete("Namespace", None, "prod")
+    assert await client.list("Pod") == []
+
+
+async def test_an_unbound_pod_or_grace_period_zero_deletes_at_once(store: MemoryStore) -> None:
+    client = ObjectClient(store)
+    bound = POD.replace("spec:\n", "spec:\n  nodeName: node1\n")
+    await client.apply(objs(NAMESPACE, POD))
+    await client.delete("Pod", "prod", "web")
+    assert await client.find("Pod", "prod", "web") is None
+    await client.apply(objs(bound))
+    await client.delete("Pod", "prod", "web", grace_period=0)
+    assert await client.find("Pod", "prod", "web") is None

@@ -525,3 +525,19 @@ def test_table_printer_pads_like_kubectl_tabwriter() -> None:
         "NAME        IP         X\na           10.0.0.1   y\nlong-name   -          \n"
     )
     assert format_table(["A", "B"], [["x", "y"]]) == "A     B\nx     y\n"
+
+
+def test_a_deleted_pod_on_a_node_is_terminating_until_forced(empty: Cluster, tmp_path: Path) -> None:
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec: {nodeName: node1, "
+                        "terminationGracePeriodSeconds: 45, containers: [{name: c, image: i}]}\n")
+    assert empty.run("apply", "-f", str(manifest)).exit_code == 0
+    result = empty.run("delete", "pod", "web")
+    assert (result.exit_code, result.stdout) == (0, 'pod "web" deleted\n')
+    assert empty.run("get", "pods").stdout.splitlines()[1].split()[:3] == ["web", "0/1", "Terminating"]
+    meta = json.loads(empty.run("get", "pod", "web", "-o", "json").stdout)["metadata"]
+    assert meta["deletionGracePeriodSeconds"] == 45
+    assert meta["deletionTimestamp"] > meta["creationTimestamp"]
+    result = empty.run("delete", "pod", "web", "--force")
+    assert (result.exit_code, result.stdout) == (0, 'pod "web" deleted\n')
+    assert empty.run("get", "pods").stderr == "No resources found in default namespace.\n"

@@ -14,6 +14,7 @@ from membrane.datapath.netlink.fake import FakeNetlink
 from membrane.datapath.process_fake import FakeNetnsHost, Scripted
 from membrane.store import keys
 from membrane.store.memory import MemoryStore
+from membrane.store.objects import ObjectClient, decode
 from membrane.testing.agentkit import NODE, FakeNode
 
 PREFIX = "mbpod-"
@@ -54,6 +55,23 @@ class Node:
 
     def unbind(self, name: str) -> None:
         self.fake.pods.delete(("default", name))
+
+    async def delete(self, name: str, grace: int | None = None) -> None:
+        """``membrane pod delete``, and its pod object as the reflector brings it to the intent."""
+        await ObjectClient(self.store).delete("Pod", "default", name, grace_period=grace)
+        await self.sync(name)
+
+    async def sync(self, name: str) -> None:
+        kv = await self.store.get(keys.object_key("pods", "default", name))
+        if kv is None:
+            self.fake.pods.delete(("default", name))
+        else:
+            pod = decode(kv)
+            assert isinstance(pod, k8s.Pod)
+            self.fake.pods.upsert(pod)
+
+    async def exists(self, name: str) -> bool:
+        return await self.store.get(keys.object_key("pods", "default", name)) is not None
 
     async def status(self, name: str) -> dict[str, Any]:
         kv = await self.store.get(keys.object_key("pods", "default", name))
@@ -140,3 +158,89 @@ async def test_a_restarted_agent_adopts_running_processes_and_removes_stray_name
         await asyncio.sleep(0)
         assert node.runner.wake.is_set()
         await node.runner.close()
+
+
+async def test_a_deleted_pod_that_exits_on_sigterm_is_gone_at_once_with_its_object(tmp_path: Path) -> None:
+    async with Node(tmp_path) as node:
+        node.runner.load()
+        await node.bind("web", "uid-5", ["sleep", "3600"])
+        await node.runner.reconcile()
+        [proc] = node.host.running()
+
+        await node.delete("web")  # the default grace period: 30 s
+        pod = node.fake.intent.pods.snapshot().get(("default", "web"))
+        assert pod is not None and pod.metadata.deletionGracePeriodSeconds == 30
+        await node.runner.reconcile()
+        assert proc.signals == [signal.SIGTERM] and not proc.running  # no SIGKILL: it finished by itself
+        assert node.endpoints.get("uid-5") is None and node.host.names(PREFIX) == []
+        assert not await node.exists("web")  # the node removes the object once the pod is stopped
+
+
+async def test_a_process_ignoring_sigterm_keeps_its_endpoint_until_the_grace_period_ends(tmp_path: Path) -> None:
+    async with Node(tmp_path) as node:
+        node.runner.load()
+        await node.bind("stubborn", "uid-6", ["sleep", "3600"])
+        await node.runner.reconcile()
+        [proc] = node.host.running()
+        proc.ignores.add(signal.SIGTERM)
+
+        await node.delete("stubborn")
+        await node.runner.reconcile()  # returns at once: the runner never sits out a grace period
+        assert proc.signals == [signal.SIGTERM] and proc.running
+        record = node.endpoints.get("uid-6")
+        assert record is not None and record.state == "ready"  # still serving its connections
+        assert await node.exists("stubborn")
+        delay = node.runner.next_wakeup()
+        assert delay is not None and 28 < delay <= 30
+
+        await node.delete("stubborn", grace=1)  # deleting again may shorten the period
+        await node.runner.reconcile()
+        delay = node.runner.next_wakeup()
+        assert delay is not None and delay <= 1
+        while node.host.running():
+            await asyncio.sleep(max(delay, 0))  # the deadline itself is the condition
+            await node.runner.reconcile()
+            delay = node.runner.next_wakeup() or 0
+        assert proc.signals == [signal.SIGTERM, signal.SIGKILL]
+        assert node.endpoints.get("uid-6") is None and not await node.exists("stubborn")
+
+
+async def test_a_restarted_agent_keeps_counting_the_grace_period(tmp_path: Path) -> None:
+    async with Node(tmp_path) as node:
+        node.runner.load()
+        await node.bind("web", "uid-7", ["sleep", "3600"])
+        await node.runner.reconcile()
+        [proc] = node.host.running()
+        proc.ignores.add(signal.SIGTERM)
+        await node.delete("web")
+        await node.runner.reconcile()
+
+        node.runner = node.new_runner()
+        node.runner.load()
+        await node.runner.reconcile()
+        assert proc.signals == [signal.SIGTERM] and proc.running  # not signalled again, not restarted
+        delay = node.runner.next_wakeup()
+        assert delay is not None and 28 < delay <= 30
+        await node.runner.close()
+
+
+async def test_a_terminating_pod_the_runner_never_ran_is_removed_at_once(tmp_path: Path) -> None:
+    async with Node(tmp_path) as node:
+        node.runner.load()
+        await node.bind("cni-pod", "uid-8", ["sleep", "3600"])  # bound, but its containers run elsewhere
+        await node.delete("cni-pod")
+        assert await node.exists("cni-pod")
+        await node.runner.reconcile()
+        assert not await node.exists("cni-pod") and node.host.running() == []
+
+
+async def test_grace_period_zero_removes_the_object_and_stops_the_pod(tmp_path: Path) -> None:
+    async with Node(tmp_path) as node:
+        node.runner.load()
+        await node.bind("web", "uid-9", ["sleep", "3600"])
+        await node.runner.reconcile()
+        [proc] = node.host.running()
+        await node.delete("web", grace=0)
+        assert not await node.exists("web")
+        await node.runner.reconcile()
+        assert not proc.running and node.endpoints.get("uid-9") is None

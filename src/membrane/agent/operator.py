@@ -10,6 +10,15 @@ endpoint uses.
 
 LB-IPAM (:class:`~membrane.agent.lbipam.LoadBalancerIPAM`) runs here too: LoadBalancer Services
 get their IPs from the pools, at most a second after a pool or Service changed.
+
+It also plays Kubernetes' EndpointSlice controller: every Service with a selector gets the
+EndpointSlices :func:`membrane.loadbalancer.endpointslices.derive_endpoint_slices` derives from
+the pods and their endpoint records (an address when the pod's endpoint is ``ready``), written
+only when they differ from the stored ones and removed when no longer derived. Slices it did not
+write (another ``endpointslice.kubernetes.io/managed-by``, or none: a user's slices for a
+selectorless Service) are never touched. Services and slices are listed from the store on each
+pass (the intent has no table for them); pods and endpoints come from the intent tables. A
+terminating pod stays in its slices (``terminating: true``) until its node removes it.
 """
 
 from __future__ import annotations
@@ -23,14 +32,17 @@ from collections.abc import Callable
 from membrane.agent.intent import IntentTables
 from membrane.agent.lbipam import LoadBalancerIPAM
 from membrane.api import k8s
+from membrane.api.endpoint import EndpointRecord
+from membrane.api.meta import ApiObject
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, MembraneError
 from membrane.core.statedb import wait_any
+from membrane.loadbalancer.endpointslices import derive_endpoint_slices
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, Put, Store
 from membrane.store.identities import IdentityAllocator
 from membrane.store.ipam import claim_node_cidr, node_cidrs
-from membrane.store.objects import ObjectClient
+from membrane.store.objects import ObjectClient, decode
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +99,18 @@ class Operator:
         intent tables, and only identity collection lists the store, once per ``gc_interval``.
         """
         while True:
-            watches = [self._intent.nodes.snapshot().changed, self._intent.pods.snapshot().changed]
+            watches = [self._intent.nodes.snapshot().changed, self._intent.pods.snapshot().changed,
+                       self._intent.endpoints.snapshot().changed]
             if await self.try_acquire():
                 await self.allocate_node_cidrs()
                 await self.forget_removed_nodes()
                 await self.schedule_pending_pods()
                 await self.assign_load_balancer_ips()
+                await self.remove_pods_of_removed_nodes()
+                try:
+                    await self.publish_endpoint_slices()
+                except MembraneError as exc:
+                    log.warning("cannot publish endpoint slices: %s", exc)
                 if time.monotonic() - self._last_gc > self._gc_interval:
                     self._last_gc = time.monotonic()
                     removed = await self._identities.collect_unreferenced()
@@ -192,3 +210,71 @@ class Operator:
             return False
         log.info("placed pod %s/%s on %s", namespace, name, node)
         return True
+
+    async def remove_pods_of_removed_nodes(self) -> None:
+        """A terminating pod whose node is gone has nobody left to stop it: its object goes
+        (Kubernetes' pod garbage collector does the same)."""
+        nodes = self._intent.nodes.snapshot()
+        client = ObjectClient(self._store)
+        for pod in self._intent.pods.snapshot():
+            node = pod.spec.nodeName
+            if not (pod.metadata.deletionTimestamp and node and node not in nodes):
+                continue
+            if await client.finish_deletion("Pod", pod.namespace or "default", pod.name, pod.metadata.uid or ""):
+                log.info("removed terminating pod %s/%s of removed node %s", pod.namespace, pod.name, node)
+
+    def _pod_addresses(self) -> dict[tuple[str, str], str]:
+        """(namespace, pod) -> address, for pods whose endpoint is ready."""
+        found: dict[tuple[str, str], str] = {}
+        record: EndpointRecord
+        for record in self._intent.endpoints.snapshot():
+            if record.state == "ready":
+                found[(record.namespace, record.pod)] = str(record.ipv4)
+        return found
+
+    async def publish_endpoint_slices(self) -> tuple[int, int]:
+        """Write the derived EndpointSlices that changed and delete the ones no longer derived.
+        Returns (written, deleted); a pass over an unchanged cluster writes nothing."""
+        services_kvs, _ = await self._store.list(keys.objects_prefix("services"))
+        slice_kvs, _ = await self._store.list(keys.objects_prefix("endpointslices"))
+        addresses = self._pod_addresses()
+        pods = list(self._intent.pods.snapshot())
+
+        def ready(pod: k8s.Pod) -> str | None:
+            return addresses.get((pod.namespace or "default", pod.name))
+
+        desired: dict[tuple[str, str], k8s.EndpointSlice] = {}
+        for kv in services_kvs:
+            service = decode(kv)
+            if isinstance(service, k8s.Service):
+                for eps in derive_endpoint_slices(service, pods, ready):
+                    desired[(eps.namespace or "default", eps.name)] = eps
+        stored: dict[tuple[str, str], ApiObject] = {}
+        for kv in slice_kvs:
+            obj = decode(kv)
+            stored[(obj.namespace or "default", obj.name)] = obj
+        changed: list[ApiObject] = []
+        for key, eps in desired.items():
+            current = stored.get(key)
+            if current is not None and not _managed(current):
+                log.warning("endpoint slice %s/%s is not managed by the operator; not replacing it", *key)
+                continue
+            if current is None or _slice_content(current) != _slice_content(eps):
+                changed.append(eps)
+        stale = [obj for key, obj in stored.items() if key not in desired and _managed(obj)]
+        client = ObjectClient(self._store)
+        if changed:
+            await client.apply(changed)
+        if stale:
+            await client.delete_objects(stale)
+        return len(changed), len(stale)
+
+
+def _managed(obj: ApiObject) -> bool:
+    """A slice this operator wrote: the controller's manager label and a service name."""
+    return (obj.labels.get(k8s.MANAGED_BY_LABEL) == k8s.ENDPOINTSLICE_CONTROLLER
+            and k8s.SERVICE_NAME_LABEL in obj.labels)
+
+
+def _slice_content(obj: ApiObject) -> tuple[object, ...]:
+    return obj.labels, obj.metadata.ownerReferences, obj.body()

@@ -8,7 +8,22 @@ their own session so that an agent restart leaves them running; the runner re-ad
 its state files (pid + kernel start time, so a recycled pid is never mistaken for the pod).
 
     desired pods (intent) ──► sandbox (netns) ──► endpoint (ADD) ──► processes ──► pod status
+    terminating pods      ──► SIGTERM ──► (exit, or SIGKILL after the grace period)
+                          ──► endpoint DEL ──► netns removed ──► pod object removed
     gone pods / stale uid ──► kill process group ──► endpoint DEL ──► netns removed
+
+Deletion is Kubernetes' graceful deletion: ``delete`` marks the pod (``deletionTimestamp``,
+``deletionGracePeriodSeconds``), this runner sends SIGTERM to each container's process group and
+SIGKILL to what is left when the grace period ends, and once nothing runs removes the endpoint,
+the namespace and finally the object. Meanwhile the endpoint stays ready and wired (the pod may
+finish its connections); that it is terminating is read from the pod's ``deletionTimestamp``,
+the one place it is recorded. The grace period is counted from when this runner sent SIGTERM
+(kept in the sandbox's state file, so a restarted agent does not start it over). The runner
+never waits for a grace period: exits wake it, and :meth:`PodRunner.next_wakeup` names the
+deadline. A terminating pod the runner has no sandbox for (its containers were started by a CNI
+runtime, which deletes its endpoint with its own CNI DEL) has nothing to stop here: its object
+is removed at once. A pod object that disappears outright (``--grace-period 0``, or with its
+namespace) is stopped as before, with :data:`DEFAULT_GRACE_SECONDS` between the signals.
 """
 
 from __future__ import annotations
@@ -33,10 +48,12 @@ from membrane.core.statedb import Table
 from membrane.datapath.process import KernelNetnsHost, NetnsHost
 from membrane.store import keys
 from membrane.store.base import Store
+from membrane.store.objects import DEFAULT_TERMINATION_GRACE_SECONDS, ObjectClient
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRACE_SECONDS = 2.0  # shorter than Kubernetes' 30 s: lab processes exit at once
+#: Between SIGTERM and SIGKILL for a pod whose object was removed outright (no grace period given).
+DEFAULT_GRACE_SECONDS = 2.0
 MAX_RESTART_BACKOFF = 30.0
 
 
@@ -63,6 +80,8 @@ class Sandbox:
     name: str
     netns: str  # name under the NetnsHost's run directory (/run/netns)
     containers: dict[str, ContainerState] = field(default_factory=dict)
+    stopping_since: float = 0.0  # when SIGTERM was sent (the pod is terminating); 0 while it runs
+    kill_at: float = 0.0  # when what is left gets SIGKILL
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -88,6 +107,7 @@ class PodRunner:
     ) -> None:
         self._host: NetnsHost = host if host is not None else KernelNetnsHost()
         self._store = store
+        self._objects = ObjectClient(store)
         self._node = node_name
         self._node_ip = node_ip
         self._pods = pods
@@ -222,15 +242,64 @@ class PodRunner:
         desired = {
             pod.metadata.uid or "": self._as_dict(pod) for pod in local if not pod.metadata.deletionTimestamp
         }
+        terminating = {pod.metadata.uid: pod for pod in local if pod.metadata.deletionTimestamp and pod.metadata.uid}
         for uid, sandbox in list(self._sandboxes.items()):
-            if uid not in desired:
+            if uid in terminating:
+                await self._terminate(sandbox, terminating[uid])
+            elif uid not in desired:
                 await self._teardown(sandbox)
+        for uid, stopping in terminating.items():
+            if uid not in self._sandboxes:
+                # Nothing of it runs here (any more): stopped in this or an earlier pass, or never
+                # started by this runner (a CNI runtime's container).
+                await self._finish_deletion(stopping)
         for uid, pod in desired.items():
             if uid:
                 try:
                     await self._ensure(uid, pod)
                 except MembraneError as exc:
                     log.warning("pod %s/%s: %s", pod["metadata"].get("namespace"), pod["metadata"]["name"], exc)
+
+    async def _terminate(self, sandbox: Sandbox, pod: k8s.Pod) -> None:
+        """One step of a graceful stop: SIGTERM once, SIGKILL once the grace period is over, and
+        when nothing runs any more the teardown and the object's removal. Never waits the period."""
+        grace = pod.metadata.deletionGracePeriodSeconds
+        grace = DEFAULT_TERMINATION_GRACE_SECONDS if grace is None else grace
+        now = time.time()
+        if not sandbox.stopping_since:
+            log.info("stopping pod %s/%s (grace period %ds)", sandbox.namespace, sandbox.name, grace)
+            sandbox.stopping_since, sandbox.kill_at = now, now + grace
+            for container in sandbox.containers.values():
+                container.next_start = 0  # a terminating pod's containers are not restarted
+                if container.pid and not self._reap(container):
+                    self._host.signal(container.pid, signal.SIGTERM, group=True)
+            self._save(sandbox)
+        elif sandbox.stopping_since + grace < sandbox.kill_at:
+            sandbox.kill_at = sandbox.stopping_since + grace  # deleted again with a shorter period
+            self._save(sandbox)
+        running = [c for c in sandbox.containers.values() if not self._reap(c)]
+        if running and now >= sandbox.kill_at:
+            log.info("pod %s/%s: grace period over, killing %d container(s)", sandbox.namespace, sandbox.name,
+                     len(running))
+            for container in running:
+                self._host.signal(container.pid, signal.SIGKILL, group=True)
+            for _ in range(100):
+                running = [c for c in running if not self._reap(c)]
+                if not running:
+                    break
+                await asyncio.sleep(0.02)
+        if running:
+            self._save(sandbox)
+            await self._write_status(sandbox.uid, self._as_dict(pod), sandbox)
+            return
+        await self._teardown(sandbox)
+        await self._finish_deletion(pod)
+
+    async def _finish_deletion(self, pod: k8s.Pod) -> None:
+        try:
+            await self._objects.finish_deletion("Pod", pod.namespace or "default", pod.name, pod.metadata.uid or "")
+        except MembraneError as exc:
+            log.warning("pod %s/%s: cannot remove the object: %s", pod.namespace, pod.name, exc)
 
     async def _ensure(self, uid: str, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
@@ -276,6 +345,7 @@ class PodRunner:
 
     def next_wakeup(self) -> float | None:
         pending = [c.next_start for s in self._sandboxes.values() for c in s.containers.values() if c.next_start]
+        pending += [s.kill_at for s in self._sandboxes.values() if s.kill_at]
         return min(pending) - time.time() if pending else None
 
     async def _teardown(self, sandbox: Sandbox) -> None:

@@ -5,6 +5,10 @@ the kernel is clean, so after a crash the store always names everything the kern
 that is what makes pruning safe and leaks impossible. The type lives here, apart from the agent
 and the store, so pure consumers (the policy compiler, the CLI) can read records without either.
 
+A pod being deleted keeps its record ``ready`` (it is still wired and may finish its
+connections) until its node has stopped it; that it is terminating is not a record state: the
+pod's ``metadata.deletionTimestamp`` is the one place it is recorded (EndpointSlices carry it).
+
 Primitives: :class:`EndpointRecord`, :data:`EndpointState`, :data:`EndpointOrigin`.
 """
 

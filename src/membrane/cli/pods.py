@@ -170,27 +170,48 @@ async def _pod_netns(cli: CliContext, ref: str) -> str:
 
 @pod.command("delete")
 @click.argument("ref", metavar="NS/NAME")
-@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the pod's endpoint is gone.")
-@click.option("--timeout", default=30.0, show_default=True)
+@click.option("--grace-period", type=int, default=-1, show_default=True,
+              help="Seconds the pod's processes get between SIGTERM and SIGKILL (-1: the pod's "
+                   "terminationGracePeriodSeconds, 30 by default; 0: remove the pod at once).")
+@click.option("--force", is_flag=True, help="Remove the pod object at once (--grace-period 0).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the pod is gone: processes stopped, endpoint released, object removed.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait (default: the grace period + 30).")
 @pass_cli
 @run_async
-async def pod_delete(cli: CliContext, ref: str, wait: bool, timeout: float) -> None:
-    """Delete a pod: its processes stop, its endpoint and network namespace are removed."""
+async def pod_delete(cli: CliContext, ref: str, grace_period: int, force: bool, wait: bool,
+                     timeout: float | None) -> None:
+    """Delete a pod: its processes get SIGTERM, and SIGKILL once the grace period is over; then its
+    endpoint, network namespace and object are removed. Meanwhile `get pods` shows it Terminating."""
     namespace, name = parse_pod_ref(ref)
+    grace = 0 if force else (None if grace_period < 0 else grace_period)
     store = await cli.open_store()
     try:
-        deleted = await ObjectClient(store).delete("Pod", namespace, name)
+        deleted = await ObjectClient(store).delete("Pod", namespace, name, grace_period=grace)
         uid = deleted.metadata.uid
         node = deleted.model_dump().get("spec", {}).get("nodeName")
-        if wait and uid and node:
-            deadline = time.monotonic() + timeout
-            while await store.get(keys.endpoint_key(node, uid)) is not None:
-                if time.monotonic() > deadline:
-                    raise MembraneError(f"pod {ref} was deleted but node {node} has not released it after {timeout:g}s")
-                await asyncio.sleep(0.05)
+        if wait and uid:
+            limit = timeout if timeout is not None else (deleted.metadata.deletionGracePeriodSeconds or 0) + 30
+            await _wait_gone(store, namespace, name, uid, node, limit)
         click.echo(f'pod "{name}" deleted')
     finally:
         await store.close()
+
+
+async def _wait_gone(store: Store, namespace: str, name: str, uid: str, node: str | None, timeout: float) -> None:
+    """Until the pod object of ``uid`` is removed and its node has released its endpoint."""
+    deadline = time.monotonic() + timeout
+    pod_key = keys.object_key("pods", namespace, name)
+    while True:
+        kv = await store.get(pod_key)
+        present = kv is not None and (json.loads(kv.value).get("metadata") or {}).get("uid") == uid
+        if not present and not (node and await store.get(keys.endpoint_key(node, uid)) is not None):
+            return
+        if time.monotonic() > deadline:
+            where = f"node {node}" if node else "its node"
+            raise MembraneError(f"pod {namespace}/{name} was deleted but {where} has not released it after "
+                                f"{timeout:g}s")
+        await asyncio.sleep(0.05)
 
 
 COMMANDS = [pod]

@@ -149,13 +149,17 @@ def _print_objects(
 @click.option("-f", "--filename", "filenames", multiple=True, metavar="FILE", help="Delete the objects of FILE.")
 @click.option("-n", "--namespace", metavar="NS", help="Namespace of the objects (default: default).")
 @click.option("--ignore-not-found", is_flag=True, help="Treat objects that do not exist as deleted.")
+@click.option("--grace-period", type=int, default=-1, show_default=True,
+              help="Seconds a deleted pod gets to stop (-1: its terminationGracePeriodSeconds; 0: at once).")
+@click.option("--force", is_flag=True, help="Remove pods at once (--grace-period 0).")
 @pass_cli
 @run_async
 async def delete(
-    cli: CliContext, args: tuple[str, ...], filenames: tuple[str, ...], namespace: str | None, ignore_not_found: bool
+    cli: CliContext, args: tuple[str, ...], filenames: tuple[str, ...], namespace: str | None, ignore_not_found: bool,
+    grace_period: int, force: bool,
 ) -> None:
     """Delete objects: `delete -f FILE` or `delete KIND NAME... [-n NS]`. Deleting a Namespace
-    deletes everything in it."""
+    deletes everything in it. A pod on a node is Terminating until the node has stopped it."""
     manifests: list[Manifest] = []
     if filenames and args:
         raise click.UsageError("give either -f FILE or KIND NAME, not both")
@@ -170,7 +174,8 @@ async def delete(
     else:
         raise click.UsageError("give -f FILE or KIND NAME")
     async with _client(cli) as client:
-        deleted, missing = await client.delete_objects(refs)
+        grace = 0 if force else (None if grace_period < 0 else grace_period)
+        deleted, missing = await client.delete_objects(refs, grace_period=grace)
     gone = {ObjectRef.of(obj) for obj in deleted}
     for ref in refs:
         if ref in gone:

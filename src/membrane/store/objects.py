@@ -18,10 +18,17 @@ Rules (as the Kubernetes API server applies them):
   and a Pod's ``nodeName``. A Pod's spec is otherwise immutable, as in Kubernetes.
 - A namespaced object needs its Namespace to exist or to be applied with it (``default``
   always exists). Deleting a Namespace deletes the objects in it in the same transaction.
+- Deleting a Pod bound to a node is graceful: the object gets ``deletionTimestamp`` (now + the
+  grace period) and ``deletionGracePeriodSeconds`` (the delete's grace period, else the pod's
+  ``terminationGracePeriodSeconds``, else 30) and stays until its node has stopped it and
+  removes it (:mod:`membrane.agent.runner`). A grace period of 0, an unbound pod and a finished
+  one are removed at once; deleting a terminating pod again can only shorten its grace period.
+  The Pods of a deleted Namespace are removed at once, with the Namespace.
 - Every Namespace carries the label ``kubernetes.io/metadata.name=<name>``.
 
 Primitives: :class:`ObjectClient`, :class:`ApplyResult`, :class:`Rejection`,
-:class:`ApplyRejected`, :func:`encode`, :func:`decode`, :func:`default_namespace`, :func:`ref_key`.
+:class:`ApplyRejected`, :func:`encode`, :func:`decode`, :func:`default_namespace`, :func:`ref_key`,
+:func:`pod_grace_period`.
 
 The models and their validation are :mod:`membrane.api`'s, which knows nothing of the store; this
 module is where the two meet.
@@ -34,7 +41,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -52,13 +59,28 @@ from membrane.store.serviceips import ALLOCATIONS_KEY, ServiceAllocator
 MAX_ATTEMPTS = 16
 #: The namespace every cluster has, whether or not an object for it was ever applied.
 DEFAULT_NAMESPACE = "default"
+#: Kubernetes' default ``spec.terminationGracePeriodSeconds``.
+DEFAULT_TERMINATION_GRACE_SECONDS = 30
+_RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
 
 Action = Literal["created", "configured", "unchanged"]
 T = TypeVar("T", bound=ApiObject)
 
 
 def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(_RFC3339)
+
+
+def pod_grace_period(pod: k8s.Pod, requested: int | None = None) -> int:
+    """The seconds a deleted pod gets to stop (Kubernetes' pod strategy CheckGracefulDelete):
+    ``requested`` if given, else its ``terminationGracePeriodSeconds``, else 30; 0 for a pod no
+    node runs (unbound, or finished)."""
+    if not pod.spec.nodeName or (pod.status is not None and pod.status.phase in ("Succeeded", "Failed")):
+        return 0
+    if requested is not None:
+        return max(requested, 0)
+    grace = pod.spec.terminationGracePeriodSeconds
+    return DEFAULT_TERMINATION_GRACE_SECONDS if grace is None else grace
 
 
 def new_object_uid() -> str:
@@ -442,6 +464,7 @@ class ObjectClient:
             generation=1,
             resourceVersion=None,
             deletionTimestamp=None,
+            deletionGracePeriodSeconds=None,
             managedFields=None,
             selfLink=None,
         )
@@ -461,6 +484,7 @@ class ObjectClient:
             generation=generation,
             resourceVersion=None,
             deletionTimestamp=old.metadata.deletionTimestamp,
+            deletionGracePeriodSeconds=old.metadata.deletionGracePeriodSeconds,
             managedFields=None,
             selfLink=None,
         )
@@ -575,23 +599,28 @@ class ObjectClient:
 
     # -- delete
 
-    async def delete(self, kind: str, namespace: str | None, name: str) -> ApiObject:
-        """Delete one object (a Namespace takes its objects with it); NotFound if it does not exist."""
+    async def delete(
+        self, kind: str, namespace: str | None, name: str, *, grace_period: int | None = None
+    ) -> ApiObject:
+        """Delete one object (a Namespace takes its objects with it); NotFound if it does not exist.
+
+        A Pod on a node is marked terminating rather than removed (see the module docstring;
+        ``grace_period`` overrides its own); the object returned then carries the marks."""
         ref = self._ref(kind, namespace, name)
-        deleted, missing = await self._delete_refs([ref])
+        deleted, missing = await self._delete_refs([ref], grace_period)
         if missing:
             raise NotFound(ref.not_found())
         return deleted[0]
 
     async def delete_objects(
-        self, refs: Sequence[ObjectRef | ApiObject]
+        self, refs: Sequence[ObjectRef | ApiObject], *, grace_period: int | None = None
     ) -> tuple[builtins.list[ApiObject], builtins.list[ObjectRef]]:
         """Delete every existing object in one transaction; returns (deleted objects, refs not found)."""
         wanted = [self._normalized_ref(r if isinstance(r, ObjectRef) else ObjectRef.of(r)) for r in refs]
-        return await self._delete_refs(wanted)
+        return await self._delete_refs(wanted, grace_period)
 
     async def _delete_refs(
-        self, refs: Sequence[ObjectRef]
+        self, refs: Sequence[ObjectRef], grace_period: int | None = None
     ) -> tuple[builtins.list[ApiObject], builtins.list[ObjectRef]]:
         for ref in refs:
             if _is_default_namespace(ref):
@@ -609,8 +638,15 @@ class ObjectClient:
                     missing.append(ref)
                     continue
                 plan.compare(key, kv)
+                obj = decode(kv)
+                if isinstance(obj, k8s.Pod) and (grace := pod_grace_period(obj, grace_period)) > 0:
+                    marked = self._terminating(obj, grace)
+                    if marked is not None:
+                        plan.ops.append(Put(key, encode(marked)))
+                    deleted.append(marked or obj)
+                    continue
                 plan.ops.append(Delete(key))
-                deleted.append(decode(kv))
+                deleted.append(obj)
                 if ref.kind == "Namespace":
                     await self._plan_namespace_contents(ref.name, plan)
             if not plan.ops:
@@ -619,6 +655,34 @@ class ObjectClient:
             if txn.succeeded:
                 return deleted, missing
         raise CompareFailed("delete lost the race for the store too many times; try again")
+
+    def _terminating(self, pod: k8s.Pod, grace: int) -> k8s.Pod | None:
+        """The pod marked for deletion in ``grace`` seconds; None when already marked for no later."""
+        current = pod.metadata.deletionGracePeriodSeconds
+        if pod.metadata.deletionTimestamp and current is not None and current <= grace:
+            return None  # a second delete may shorten the grace period, never lengthen it
+        deadline = datetime.strptime(self._clock(), _RFC3339).replace(tzinfo=UTC) + timedelta(seconds=grace)
+        if pod.metadata.deletionTimestamp and pod.metadata.deletionTimestamp < deadline.strftime(_RFC3339):
+            deadline = datetime.strptime(pod.metadata.deletionTimestamp, _RFC3339).replace(tzinfo=UTC)
+        return _with_meta(pod, deletionTimestamp=deadline.strftime(_RFC3339), deletionGracePeriodSeconds=grace,
+                          resourceVersion=None)
+
+    async def finish_deletion(self, kind: str, namespace: str | None, name: str, uid: str) -> bool:
+        """Remove an object marked for deletion once whoever had to stop it has (a node, for its
+        Pods). Only the object of that ``uid``, and only while it is marked: a pod created again
+        under the same name is left alone. True if it is gone."""
+        ref = self._ref(kind, namespace, name)
+        key = ref_key(ref)
+        for _ in range(MAX_ATTEMPTS):
+            kv = await self.store.get(key)
+            if kv is None:
+                return True
+            obj = decode(kv)
+            if obj.metadata.uid != uid or not obj.metadata.deletionTimestamp:
+                return False
+            if (await self.store.txn([Compare(key, kv.mod_revision)], [Delete(key)])).succeeded:
+                return True
+        raise CompareFailed(f"{ref}: removal lost the race for the store too many times")
 
     async def _plan_namespace_contents(self, namespace: str, plan: _Plan) -> None:
         for info in KINDS:
