@@ -37,9 +37,9 @@ from typing import Any, Protocol
 
 from membrane.agent.config import AgentConfig
 from membrane.agent.intent import ClusterSettings
-from membrane.api import k8s
 from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
+from membrane.api.podrow import PodRow
 from membrane.core.errors import MembraneError
 from membrane.core.lifecycle import Lifecycle
 from membrane.core.statedb import Table, wait_any
@@ -167,7 +167,7 @@ class PolicySource(Protocol):
 
     compiler: Any
 
-    def pods(self) -> Mapping[tuple[str, str], k8s.Pod]: ...
+    def pods(self) -> Mapping[tuple[str, str], PodRow]: ...
 
     def local_record(self, ifindex: int) -> EndpointRecord | None: ...
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from membrane.agent.intent import IntentTables
-from membrane.api import k8s
+from membrane.api.podrow import PodRow
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, MembraneError
 from membrane.core.statedb import wait_any
@@ -152,9 +152,8 @@ class Operator:
         nodes = await self.ready_nodes()
         counts: dict[str, int] = {}
         for pod in pods:
-            node = pod.spec.nodeName
-            if node:
-                counts[node] = counts.get(node, 0) + 1
+            if pod.node:
+                counts[pod.node] = counts.get(pod.node, 0) + 1
         for pod in pending:
             node = choose_node(nodes, counts)
             if node is None:
@@ -162,8 +161,8 @@ class Operator:
             if await self._bind(pod, node):
                 counts[node] = counts.get(node, 0) + 1
 
-    async def _bind(self, pod: k8s.Pod, node: str) -> bool:
-        namespace, name = pod.namespace or "default", pod.name
+    async def _bind(self, pod: PodRow, node: str) -> bool:
+        namespace, name = pod.namespace, pod.name
         key = keys.object_key("pods", namespace, name)
         kv = await self._store.get(key)
         if kv is None:
