@@ -11,6 +11,7 @@ from membrane.agent.operator import Operator
 from membrane.api import k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.manifest import parse_manifest_text
+from membrane.api.podrow import PodRow
 from membrane.cli.printers import object_table
 from membrane.core.config import ClusterConfig
 from membrane.core.statedb import StateDB
@@ -63,14 +64,23 @@ class Cluster:
         self.client = ObjectClient(self.store, clock=lambda: "2026-05-01T10:00:00Z")
         self.intent = IntentTables.create(StateDB())
         self.pods = self.intent.pods.writer("test")
+        self.services = self.intent.services.writer("test")
+        self.slices_writer = self.intent.endpointslices.writer("test")
         self.endpoints = self.intent.endpoints.writer("test")
         self.operator = Operator(self.store, "node1", lambda: 1, self.intent, IdentityAllocator(self.store),
                                  ClusterConfig())
 
-    async def sync_pods(self) -> None:
+    async def sync(self) -> None:
+        """What the reflectors do: the pods, services and slices of the store into the tables."""
         kvs, _ = await self.store.list(keys.objects_prefix("pods"))
-        pods = [decode(kv) for kv in kvs]
-        self.pods.replace_all(p for p in pods if isinstance(p, k8s.Pod))
+        self.pods.replace_all(PodRow.of(p) for p in (decode(kv) for kv in kvs) if isinstance(p, k8s.Pod))
+        for plural, writer in (("services", self.services), ("endpointslices", self.slices_writer)):
+            kvs, _ = await self.store.list(keys.objects_prefix(plural))
+            writer.replace_all(decode(kv) for kv in kvs)  # type: ignore[misc]
+
+    async def publish(self) -> tuple[int, int]:
+        await self.sync()
+        return await self.operator.publish_endpoint_slices()
 
     def endpoint(self, pod: str, index: int) -> EndpointRecord:
         record = EndpointRecord(container_id=f"c-{pod}", endpoint_id=index, node="node1", namespace="default",
@@ -96,11 +106,11 @@ def conditions(eps: k8s.EndpointSlice) -> dict[str, tuple[bool | None, bool | No
 async def test_a_deleted_pod_is_terminating_in_its_slice_then_leaves_it() -> None:
     cluster = Cluster()
     await cluster.client.apply(parse_manifest_text("---\n".join([MANIFESTS, web_pod("a"), web_pod("b")])))
-    await cluster.sync_pods()
+    await cluster.sync()
     cluster.endpoint("a", 2)
     b = cluster.endpoint("b", 3)
 
-    assert await cluster.operator.publish_endpoint_slices() == (1, 0)
+    assert await cluster.publish() == (1, 0)
     derived, user = sorted(await cluster.slices(), key=lambda s: s.name != "external-1")[::-1]
     assert user.name == "external-1"
     assert derived.name.startswith("web-") and derived.labels[k8s.SERVICE_NAME_LABEL] == "web"
@@ -115,13 +125,13 @@ async def test_a_deleted_pod_is_terminating_in_its_slice_then_leaves_it() -> Non
 
     # Nothing changed: nothing is written.
     revision = await cluster.revision()
-    assert await cluster.operator.publish_endpoint_slices() == (0, 0)
+    assert await cluster.publish() == (0, 0)
     assert await cluster.revision() == revision
 
     # b is deleted: during its grace period it stays, terminating (and still serving).
     await cluster.client.delete("Pod", "default", "b")
-    await cluster.sync_pods()
-    assert await cluster.operator.publish_endpoint_slices() == (1, 0)
+    await cluster.sync()
+    assert await cluster.publish() == (1, 0)
     [derived] = [s for s in await cluster.slices() if s.name.startswith("web-")]
     assert conditions(derived) == {"a": (True, True, False), "b": (False, True, True)}
 
@@ -129,30 +139,30 @@ async def test_a_deleted_pod_is_terminating_in_its_slice_then_leaves_it() -> Non
     cluster.endpoints.delete(b.key)
     assert await cluster.client.finish_deletion("Pod", "default", "b", (await cluster.client.get(
         "Pod", "default", "b")).metadata.uid or "")
-    await cluster.sync_pods()
-    await cluster.operator.publish_endpoint_slices()
+    await cluster.sync()
+    await cluster.publish()
     [derived] = [s for s in await cluster.slices() if s.name.startswith("web-")]
     assert conditions(derived) == {"a": (True, True, False)}
 
     # The service goes: so does its slice; the user's slice of the selectorless service stays.
     await cluster.client.delete("Service", "default", "web")
-    assert await cluster.operator.publish_endpoint_slices() == (0, 1)
+    assert await cluster.publish() == (0, 1)
     assert [s.name for s in await cluster.slices()] == ["external-1"]
 
 
 async def test_a_users_slice_is_never_replaced_or_removed() -> None:
     cluster = Cluster()
     await cluster.client.apply(parse_manifest_text("---\n".join([MANIFESTS, web_pod("a")])))
-    await cluster.sync_pods()
+    await cluster.sync()
     cluster.endpoint("a", 2)
-    await cluster.operator.publish_endpoint_slices()
+    await cluster.publish()
     [derived] = [s for s in await cluster.slices() if s.name.startswith("web-")]
     # A user takes over the derived slice's name with a slice of their own.
     mine = derived.model_copy(update={"metadata": derived.metadata.model_copy(
         update={"labels": {k8s.SERVICE_NAME_LABEL: "web", k8s.MANAGED_BY_LABEL: "me"}})})
     await cluster.client.apply([mine])
     await cluster.client.delete("Service", "default", "web")
-    await cluster.operator.publish_endpoint_slices()
+    await cluster.publish()
     assert sorted(s.name for s in await cluster.slices()) == sorted(["external-1", derived.name])
 
 
@@ -160,6 +170,6 @@ async def test_a_terminating_pod_of_a_removed_node_is_removed() -> None:
     cluster = Cluster()
     await cluster.client.apply(parse_manifest_text(web_pod("a")))
     await cluster.client.delete("Pod", "default", "a")
-    await cluster.sync_pods()
+    await cluster.sync()
     await cluster.operator.remove_pods_of_removed_nodes()  # node1 has no CiliumNode: nobody will stop it
     assert await cluster.client.find("Pod", "default", "a") is None

@@ -127,3 +127,37 @@ def test_turned_off_it_asks_for_no_log_rules() -> None:
     assert observer.status() == {"summary": "Disabled"}
     assert AgentObserver(ObserverSettings(), node_name=NODE, endpoints=intent.endpoints, nodes=intent.nodes,
                          source=FakeFlowEventSource()).flow_log == FlowLog()
+
+
+def test_the_enrichment_index_follows_changes_like_a_full_rebuild() -> None:
+    from membrane.agent.observer import EnrichmentIndex, enrichment_state
+
+    db = StateDB()
+    tables = IntentTables.create(db)
+    endpoints, nodes = tables.endpoints.writer("test"), tables.nodes.writer("test")
+
+    def record(name: str, node: str, ip: str, identity: int, ifindex: int = 0) -> EndpointRecord:
+        return EndpointRecord(name, 1, node, "x", name, "eth0", "/ns", IPv4Address(ip), identity, ("k8s:app=a",),
+                              "cni", "ready", f"lxc{name}" if ifindex else "", ifindex)
+
+    def node(name: str, ip: str, cidr: str) -> CiliumNode:
+        spec = {"addresses": [{"type": "InternalIP", "ip": ip}], "ipam": {"podCIDRs": [cidr]}}
+        return CiliumNode.model_validate({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                                          "metadata": {"name": name}, "spec": spec})
+
+    index = EnrichmentIndex("n1")
+    steps = [
+        lambda: (endpoints.upsert(record("a", "n1", "10.0.1.5", 300, 7), record("b", "n2", "10.0.2.5", 301)),
+                 nodes.upsert(node("n1", "172.31.0.1", "10.0.1.0/24"), node("n2", "172.31.0.2", "10.0.2.0/24"))),
+        lambda: endpoints.upsert(record("c", "n2", "10.0.2.6", 302)),
+        lambda: endpoints.delete("/membrane/endpoints/n2/b"),
+        lambda: nodes.upsert(node("n2", "172.31.0.9", "10.0.2.0/24")),
+        lambda: endpoints.upsert(record("a", "n1", "10.0.1.6", 303, 7)),
+    ]
+    for step in steps:
+        step()
+        got = index.state(tables.endpoints.snapshot(), tables.nodes.snapshot(), 0)
+        want = enrichment_state("n1", tables.endpoints.snapshot(), tables.nodes.snapshot())
+        assert dict(got.by_ip) == dict(want.by_ip) and dict(got.local_by_ifindex) == dict(want.local_by_ifindex)
+    assert "10.0.2.5" not in got.by_ip and got.by_ip["172.31.0.9"].node == "n2"
+    assert got.local_by_ifindex[7].ip == "10.0.1.6"

@@ -2,7 +2,7 @@
 
 import json
 
-from membrane.agent.intent import IntentTables
+from membrane.agent.intent import IntentTables, PodWriter
 from membrane.agent.operator import Operator, choose_node
 from membrane.api.cilium import CiliumNode
 from membrane.core.config import ClusterConfig
@@ -19,7 +19,7 @@ class Intent:
     def __init__(self) -> None:
         self.tables = IntentTables.create(StateDB())
         self.nodes = self.tables.nodes.writer("test")
-        self.pods = self.tables.pods.writer("test")
+        self.pods = PodWriter(self.tables.pods.writer("test"))
 
 CLUSTER = ClusterConfig(clusterPoolIPv4PodCIDRList=("10.244.0.0/22",), clusterPoolIPv4MaskSize=24)
 

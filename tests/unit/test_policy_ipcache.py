@@ -6,9 +6,12 @@ import itertools
 import random
 from ipaddress import IPv4Address, IPv4Network
 
+from membrane.api.cilium import CiliumNode
+from membrane.api.endpoint import EndpointRecord
 from membrane.datapath.policy import ipcache_elements
 from membrane.identity.ipcache import IpcacheEntry
 from membrane.identity.reserved import HOST, REMOTE_NODE, WORLD
+from membrane.policy.compiler import IpcacheBuilder, ipcache_entries
 from membrane.policy.ipcache import IpcacheInterval, flatten_ipcache, lookup_identity, with_cidr_identities
 
 N = IPv4Network
@@ -87,3 +90,52 @@ def test_random_tables_match_longest_prefix_lookup() -> None:
             address = A(value)
             best = max((p for p in table if address in p), key=lambda p: p.prefixlen)
             assert lookup_identity(intervals, address) == table[best], address
+
+
+def test_the_incremental_ipcache_equals_a_full_flattening_after_every_change() -> None:
+    # Endpoints, nodes and policy prefixes change at random; after every step the builder (told only
+    # the keys that changed) holds exactly what flattening the whole table gives.
+    rng = random.Random(7)
+
+    def record(key: int) -> EndpointRecord:
+        state = rng.choice(("ready", "ready", "creating", "disconnecting"))
+        return EndpointRecord(f"c{key}", key, f"n{key % 3}", "x", f"p{key}", "eth0", "/ns", A("10.1.0.0") + key,
+                              rng.choice((300, 301, 302)), (), "cni", state)
+
+    def node(name: str, ip: str, cidr: str) -> CiliumNode:
+        spec = {"addresses": [{"type": "InternalIP", "ip": ip}], "ipam": {"podCIDRs": [cidr]}}
+        return CiliumNode.model_validate({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                                          "metadata": {"name": name}, "spec": spec})
+
+    records: dict[str, EndpointRecord] = {}
+    nodes = {"n0": node("n0", "10.1.0.40", "10.1.0.32/28")}
+    prefixes: dict[IPv4Network, int] = {}
+    builder = IpcacheBuilder("n0")
+    got = builder.intervals(records, nodes, prefixes)
+    for step in range(300):
+        changed_records: set[str] = set()
+        changed_nodes: set[str] = set()
+        for _ in range(rng.randint(1, 4)):
+            roll = rng.random()
+            if roll < 0.6:
+                new = record(rng.randrange(48))  # addresses 10.1.0.0-47: some are node addresses
+                if rng.random() < 0.3:
+                    records.pop(new.key, None)
+                else:
+                    records[new.key] = new
+                changed_records.add(new.key)
+            elif roll < 0.9:
+                index = rng.randrange(1, 4)
+                name = f"n{index}"
+                if rng.random() < 0.3:
+                    nodes.pop(name, None)
+                else:
+                    nodes[name] = node(name, f"10.1.0.{40 + index * 4 + rng.randrange(2)}",
+                                       f"10.1.0.{rng.choice((0, 16, 48))}/28")
+                changed_nodes.add(name)
+            else:
+                choices = ("10.1.0.0/27", "10.1.0.8/29", "10.1.0.32/27", "10.1.0.5/32", "10.1.0.50/32")
+                prefixes = {N(p): 16777217 + i for i, p in enumerate(rng.sample(choices, rng.randint(0, 3)))}
+        got = builder.intervals(records, nodes, prefixes, changed_records=changed_records, changed_nodes=changed_nodes)
+        assert got == flatten_ipcache(ipcache_entries(records.values(), nodes.values(), "n0", prefixes)), step
+    assert builder.intervals(records, nodes, prefixes, changed_records=set(), changed_nodes=set()) is got

@@ -169,7 +169,7 @@ async def test_a_deleted_pod_that_exits_on_sigterm_is_gone_at_once_with_its_obje
 
         await node.delete("web")  # the default grace period: 30 s
         pod = node.fake.intent.pods.snapshot().get(("default", "web"))
-        assert pod is not None and pod.metadata.deletionGracePeriodSeconds == 30
+        assert pod is not None and pod.model is not None and pod.model.metadata.deletionGracePeriodSeconds == 30
         await node.runner.reconcile()
         assert proc.signals == [signal.SIGTERM] and not proc.running  # no SIGKILL: it finished by itself
         assert node.endpoints.get("uid-5") is None and node.host.names(PREFIX) == []

@@ -116,3 +116,23 @@ async def test_failed_transaction_commits_nothing() -> None:
         txn.upsert(Pod("a", "p1", "n1"))
         raise RuntimeError("boom")
     assert table.revision == 0 and len(table.snapshot()) == 0
+
+
+def test_changed_keys_name_the_rows_written_or_deleted_since_a_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    table, writer = _pods()
+    writer.upsert(Pod("a", "p1", "n1"), Pod("a", "p2", "n1"))
+    start = table.snapshot()
+    assert start.changed_keys(start.revision) == set()
+    writer.upsert(Pod("a", "p1", "n2"))
+    writer.upsert(Pod("a", "p1", "n2"))  # unchanged: no revision, nothing named
+    writer.delete(("a", "p2"))
+    later = table.snapshot()
+    assert later.changed_keys(start.revision) == {("a", "p1"), ("a", "p2")}
+    assert later.changed_keys(later.revision - 1) == {("a", "p2")}
+    assert start.changed_keys(later.revision) is None  # a snapshot older than the reader's revision
+    # A reader that fell further behind than the table remembers reads every row.
+    monkeypatch.setattr("membrane.core.statedb.CHANGE_LOG_KEYS", 2)
+    for i in range(3):
+        writer.upsert(Pod("b", f"q{i}", "n1"))
+    assert table.snapshot().changed_keys(later.revision) is None
+    assert table.snapshot().changed_keys(table.revision - 1) == {("b", "q2")}

@@ -2,7 +2,7 @@
 
     store prefix                        table          row (decoded once, immutable)      key
     /membrane/objects/namespaces/       namespaces     k8s.Namespace                       name
-    /membrane/objects/pods/             pods           k8s.Pod            index node        (namespace, name)
+    /membrane/objects/pods/             pods           PodRow             index node        (namespace, name)
     /membrane/objects/ciliumnodes/      nodes          cilium.CiliumNode                   name
     /membrane/objects/{netpol,cnp,ccnp} policies       PolicyObject (store key + model)    store key
     /membrane/identities/id/            identities     IdentityRow                          id
@@ -16,8 +16,12 @@ so a reader never sees half of one. A re-list (after a compaction or a restart o
 arrives as the difference from what the table holds, deletions included. A value that cannot be decoded is
 left out and logged once: its writer went around the API.
 
+A pod is a slim :class:`~membrane.api.podrow.PodRow`; the full ``k8s.Pod`` (``PodRow.model``) is
+kept only for this node's pods (``local_node``), whose spec the runner needs: a remote pod costs a
+few hundred bytes, not several KiB.
+
 Primitives: :class:`IntentTables`, :class:`PolicyObject`, :class:`IdentityRow`, :class:`ClusterSettings`,
-:class:`IntentReflector`, :func:`intent_module`, :func:`endpoint_labels`.
+:class:`IntentReflector`, :class:`PodWriter`, :func:`intent_module`, :func:`endpoint_labels`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 from membrane.api import cilium, k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.api.podrow import PodRow
 from membrane.api.registry import POLICY_PLURALS
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import MembraneError
@@ -74,7 +79,7 @@ class IntentTables:
     """The intent tables of one agent (see the module docstring)."""
 
     namespaces: Table[k8s.Namespace]
-    pods: Table[k8s.Pod]
+    pods: Table[PodRow]
     nodes: Table[cilium.CiliumNode]
     policies: Table[PolicyObject]
     identities: Table[IdentityRow]
@@ -87,8 +92,7 @@ class IntentTables:
     def create(cls, db: StateDB) -> IntentTables:
         return cls(
             namespaces=db.table("namespaces", primary=lambda ns: ns.name),
-            pods=db.table("pods", primary=lambda p: (p.namespace or "default", p.name),
-                          indexes={"node": lambda p: [p.spec.nodeName or ""]}),
+            pods=db.table("pods", primary=lambda p: (p.namespace, p.name), indexes={"node": lambda p: [p.node]}),
             nodes=db.table("nodes", primary=lambda n: n.name),
             policies=db.table("policies", primary=lambda p: p.key),
             identities=db.table("identities", primary=lambda i: i.id),
@@ -112,7 +116,7 @@ def endpoint_labels(tables: IntentTables, namespace: str, pod: str, cluster_name
     pod_obj = tables.pods.snapshot().get((namespace, pod))
     ns_obj = tables.namespaces.snapshot().get(namespace)
     pod_labels = pod_obj.labels if pod_obj is not None else {}
-    service_account = (pod_obj.spec.serviceAccountName if pod_obj is not None else None) or "default"
+    service_account = (pod_obj.service_account if pod_obj is not None else None) or "default"
     ns_labels = ns_obj.labels if ns_obj is not None else {}
     return identity_labels_for_pod(namespace, pod_labels, ns_labels, service_account, cluster_name)
 
@@ -122,6 +126,30 @@ def endpoint_labels(tables: IntentTables, namespace: str, pod: str, cluster_name
 
 def _decode_object(kv: KeyValue) -> ApiObject:
     return decode(kv)
+
+
+def _pod_decoder(local_node: str | None) -> Callable[[KeyValue], PodRow]:
+    """Pods as slim rows; the full object only for ``local_node``'s pods (None: for every pod)."""
+    def decode_pod(kv: KeyValue) -> PodRow:
+        pod = decode(kv)
+        if not isinstance(pod, k8s.Pod):
+            raise ValueError(f"{kv.key} holds a {pod.kind}, not a Pod")
+        return PodRow.of(pod, keep_model=local_node is None or pod.spec.nodeName == local_node)
+    return decode_pod
+
+
+class PodWriter:
+    """The pods table's writer for code that has Pod objects (tests, tools that fill the intent
+    without reflectors): each pod becomes its :class:`PodRow`, with the full model kept."""
+
+    def __init__(self, writer: Writer[PodRow]) -> None:
+        self.writer = writer
+
+    def upsert(self, *pods: k8s.Pod | PodRow) -> None:
+        self.writer.upsert(*(p if isinstance(p, PodRow) else PodRow.of(p) for p in pods))
+
+    def delete(self, *keys: tuple[str, str]) -> None:
+        self.writer.delete(*keys)
 
 
 def _decode_policy(kv: KeyValue) -> PolicyObject:
@@ -217,13 +245,14 @@ class IntentReflector:
             await asyncio.gather(reflector, return_exceptions=True)
 
 
-def reflectors(store: Store, tables: IntentTables) -> list[IntentReflector]:
-    """One reflector per prefix, each the only writer of its table."""
+def reflectors(store: Store, tables: IntentTables, *, local_node: str | None = None) -> list[IntentReflector]:
+    """One reflector per prefix, each the only writer of its table. ``local_node``: the node whose
+    pods keep their full object (None: every pod's)."""
     found = [
         IntentReflector(store, keys.objects_prefix("namespaces"), tables.namespaces.writer("reflector namespaces"),
                         _decode_object, _name_key(keys.objects_prefix("namespaces"))),
         IntentReflector(store, keys.objects_prefix("pods"), tables.pods.writer("reflector pods"),
-                        _decode_object, _namespaced_key(keys.objects_prefix("pods"))),
+                        _pod_decoder(local_node), _namespaced_key(keys.objects_prefix("pods"))),
         IntentReflector(store, keys.objects_prefix("ciliumnodes"), tables.nodes.writer("reflector ciliumnodes"),
                         _decode_object, _name_key(keys.objects_prefix("ciliumnodes"))),
         IntentReflector(store, keys.IDENTITY_BY_ID, tables.identities.writer("reflector identities"),
@@ -246,10 +275,12 @@ def reflectors(store: Store, tables: IntentTables) -> list[IntentReflector]:
     return found
 
 
-def intent_module(store: Store, tables: IntentTables) -> tuple[Module, list[IntentReflector]]:
+def intent_module(store: Store, tables: IntentTables, *,
+                  local_node: str | None = None) -> tuple[Module, list[IntentReflector]]:
     """The intent module: programs nothing; its ``start`` returns once every table holds the
-    store's initial list, so no module downstream acts on a partial view."""
-    found = reflectors(store, tables)
+    store's initial list, so no module downstream acts on a partial view. ``local_node``: the node
+    whose pods keep their full object (see :func:`reflectors`)."""
+    found = reflectors(store, tables, local_node=local_node)
 
     async def initial_sync() -> None:
         await asyncio.gather(*(r.synced.wait() for r in found))

@@ -49,7 +49,7 @@ async def run_agent(config: AgentConfig, ready: asyncio.Event | None = None) -> 
         await registration.start()
         db = StateDB()
         intent = IntentTables.create(db)
-        intent_mod, reflectors = intent_module(store, intent)
+        intent_mod, reflectors = intent_module(store, intent, local_node=registration.name)
         operator = Operator(store, registration.name, lambda: registration.lease, intent, IdentityAllocator(store),
                             cluster)
         runners.append(ModuleRunner(lifecycle, [intent_mod, *cluster_modules(operator, registration, intent)]))

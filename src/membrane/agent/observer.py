@@ -5,7 +5,7 @@
                                                  NamespaceTracker, FlowMetrics    ObserverServer
                                                           │                     TCP 127.0.0.1:4244
                                                  MetricsServer 127.0.0.1:9965   <run-dir>/observer.sock
-    intent tables: endpoints, nodes ──► EnrichmentState (rebuilt on every change of either)
+    intent tables: endpoints, nodes ──► EnrichmentState (updated from the rows that changed)
     PolicyController ──PolicyAttribution──► enrich(policy=…): *_allowed_by / *_denied_by
     FlowPublisher ──► FlowExporter (hubble.exportFilePath, rotated JSON lines) when configured
 
@@ -19,7 +19,7 @@ A failure to listen or to bind the group degrades observability, never the node:
 shown in the agent status, and the reader is retried by the lifecycle.
 
 Primitives: :class:`ObserverSettings`, :class:`ExportSettings`, :class:`AgentObserver`,
-:class:`PolicyAttribution`, :func:`enrichment_state`, :func:`observer_module`.
+:class:`PolicyAttribution`, :func:`enrichment_state`, :class:`EnrichmentIndex`, :func:`observer_module`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from typing import Any, Protocol
 
 from membrane.agent.config import AgentConfig
 from membrane.agent.intent import ClusterSettings
-from membrane.api import k8s
 from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
+from membrane.api.podrow import PodRow
 from membrane.core.errors import MembraneError
 from membrane.core.lifecycle import Lifecycle
-from membrane.core.statedb import Table, wait_any
+from membrane.core.statedb import Snapshot, Table, wait_any
 from membrane.datapath.flowcodes import Direction, FlowCodeError
 from membrane.datapath.netlink.model import TUNNEL_DEVICE
 from membrane.datapath.ruleset import FlowLog
@@ -162,12 +162,79 @@ def enrichment_state(node_name: str, records: Iterable[EndpointRecord], nodes: I
                                  tunnel_ifindex=tunnel_ifindex)
 
 
+class EnrichmentIndex:
+    """The enrichment state kept up to date from the keys that changed (:meth:`Snapshot.changed_keys`):
+    a change of a few endpoint records or nodes rebuilds their entries only, then the address map
+    is assembled in one dict merge. The result equals :func:`enrichment_state` (where two records
+    claim one address, the one written last wins)."""
+
+    def __init__(self, node_name: str, cluster_name: str = "default") -> None:
+        self.node_name = node_name
+        self.cluster_name = cluster_name
+        self._seen = -1  # endpoints revision
+        self._infos: dict[str, EndpointInfo] = {}  # record key -> info
+        self._claims: dict[str, dict[str, EndpointInfo]] = {}  # address -> record key -> info
+        self._by_ip: dict[str, EndpointInfo] = {}  # address -> the winning endpoint info
+        self._local: dict[str, EndpointInfo] = {}  # record key -> info of this node's attached endpoints
+        self._nodes: dict[str, tuple[CiliumNode, dict[str, EndpointInfo]]] = {}
+
+    def state(self, endpoints: Snapshot[EndpointRecord], nodes: Iterable[CiliumNode],
+              tunnel_ifindex: int) -> EnrichmentState:
+        changed = endpoints.changed_keys(self._seen)
+        if changed is None:
+            for table in (self._infos, self._claims, self._by_ip, self._local):
+                table.clear()
+            changed = set(endpoints.primary_keys())
+        self._seen = endpoints.revision
+        for key in changed:
+            self._update(str(key), endpoints.get(key))
+        node_infos: dict[str, EndpointInfo] = {}
+        known: dict[str, tuple[CiliumNode, dict[str, EndpointInfo]]] = {}
+        for node in nodes:
+            cached = self._nodes.get(node.name)
+            if cached is None or cached[0] is not node:
+                cached = (node, self._node_infos(node))
+            known[node.name] = cached
+            node_infos.update(cached[1])
+        self._nodes = known
+        local = {info.ifindex: info for info in self._local.values()}
+        return EnrichmentState(self.node_name, self.cluster_name, local, {**node_infos, **self._by_ip},
+                               tunnel_ifindex)
+
+    def _update(self, key: str, record: EndpointRecord | None) -> None:
+        old = self._infos.pop(key, None)
+        self._local.pop(key, None)
+        if old is not None:
+            claims = self._claims.get(old.ip, {})
+            claims.pop(key, None)
+            if claims:
+                self._by_ip[old.ip] = next(reversed(claims.values()))
+            else:
+                self._claims.pop(old.ip, None)
+                self._by_ip.pop(old.ip, None)
+        if record is None:
+            return
+        info = _endpoint_info(record, self.node_name)
+        self._infos[key] = info
+        if info.node == self.node_name and info.ifindex:
+            self._local[key] = info
+        self._claims.setdefault(info.ip, {})[key] = info
+        self._by_ip[info.ip] = info
+
+    def _node_infos(self, node: CiliumNode) -> dict[str, EndpointInfo]:
+        address = _node_address(node)
+        if address is None:
+            return {}
+        state = EnrichmentState.build(self.node_name, (), (address,), cluster_name=self.cluster_name)
+        return dict(state.by_ip)
+
+
 class PolicySource(Protocol):
     """What attribution reads of the agent's :class:`~membrane.agent.policy.PolicyController`."""
 
     compiler: Any
 
-    def pods(self) -> Mapping[tuple[str, str], k8s.Pod]: ...
+    def pods(self) -> Mapping[tuple[str, str], PodRow]: ...
 
     def local_record(self, ifindex: int) -> EndpointRecord | None: ...
 
@@ -325,7 +392,7 @@ class AgentObserver:
         self.cluster_name = cluster_name
         self._endpoint_table = endpoints
         self._node_table = nodes
-        self._info_cache = EndpointInfoCache(node_name)
+        self._index = EnrichmentIndex(node_name, cluster_name)
         self._source = source or NflogReader(settings.flow_log.group)
         self._tunnel_ifindex = tunnel_ifindex
         self.ring = Ring(settings.capacity)
@@ -486,9 +553,10 @@ class AgentObserver:
                 self.apply_settings(current)
 
     def rebuild_state(self) -> None:
-        self.state = enrichment_state(
-            self.node_name, self._endpoint_table.snapshot(), self._node_table.snapshot(),
-            cluster_name=self.cluster_name, tunnel_ifindex=self._tunnel_ifindex(), cache=self._info_cache)
+        """A new enrichment state from the intent (only the records and nodes that changed are
+        looked at again)."""
+        self.state = self._index.state(self._endpoint_table.snapshot(), self._node_table.snapshot(),
+                                       self._tunnel_ifindex())
 
     def status(self) -> dict[str, Any]:
         """The ``Hubble:`` part of the agent status."""

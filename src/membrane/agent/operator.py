@@ -16,8 +16,8 @@ EndpointSlices :func:`membrane.loadbalancer.endpointslices.derive_endpoint_slice
 the pods and their endpoint records (an address when the pod's endpoint is ``ready``), written
 only when they differ from the stored ones and removed when no longer derived. Slices it did not
 write (another ``endpointslice.kubernetes.io/managed-by``, or none: a user's slices for a
-selectorless Service) are never touched. Services and slices are listed from the store on each
-pass (the intent has no table for them); pods and endpoints come from the intent tables. A
+selectorless Service) are never touched. Services, slices, pods and endpoints come from the
+intent tables. A
 terminating pod stays in its slices (``terminating: true``) until its node removes it.
 """
 
@@ -34,6 +34,7 @@ from membrane.agent.lbipam import LoadBalancerIPAM
 from membrane.api import k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.api.podrow import PodRow
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, MembraneError
 from membrane.core.statedb import wait_any
@@ -42,7 +43,7 @@ from membrane.store import keys
 from membrane.store.base import Compare, Delete, Put, Store
 from membrane.store.identities import IdentityAllocator
 from membrane.store.ipam import claim_node_cidr, node_cidrs
-from membrane.store.objects import ObjectClient, decode
+from membrane.store.objects import ObjectClient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class Operator:
         """
         while True:
             watches = [self._intent.nodes.snapshot().changed, self._intent.pods.snapshot().changed,
-                       self._intent.endpoints.snapshot().changed]
+                       self._intent.endpoints.snapshot().changed, self._intent.services.snapshot().changed,
+                       self._intent.endpointslices.snapshot().changed]
             if await self.try_acquire():
                 await self.allocate_node_cidrs()
                 await self.forget_removed_nodes()
@@ -184,9 +186,8 @@ class Operator:
         nodes = await self.ready_nodes()
         counts: dict[str, int] = {}
         for pod in pods:
-            node = pod.spec.nodeName
-            if node:
-                counts[node] = counts.get(node, 0) + 1
+            if pod.node:
+                counts[pod.node] = counts.get(pod.node, 0) + 1
         for pod in pending:
             node = choose_node(nodes, counts)
             if node is None:
@@ -194,8 +195,8 @@ class Operator:
             if await self._bind(pod, node):
                 counts[node] = counts.get(node, 0) + 1
 
-    async def _bind(self, pod: k8s.Pod, node: str) -> bool:
-        namespace, name = pod.namespace or "default", pod.name
+    async def _bind(self, pod: PodRow, node: str) -> bool:
+        namespace, name = pod.namespace, pod.name
         key = keys.object_key("pods", namespace, name)
         kv = await self._store.get(key)
         if kv is None:
@@ -217,10 +218,10 @@ class Operator:
         nodes = self._intent.nodes.snapshot()
         client = ObjectClient(self._store)
         for pod in self._intent.pods.snapshot():
-            node = pod.spec.nodeName
-            if not (pod.metadata.deletionTimestamp and node and node not in nodes):
+            node = pod.node
+            if not (pod.terminating and node and node not in nodes):
                 continue
-            if await client.finish_deletion("Pod", pod.namespace or "default", pod.name, pod.metadata.uid or ""):
+            if await client.finish_deletion("Pod", pod.namespace, pod.name, pod.uid):
                 log.info("removed terminating pod %s/%s of removed node %s", pod.namespace, pod.name, node)
 
     def _pod_addresses(self) -> dict[tuple[str, str], str]:
@@ -235,24 +236,18 @@ class Operator:
     async def publish_endpoint_slices(self) -> tuple[int, int]:
         """Write the derived EndpointSlices that changed and delete the ones no longer derived.
         Returns (written, deleted); a pass over an unchanged cluster writes nothing."""
-        services_kvs, _ = await self._store.list(keys.objects_prefix("services"))
-        slice_kvs, _ = await self._store.list(keys.objects_prefix("endpointslices"))
         addresses = self._pod_addresses()
         pods = list(self._intent.pods.snapshot())
 
-        def ready(pod: k8s.Pod) -> str | None:
-            return addresses.get((pod.namespace or "default", pod.name))
+        def ready(pod: PodRow) -> str | None:
+            return addresses.get((pod.namespace, pod.name))
 
         desired: dict[tuple[str, str], k8s.EndpointSlice] = {}
-        for kv in services_kvs:
-            service = decode(kv)
-            if isinstance(service, k8s.Service):
-                for eps in derive_endpoint_slices(service, pods, ready):
-                    desired[(eps.namespace or "default", eps.name)] = eps
-        stored: dict[tuple[str, str], ApiObject] = {}
-        for kv in slice_kvs:
-            obj = decode(kv)
-            stored[(obj.namespace or "default", obj.name)] = obj
+        for service in self._intent.services.snapshot():
+            for eps in derive_endpoint_slices(service, pods, ready):
+                desired[(eps.namespace or "default", eps.name)] = eps
+        stored: dict[tuple[str, str], ApiObject] = {
+            (obj.namespace or "default", obj.name): obj for obj in self._intent.endpointslices.snapshot()}
         changed: list[ApiObject] = []
         for key, eps in desired.items():
             current = stored.get(key)

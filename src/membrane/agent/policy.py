@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from membrane.agent.intent import IntentTables
-from membrane.api import k8s
+from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.api.podrow import PodRow
 from membrane.core.errors import InvalidInput, NotFound
 from membrane.core.modules import Controller, Module
 from membrane.core.reconciler import Reconciler
-from membrane.core.statedb import StateDB, Table
+from membrane.core.statedb import Snapshot, StateDB, Table
 from membrane.identity.labels import parse_labels
 from membrane.policy.compiler import (
     ImportedPolicy,
@@ -126,41 +127,62 @@ class PolicyController:
         self._ipcache_writer = tables.ipcache.writer("policy controller")
         self._status_writer = tables.status.writer("policy controller")
         self.last_compile = 0.0
+        self._seen: dict[str, int] = {}  # intent table -> the revision the last computation read
+        self._overridden: set[str] = set()  # records the local table had newer than the intent
 
     # -- reads shared with flow attribution ------------------------------------------------------------
 
-    def pods(self) -> Mapping[tuple[str, str], k8s.Pod]:
-        return cast(Mapping[tuple[str, str], k8s.Pod], self.intent.pods.snapshot().as_dict())
+    def pods(self) -> Mapping[tuple[str, str], PodRow]:
+        return cast(Mapping[tuple[str, str], PodRow], self.intent.pods.snapshot().as_dict())
 
     def local_record(self, ifindex: int) -> EndpointRecord | None:
         return next((r for r in self.local_endpoints.snapshot() if r.host_ifindex == ifindex), None)
 
     # -- the pure step -----------------------------------------------------------------------------------
 
+    def _changed(self, name: str, snapshot: Snapshot[Any]) -> set[Any] | None:
+        """The keys of ``snapshot``'s table changed since the last computation (None: all)."""
+        changed = snapshot.changed_keys(self._seen.get(name, -1))
+        self._seen[name] = snapshot.revision
+        return changed
+
     def compute(self) -> None:
         store_revisions = tuple(sorted(self._store_revisions().items()))
         intent = self.intent
-        pods = self.pods()
-        cluster = cast(Mapping[str, EndpointRecord], intent.endpoints.snapshot().as_dict())
+        pods_snapshot, endpoints_snapshot, nodes_snapshot = (
+            intent.pods.snapshot(), intent.endpoints.snapshot(), intent.nodes.snapshot())
+        pods = cast(Mapping[tuple[str, str], PodRow], pods_snapshot.as_dict())
+        cluster = cast(Mapping[str, EndpointRecord], endpoints_snapshot.as_dict())
+        # Only what changed since the last computation is looked at: on a large cluster a change
+        # touches a handful of the tens of thousands of records.
+        changed_records = self._changed("endpoints", endpoints_snapshot)
+        changed_pods = self._changed("pods", pods_snapshot)
+        changed_nodes = self._changed("nodes", nodes_snapshot)
+        local_snapshot = self.local_endpoints.snapshot()
+        local = [r for r in local_snapshot if r.state == "ready" and r.host_ifindex]
+        # The ipcache covers every node's endpoints, and local records the intent has not seen yet.
+        overridden = {r.key for r in local if cluster.get(r.key) is not r}
+        if overridden:
+            cluster = {**cluster, **{r.key: r for r in local if r.key in overridden}}
+        if changed_records is not None:
+            changed_records |= overridden | self._overridden
+        self._overridden = overridden
         started = time.perf_counter()
         settings = intent.settings()
         changed = self.compiler.update(
             {p.key: p.obj for p in intent.policies.snapshot()},
             {i.id: i.labels for i in intent.identities.snapshot()},
-            cluster.values(), pods, enforcement_config(settings.config) if settings is not None else None)
+            cluster, pods, enforcement_config(settings.config) if settings is not None else None,
+            changed_records=changed_records, changed_pods=changed_pods)
         if changed:
             self.last_compile = time.perf_counter() - started
-        local_snapshot = self.local_endpoints.snapshot()
-        local = [r for r in local_snapshot if r.state == "ready" and r.host_ifindex]
         endpoints = [(policy_endpoint(r, pods), parse_labels(r.labels)) for r in local]
         policies = self.compiler.endpoint_policies(endpoints)
         rows = [EndpointPolicyRow(r.host_ifindex, f"{r.namespace}/{r.pod}", policies[f"{r.namespace}/{r.pod}"])
                 for r in local]
-        # The ipcache covers every node's endpoints, and local records the intent has not seen yet.
-        if any(cluster.get(r.key) is not r for r in local):
-            cluster = {**cluster, **{r.key: r for r in local}}
-        nodes = {n.name: n for n in intent.nodes.snapshot()}
-        intervals = self._ipcache.intervals(cluster, nodes, self.compiler.compiled.cidr_identities)
+        nodes = cast(Mapping[str, CiliumNode], nodes_snapshot.as_dict())
+        intervals = self._ipcache.intervals(cluster, nodes, self.compiler.compiled.cidr_identities,
+                                            changed_records=changed_records, changed_nodes=changed_nodes)
         self._policies_writer.replace_all(rows)
         self._ipcache_writer.replace_all([IpcacheRow(intervals, store_revisions, local_snapshot.revision)])
         self._status_writer.replace_all(self._status_rows(rows))

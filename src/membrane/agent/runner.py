@@ -43,6 +43,7 @@ from typing import Any
 from membrane.agent.contract import CniRequest
 from membrane.agent.endpoints import EndpointManager
 from membrane.api import k8s
+from membrane.api.podrow import PodRow
 from membrane.core.errors import MembraneError
 from membrane.core.statedb import Table
 from membrane.datapath.process import KernelNetnsHost, NetnsHost
@@ -99,7 +100,7 @@ class PodRunner:
         store: Store,
         node_name: str,
         node_ip: str,
-        pods: Table[k8s.Pod],
+        pods: Table[PodRow],
         endpoints: EndpointManager,
         state_dir: Path,
         netns_prefix: str,
@@ -234,7 +235,8 @@ class PodRunner:
         return cached[1]
 
     def local_pods(self) -> list[k8s.Pod]:
-        return list(self._pods.snapshot().by("node", self._node))
+        """This node's pods as full objects (the intent keeps them for this node's pods)."""
+        return [row.model for row in self._pods.snapshot().by("node", self._node) if row.model is not None]
 
     async def reconcile(self) -> None:
         local = self.local_pods()

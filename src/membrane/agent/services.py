@@ -25,6 +25,7 @@ from typing import Any
 
 from membrane.agent.intent import IntentTables
 from membrane.api import k8s
+from membrane.api.podrow import PodRow
 from membrane.core.modules import Controller, Module
 from membrane.core.statedb import StateDB, Table
 from membrane.loadbalancer.endpointslices import derive_endpoint_slices, slice_backends
@@ -72,12 +73,12 @@ class ServicesController:
         selector_services = [s for s in services if s.spec.selector]
         if selector_services:
             ready = self._ready_addresses()
-            by_namespace: dict[str, list[k8s.Pod]] = defaultdict(list)
+            by_namespace: dict[str, list[PodRow]] = defaultdict(list)
             for pod in intent.pods.snapshot():
-                by_namespace[pod.namespace or "default"].append(pod)
+                by_namespace[pod.namespace].append(pod)
 
-            def address_of(pod: k8s.Pod) -> str | None:
-                return ready.get((pod.namespace or "default", pod.name))
+            def address_of(pod: PodRow) -> str | None:
+                return ready.get((pod.namespace, pod.name))
 
             for service in selector_services:
                 namespace = service.namespace or "default"

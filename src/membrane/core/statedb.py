@@ -16,7 +16,9 @@ readers take :class:`Snapshot` s, which never change under them, and wait on a s
 
 Rows are values: frozen dataclasses or frozen pydantic models, replaced (``dataclasses.replace``),
 never mutated. Each row remembers the table revision that last changed it
-(:meth:`Snapshot.row_revision`), so a consumer tells exactly what changed since it last looked.
+(:meth:`Snapshot.row_revision`), so a consumer tells exactly what changed since it last looked;
+:meth:`Snapshot.changed_keys` names the rows changed since a revision without a scan of the table
+(the table remembers the keys of its last commits).
 
 Cost: a commit copies the table's dict only when a snapshot of the previous state is still held
 (copy-on-write), so a burst of commits with no reader in between costs no copies, and a reader
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -40,6 +43,10 @@ Key = Hashable
 #: A secondary index: the keys a row is found under (any number; a row may be in none).
 IndexFn = Callable[[Any], Iterable[Hashable]]
 
+#: How many changed keys a table remembers for :meth:`Snapshot.changed_keys` (older changes are
+#: forgotten; a reader that fell further behind reads the whole table).
+CHANGE_LOG_KEYS = 8192
+
 
 class TableError(Exception):
     """A programming error in the use of a table (a second writer, a write outside a transaction)."""
@@ -48,7 +55,7 @@ class TableError(Exception):
 class Snapshot(Generic[Row]):
     """A table as of one revision: read-only, consistent, never changed by later commits."""
 
-    __slots__ = ("_indexes", "_rows", "changed", "name", "revision")
+    __slots__ = ("_indexes", "_log", "_rows", "changed", "name", "revision")
 
     def __init__(
         self,
@@ -57,6 +64,7 @@ class Snapshot(Generic[Row]):
         rows: Mapping[Key, tuple[Row, int]],
         indexes: Mapping[str, Mapping[Hashable, frozenset[Key]]],
         changed: asyncio.Event,
+        log: _ChangeLog | None = None,
     ) -> None:
         self.name = name
         self.revision = revision
@@ -64,6 +72,20 @@ class Snapshot(Generic[Row]):
         self._indexes = indexes
         #: Set once the table has a newer revision than this snapshot.
         self.changed = changed
+        self._log = log
+
+    def changed_keys(self, since: int) -> set[Key] | None:
+        """Primary keys of the rows written or deleted after revision ``since``, up to this
+        snapshot's revision; None when the table no longer remembers that far back (or ``since`` is
+        newer than this snapshot): then read every row.
+
+        A reader that keeps state derived from the rows updates only those keys, in time
+        proportional to the change rather than to the table."""
+        if since == self.revision:
+            return set()
+        if self._log is None or since > self.revision:
+            return None
+        return self._log.since(since, self.revision)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -135,6 +157,38 @@ class _RowsView(Mapping[Key, Row]):
         return len(self._rows)
 
 
+class _ChangeLog:
+    """The keys of the last commits of one table (at most about :data:`CHANGE_LOG_KEYS` keys)."""
+
+    __slots__ = ("_entries", "_keys", "complete_after")
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[int, frozenset[Key]]] = deque()
+        self._keys = 0
+        #: The log holds every commit after this revision.
+        self.complete_after = 0
+
+    def add(self, revision: int, keys: frozenset[Key]) -> None:
+        self._entries.append((revision, keys))
+        self._keys += len(keys)
+        while self._keys > CHANGE_LOG_KEYS and self._entries:
+            dropped, old = self._entries.popleft()
+            self._keys -= len(old)
+            self.complete_after = dropped
+
+    def since(self, since: int, until: int) -> set[Key] | None:
+        if since < self.complete_after:
+            return None
+        found: set[Key] = set()
+        # Newest first: a reader that keeps up looks at the last entry or two.
+        for revision, keys in reversed(self._entries):
+            if revision <= since:
+                break
+            if revision <= until:
+                found |= keys
+        return found
+
+
 class Table(Generic[Row]):
     """One table: rows by primary key, secondary indexes, a revision, a watch and one writer."""
 
@@ -155,6 +209,7 @@ class Table(Generic[Row]):
         self._shared = False  # a snapshot holds the current dicts: copy before the next write
         self._writer: str | None = None
         self._snapshot: Snapshot[Row] | None = None
+        self._log = _ChangeLog()
 
     @property
     def revision(self) -> int:
@@ -178,7 +233,7 @@ class Table(Generic[Row]):
         if self._snapshot is None or self._snapshot.revision != self._revision:
             self._shared = True
             self._snapshot = Snapshot(self.name, self._revision, MappingProxyType(self._rows),
-                                      MappingProxyType(self._indexes), self._changed)
+                                      MappingProxyType(self._indexes), self._changed, self._log)
         return self._snapshot
 
     # -- writing (through WriteTxn only) ---------------------------------------------------------------
@@ -225,6 +280,7 @@ class Table(Generic[Row]):
                 removed.append((key, current[0]))
             self._rows[key] = (row, revision)
         self._reindex(removed, effective_upserts.items())
+        self._log.add(revision, frozenset(effective_upserts.keys() | effective_deletes))
         self._revision = revision
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

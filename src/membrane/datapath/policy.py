@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from membrane.core.protocols import PROTOCOL_NAMES, PROTOCOLS
-from membrane.datapath.nft.objects import Key
+from membrane.datapath.nft.objects import Key, SortedElements
 from membrane.datapath.ruleset import (
     EGRESS_AUDIT,
     EGRESS_DENY,
@@ -150,8 +150,9 @@ def audited_elements(endpoints: Iterable[tuple[int, DirectionPolicy]]) -> frozen
 
 
 def ipcache_elements(intervals: Iterable[IpcacheInterval]) -> tuple[Element, ...]:
-    """Elements of the nft map ``ipcache`` (``ipv4_addr : mark``, flags interval)."""
-    return tuple(((interval.token(),), str(interval.identity)) for interval in intervals)
+    """Elements of the nft map ``ipcache`` (``ipv4_addr : mark``, flags interval); disjoint sorted
+    intervals give :class:`~membrane.datapath.nft.objects.SortedElements`."""
+    return SortedElements(((interval.token(),), str(interval.identity)) for interval in intervals)
 
 
 # --- the agent's renderer ---------------------------------------------------------------------------
@@ -165,6 +166,9 @@ class PolicyRenderer:
     def __init__(self) -> None:
         self._rendered: dict[tuple[int, str], tuple[DirectionPolicy, tuple[Element, ...], tuple[Element, ...]]] = {}
         self._ipcache: tuple[tuple[IpcacheInterval, ...], tuple[Element, ...]] | None = None
+        # By interval object (kept alive here): the ipcache changes by a few intervals at a time,
+        # and the policy controller hands back the same objects for the others.
+        self._ipcache_elements: dict[int, tuple[IpcacheInterval, Element]] = {}
 
     def direction(self, ifindex: int, policy: DirectionPolicy) -> tuple[Element, ...]:
         """The identity map elements of one endpoint and direction."""
@@ -188,7 +192,15 @@ class PolicyRenderer:
 
     def ipcache(self, intervals: tuple[IpcacheInterval, ...]) -> tuple[Element, ...]:
         if self._ipcache is None or self._ipcache[0] is not intervals:
-            self._ipcache = (intervals, ipcache_elements(intervals))
+            cache = self._ipcache_elements
+            fresh: dict[int, tuple[IpcacheInterval, Element]] = {}
+            for interval in intervals:
+                entry = cache.get(id(interval))
+                if entry is None or entry[0] is not interval:
+                    entry = (interval, ((interval.token(),), str(interval.identity)))
+                fresh[id(interval)] = entry
+            self._ipcache_elements = fresh
+            self._ipcache = (intervals, SortedElements(entry[1] for entry in fresh.values()))
         return self._ipcache[1]
 
     def forget(self, ifindexes: set[int]) -> None:

@@ -35,6 +35,7 @@ from typing import Literal, NamedTuple
 
 from membrane.api import k8s
 from membrane.api.meta import ObjectMeta
+from membrane.api.podrow import PodRow
 
 #: The EndpointSlice controller's ``--max-endpoints-per-slice`` default.
 MAX_ENDPOINTS_PER_SLICE = 100
@@ -57,30 +58,30 @@ class SliceBackend(NamedTuple):
 PortSet = tuple[k8s.EndpointPort, ...]
 
 
-def pod_is_ready(pod: k8s.Pod) -> bool:
+def _row(pod: k8s.Pod | PodRow) -> PodRow:
+    return pod if isinstance(pod, PodRow) else PodRow.of(pod, keep_model=False)
+
+
+def pod_is_ready(pod: k8s.Pod | PodRow) -> bool:
     """``podutil.IsPodReady``, lenient where membrane has no kubelet: a pod whose status carries
     no Ready condition (placed by a CNI runtime, whose status nobody writes) counts as ready;
-    one whose Ready condition is not True does not."""
-    for item in (pod.status.conditions if pod.status else None) or ():
-        if item.type == "Ready":
-            return item.status == "True"
-    return True
+    one whose Ready condition is not True does not (see :attr:`PodRow.ready`)."""
+    return _row(pod).ready
 
 
-def resolve_target_port(pod: k8s.Pod, port: k8s.ServicePort) -> int | None:
+def resolve_target_port(pod: k8s.Pod | PodRow, port: k8s.ServicePort) -> int | None:
     """``podutil.FindPort``: the pod's number for the Service port's targetPort (None if the pod
     has no container port of that name and protocol)."""
     target = port.targetPort if port.targetPort is not None else port.port
     if isinstance(target, int):
         return target
-    for container in pod.spec.containers:
-        for cport in container.ports or ():
-            if cport.name == target and cport.protocol == port.protocol:
-                return cport.containerPort
+    for name, protocol, number in _row(pod).named_ports:
+        if name == target and protocol == port.protocol:
+            return number
     return None
 
 
-def _endpoint_ports(service: k8s.Service, pod: k8s.Pod) -> PortSet:
+def _endpoint_ports(service: k8s.Service, pod: PodRow) -> PortSet:
     found = []
     for port in service.spec.ports or ():
         number = resolve_target_port(pod, port)
@@ -95,33 +96,32 @@ def _address_type(address: str) -> k8s.AddressType:
     return "IPv6" if ipaddress.ip_address(address).version == 6 else "IPv4"
 
 
-def _in_endpoints(pod: k8s.Pod, namespace: str, selector: dict[str, str]) -> bool:
+def _in_endpoints(pod: PodRow, namespace: str, selector: dict[str, str]) -> bool:
     """``ShouldPodBeInEndpoints`` and the selector: the service's namespace, matching labels,
     bound to a node and not finished."""
-    if (pod.namespace or "default") != namespace:
+    if pod.namespace != namespace:
         return False
     if any(pod.labels.get(key) != value for key, value in selector.items()):
         return False
-    if not pod.spec.nodeName:
+    if not pod.node:
         return False
-    return not (pod.status is not None and pod.status.phase in ("Succeeded", "Failed"))
+    return pod.phase not in ("Succeeded", "Failed")
 
 
-def _endpoint(service: k8s.Service, pod: k8s.Pod, address: str) -> k8s.Endpoint:
-    serving = pod_is_ready(pod)
-    terminating = pod.metadata.deletionTimestamp is not None
+def _endpoint(service: k8s.Service, pod: PodRow, address: str) -> k8s.Endpoint:
+    serving = pod.ready
+    terminating = pod.terminating
     ready = bool(service.spec.publishNotReadyAddresses) or (serving and not terminating)
     hostname = None
     # ShouldSetHostname: a pod that names this service as its subdomain is addressable by hostname.
-    if pod.spec.hostname and pod.spec.subdomain == service.name:
-        hostname = pod.spec.hostname
+    if pod.hostname and pod.subdomain == service.name:
+        hostname = pod.hostname
     return k8s.Endpoint(
         addresses=(address,),
         conditions=k8s.EndpointConditions(ready=ready, serving=serving, terminating=terminating),
         hostname=hostname,
-        nodeName=pod.spec.nodeName,
-        targetRef=k8s.ObjectReference(kind="Pod", namespace=pod.namespace or "default", name=pod.name,
-                                      uid=pod.metadata.uid),
+        nodeName=pod.node,
+        targetRef=k8s.ObjectReference(kind="Pod", namespace=pod.namespace, name=pod.name, uid=pod.uid or None),
     )
 
 
@@ -143,7 +143,7 @@ def slice_name(service: k8s.Service, address_type: str, ports: PortSet, index: i
 
 
 def derive_endpoint_slices(
-    service: k8s.Service, pods: Iterable[k8s.Pod], ready: Callable[[k8s.Pod], str | None]
+    service: k8s.Service, pods: Iterable[k8s.Pod | PodRow], ready: Callable[[PodRow], str | None]
 ) -> list[k8s.EndpointSlice]:
     """The EndpointSlices Kubernetes' controller keeps for ``service``, sorted by name.
 
@@ -155,7 +155,7 @@ def derive_endpoint_slices(
         return []
     namespace = service.namespace or "default"
     groups: dict[tuple[str, PortSet], list[k8s.Endpoint]] = {}
-    for pod in sorted(pods, key=lambda p: (p.namespace or "default", p.name)):
+    for pod in sorted((_row(p) for p in pods), key=lambda p: (p.namespace, p.name)):
         if not _in_endpoints(pod, namespace, selector):
             continue
         address = ready(pod)

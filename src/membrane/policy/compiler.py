@@ -24,21 +24,23 @@ Primitives: :class:`ImportedPolicy`, :func:`import_policy`, :func:`policy_endpoi
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from membrane.api import cilium, k8s
 from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
+from membrane.api.podrow import PodRow
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import MembraneError
 from membrane.identity.ipcache import EndpointAddress, IpcacheEntry, NodeAddresses, build_ipcache
 from membrane.identity.labels import Label
-from membrane.identity.reserved import WORLD
+from membrane.identity.reserved import HOST, REMOTE_NODE, WORLD
 from membrane.ipam.pool import router_ip
 from membrane.policy.engine import CompiledPolicy, compile_policies
 from membrane.policy.ipcache import IpcacheInterval, flatten_ipcache, with_cidr_identities
@@ -192,11 +194,19 @@ def _import_mapping(key: str, data: Mapping[str, Any], cluster_name: str) -> Imp
 # --- endpoints and the ipcache ----------------------------------------------------------------------------
 
 
-def _pod_spec_ports(pod: k8s.Pod | None) -> NamedPorts:
-    return named_ports_of(pod.spec) if pod is not None else {}
+#: What the compiler reads of a pod: the full model, or the intent's slim row of it.
+PodPorts = k8s.Pod | PodRow
 
 
-def policy_endpoint(record: EndpointRecord, pods: Mapping[tuple[str, str], k8s.Pod]) -> PolicyEndpoint:
+def _pod_spec_ports(pod: PodPorts | None) -> NamedPorts:
+    if pod is None:
+        return {}
+    if isinstance(pod, PodRow):
+        return pod.policy_named_ports()
+    return named_ports_of(pod.spec)
+
+
+def policy_endpoint(record: EndpointRecord, pods: Mapping[tuple[str, str], PodPorts]) -> PolicyEndpoint:
     """An endpoint as policy sees it, keyed ``NS/POD``, with the named ports of its pod's spec."""
     ports = _pod_spec_ports(pods.get((record.namespace, record.pod)))
     return PolicyEndpoint(f"{record.namespace}/{record.pod}", record.identity, record.namespace, ports)
@@ -231,19 +241,39 @@ def ipcache_entries(
 
 
 class IpcacheBuilder:
-    """This node's ipcache intervals, kept up to date incrementally: the /32 of an endpoint record is
-    rebuilt only when that record object changed (the intent replaces a record on every write), and
-    the table is flattened again only when an entry, a node object (compared by identity: nodes are
-    replaced, never changed) or a policy prefix changed (else the same tuple object is returned, so
-    a renderer can skip it). The result equals
+    """This node's ipcache intervals, kept up to date incrementally.
+
+    Every /32 of the table (endpoints, node and router addresses, /32 policy prefixes) is a point
+    over a background of the shorter prefixes (world and the policy prefixes), so a change of
+    endpoints or nodes re-flattens only the intervals next to the addresses it moved: the result
+    is spliced into the previous one, whose interval objects are kept (a renderer recognises them
+    by identity). ``changed_records``/``changed_nodes`` name the keys changed since the last call
+    (a table's :meth:`~membrane.core.statedb.Snapshot.changed_keys`); without them every record and
+    node is compared with the last one seen (records are replaced on every write, nodes compared
+    by identity). When nothing changed the same tuple object is returned. The result equals
     :func:`ipcache_entries` flattened (endpoints win over nodes, nodes over policy prefixes)."""
+
+    #: More moved addresses than this in one call: one linear flattening instead of local ones.
+    FULL_REBUILD = 512
 
     def __init__(self, local_node: str | None) -> None:
         self.local_node = local_node
-        self._records: dict[str, tuple[EndpointRecord, tuple[IPv4Network, int] | None]] = {}
-        # The node objects themselves (kept alive, so identity comparisons stay sound) and the prefixes.
-        self._nodes: tuple[tuple[str, cilium.CiliumNode], ...] | None = None
-        self._prefixes: tuple[tuple[IPv4Network, int], ...] = ()
+        # record key -> (record, its point (address, identity) or None)
+        self._records: dict[str, tuple[EndpointRecord, tuple[int, int] | None]] = {}
+        # node name -> (node object, its points); the objects are kept alive for identity comparisons
+        self._nodes: dict[str, tuple[cilium.CiliumNode, tuple[tuple[int, int], ...]]] = {}
+        # address -> claims in arrival order: endpoints (the first wins), nodes (the last wins)
+        self._endpoint_at: dict[int, dict[str, int]] = {}
+        self._node_at: dict[int, dict[str, int]] = {}
+        self._prefix_points: dict[int, int] = {}
+        self._prefixes: tuple[tuple[IPv4Network, int], ...] | None = None
+        self._background: list[tuple[int, int, int]] = []
+        self._background_starts: list[int] = []
+        self._points: dict[int, int] = {}  # address -> the identity that wins there
+        self._sorted: list[int] = []  # the points' addresses, sorted
+        self._out: list[IpcacheInterval] = []
+        self._out_ints: list[tuple[int, int, int]] = []
+        self._out_starts: list[int] = []
         self._intervals: tuple[IpcacheInterval, ...] = ()
 
     def intervals(
@@ -251,37 +281,188 @@ class IpcacheBuilder:
         records: Mapping[str, EndpointRecord],
         nodes: Mapping[str, cilium.CiliumNode],
         cidr_identities: Mapping[IPv4Network, int],
+        *,
+        changed_records: Iterable[str] | None = None,
+        changed_nodes: Iterable[str] | None = None,
     ) -> tuple[IpcacheInterval, ...]:
-        changed = False
-        for key in [k for k in self._records if k not in records]:
-            del self._records[key]
-            changed = True
-        for key, record in records.items():
+        touched: set[int] = set()
+        self._update_records(records, changed_records, touched)
+        self._update_nodes(nodes, changed_nodes, touched)
+        prefixes = tuple(sorted(cidr_identities.items()))
+        if prefixes != self._prefixes:
+            self._set_prefixes(prefixes)
+            self._rebuild()
+            return self._intervals
+        moved = []
+        for address in touched:
+            identity = self._resolve(address)
+            if identity == self._points.get(address):
+                continue
+            moved.append(address)
+            if identity is None:
+                del self._points[address]
+                del self._sorted[bisect.bisect_left(self._sorted, address)]
+            else:
+                if address not in self._points:
+                    bisect.insort(self._sorted, address)
+                self._points[address] = identity
+        if len(moved) > self.FULL_REBUILD:
+            self._rebuild()
+        elif moved:
+            for address in moved:
+                self._refresh(address)
+            self._intervals = tuple(self._out)
+        return self._intervals
+
+    # -- sources -----------------------------------------------------------------------------------------
+
+    def _update_records(self, records: Mapping[str, EndpointRecord], changed: Iterable[str] | None,
+                        touched: set[int]) -> None:
+        if changed is None:
+            for key in [k for k in self._records if k not in records]:
+                self._drop_record(key, touched)
+            changed = records.keys()
+        for key in changed:
+            record = records.get(key)
+            if record is None:
+                self._drop_record(key, touched)
+                continue
             cached = self._records.get(key)
             if cached is not None and cached[0] is record:
                 continue
-            entry = (IPv4Network((int(record.ipv4), 32)), record.identity) if record.state in IPCACHE_STATES else None
-            if cached is None or cached[1] != entry:
-                changed = True
-            self._records[key] = (record, entry)
-        prefixes = tuple(sorted(cidr_identities.items()))
-        if changed or prefixes != self._prefixes or not self._same_nodes(nodes):
-            self._nodes = tuple(nodes.items())
-            self._prefixes = prefixes
-            endpoints = [entry for _, entry in self._records.values() if entry is not None]
-            world = IPv4Network("0.0.0.0/0")
-            fixed = [e for e in build_ipcache((), node_addresses(nodes.values()), self.local_node)
-                     if e.prefix != world]
-            table: list[IpcacheEntry | tuple[IPv4Network, int]] = [
-                *endpoints, *fixed, (world, WORLD.id), *cidr_identities.items()]
-            self._intervals = flatten_ipcache(table)
-        return self._intervals
+            point = (int(record.ipv4), record.identity) if record.state in IPCACHE_STATES else None
+            if cached is not None and cached[1] == point:
+                self._records[key] = (record, point)
+                continue
+            self._drop_record(key, touched)
+            self._records[key] = (record, point)
+            if point is not None:
+                self._endpoint_at.setdefault(point[0], {})[key] = point[1]
+                touched.add(point[0])
 
-    def _same_nodes(self, nodes: Mapping[str, cilium.CiliumNode]) -> bool:
-        last = self._nodes
-        if last is None or len(last) != len(nodes):
-            return False
-        return all(name in nodes and nodes[name] is node for name, node in last)
+    def _drop_record(self, key: str, touched: set[int]) -> None:
+        cached = self._records.pop(key, None)
+        if cached is None or cached[1] is None:
+            return
+        address = cached[1][0]
+        claims = self._endpoint_at.get(address, {})
+        claims.pop(key, None)
+        if not claims:
+            self._endpoint_at.pop(address, None)
+        touched.add(address)
+
+    def _update_nodes(self, nodes: Mapping[str, cilium.CiliumNode], changed: Iterable[str] | None,
+                      touched: set[int]) -> None:
+        if changed is None:
+            for name in [n for n in self._nodes if n not in nodes]:
+                self._drop_node(name, touched)
+            changed = nodes.keys()
+        for name in changed:
+            node = nodes.get(name)
+            if node is None:
+                self._drop_node(name, touched)
+                continue
+            cached = self._nodes.get(name)
+            if cached is not None and cached[0] is node:
+                continue
+            identity = HOST.id if name == self.local_node else REMOTE_NODE.id
+            points = tuple((int(ip), identity) for address in node_addresses([node])
+                           for ip in (address.node_ip, address.router_ip) if ip is not None)
+            if cached is not None and cached[1] == points:
+                self._nodes[name] = (node, points)
+                continue
+            self._drop_node(name, touched)
+            self._nodes[name] = (node, points)
+            for address, ident in points:
+                self._node_at.setdefault(address, {})[name] = ident
+                touched.add(address)
+
+    def _drop_node(self, name: str, touched: set[int]) -> None:
+        cached = self._nodes.pop(name, None)
+        if cached is None:
+            return
+        for address, _ in cached[1]:
+            claims = self._node_at.get(address, {})
+            claims.pop(name, None)
+            if not claims:
+                self._node_at.pop(address, None)
+            touched.add(address)
+
+    def _resolve(self, address: int) -> int | None:
+        """The identity of a /32: an endpoint's, else a node's, else a /32 policy prefix's."""
+        claims = self._endpoint_at.get(address)
+        if claims:
+            return next(iter(claims.values()))
+        claims = self._node_at.get(address)
+        if claims:
+            return next(reversed(claims.values()))
+        return self._prefix_points.get(address)
+
+    def _set_prefixes(self, prefixes: tuple[tuple[IPv4Network, int], ...]) -> None:
+        self._prefixes = prefixes
+        self._prefix_points = {int(p.network_address): i for p, i in prefixes if p.prefixlen == 32}
+        world = IPv4Network("0.0.0.0/0")
+        background = flatten_ipcache([(world, WORLD.id), *((p, i) for p, i in prefixes if p.prefixlen < 32)])
+        self._background = [(int(b.first), int(b.last), b.identity) for b in background]
+        self._background_starts = [first for first, _, _ in self._background]
+
+    # -- flattening ----------------------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        addresses = self._endpoint_at.keys() | self._node_at.keys() | self._prefix_points.keys()
+        self._points = {a: i for a in addresses if (i := self._resolve(a)) is not None}
+        self._sorted = sorted(self._points)
+        self._out_ints = self._flatten(0, 0xFFFFFFFF)
+        self._out = [_interval(t) for t in self._out_ints]
+        self._out_starts = [first for first, _, _ in self._out_ints]
+        self._intervals = tuple(self._out)
+
+    def _refresh(self, address: int) -> None:
+        """Re-flatten the intervals around ``address`` (its neighbours decide what merges)."""
+        starts = self._out_starts
+        i = bisect.bisect_right(starts, max(address - 1, 0)) - 1
+        j = bisect.bisect_right(starts, min(address + 1, 0xFFFFFFFF)) - 1
+        first, last = self._out_ints[i][0], self._out_ints[j][1]
+        fresh = self._flatten(first, last)
+        kept = dict(zip(self._out_ints[i:j + 1], self._out[i:j + 1], strict=True))
+        self._out[i:j + 1] = [kept.get(t) or _interval(t) for t in fresh]
+        self._out_ints[i:j + 1] = fresh
+        starts[i:j + 1] = [f for f, _, _ in fresh]
+
+    def _flatten(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """The disjoint intervals of ``first``..``last``, neighbours with one identity merged."""
+        out: list[tuple[int, int, int]] = []
+        points, background, starts = self._points, self._background, self._background_starts
+
+        def emit(low: int, high: int, identity: int) -> None:
+            if out and out[-1][2] == identity:
+                out[-1] = (out[-1][0], high, identity)
+            else:
+                out.append((low, high, identity))
+
+        def fill(low: int, high: int) -> None:
+            k = bisect.bisect_right(starts, low) - 1
+            while low <= high:
+                _, end, identity = background[k]
+                emit(low, min(end, high), identity)
+                low = end + 1
+                k += 1
+
+        cursor = first
+        sorted_points = self._sorted
+        for address in sorted_points[bisect.bisect_left(sorted_points, first):
+                                     bisect.bisect_right(sorted_points, last)]:
+            if cursor < address:
+                fill(cursor, address - 1)
+            emit(address, address, points[address])
+            cursor = address + 1
+        if cursor <= last:
+            fill(cursor, last)
+        return out
+
+
+def _interval(ints: tuple[int, int, int]) -> IpcacheInterval:
+    return IpcacheInterval(IPv4Address(ints[0]), IPv4Address(ints[1]), ints[2])
 
 
 # --- the compiler --------------------------------------------------------------------------------------
@@ -311,8 +492,10 @@ class PolicyCompiler:
         self._named: dict[int, NamedPorts] = {}
         self._identities: dict[int, frozenset[Label]] = {}
         self._memo: dict[tuple[object, ...], EndpointPolicy] = {}
-        # By id(record): the record and pod are kept alive here, so identity comparisons stay sound.
-        self._ports: dict[int, tuple[EndpointRecord, k8s.Pod | None, NamedPorts]] = {}
+        # By record key: the record and pod are kept alive here, so identity comparisons stay sound.
+        self._port_entries: dict[str, tuple[EndpointRecord, PodPorts | None, NamedPorts]] = {}
+        self._records_of_pod: dict[tuple[str, str], set[str]] = {}
+        self._members: dict[int, set[str]] = {}  # identity -> keys of its records
 
     @property
     def compiled(self) -> CompiledPolicy:
@@ -328,17 +511,24 @@ class PolicyCompiler:
         self,
         policies: Mapping[str, ApiObject],
         identities: Mapping[int, frozenset[Label]],
-        records: Iterable[EndpointRecord],
-        pods: Mapping[tuple[str, str], k8s.Pod],
+        records: Iterable[EndpointRecord] | Mapping[str, EndpointRecord],
+        pods: Mapping[tuple[str, str], PodPorts],
         config: EnforcementConfig | None = None,
+        *,
+        changed_records: Iterable[str] | None = None,
+        changed_pods: Iterable[tuple[str, str]] | None = None,
     ) -> bool:
         """Take the current inputs (and the enforcement settings, when given); True when verdicts may
-        have changed. New settings (a live ``membrane config set``) recompile everything."""
+        have changed. New settings (a live ``membrane config set``) recompile everything.
+
+        ``changed_records`` (record keys) and ``changed_pods`` (namespace, name) may name what
+        changed since the last call, with ``records`` a mapping by record key: the named ports are
+        then updated from those alone."""
         settings_changed = config is not None and config != self.config
         if config is not None:
             self.config = config
         policies_changed = self._import(policies) or settings_changed
-        named = self._named_ports(records, pods)
+        named = self._named_ports(records, pods, changed_records, changed_pods)
         identities = dict(identities)
         if policies_changed or named != self._named or self._compiled is None:
             previous = self._compiled.cidr_identities if self._compiled is not None else None
@@ -361,30 +551,65 @@ class PolicyCompiler:
         return False
 
     def _named_ports(
-        self, records: Iterable[EndpointRecord], pods: Mapping[tuple[str, str], k8s.Pod]
+        self,
+        records: Iterable[EndpointRecord] | Mapping[str, EndpointRecord],
+        pods: Mapping[tuple[str, str], PodPorts],
+        changed_records: Iterable[str] | None,
+        changed_pods: Iterable[tuple[str, str]] | None,
     ) -> dict[int, NamedPorts]:
         """Every identity's named ports (the union over its pods: egress named ports resolve on
-        these), re-reading a pod's ports only when its record or Pod
-        object changed (the intent replaces both on every write), and merging again only then."""
-        seen: dict[int, tuple[EndpointRecord, k8s.Pod | None, NamedPorts]] = {}
-        changed = False
-        previous = self._ports
-        for record in records:
-            pod = pods.get((record.namespace, record.pod))
-            cached = previous.get(id(record))
-            if cached is not None and cached[0] is record and cached[1] is pod:
-                seen[id(record)] = cached
+        these). Only the records named by ``changed_records`` and the records of the pods named by
+        ``changed_pods`` are looked at when both are given (else every record, compared with the
+        record and pod seen last: the intent replaces both on every write), and only the
+        identities whose pods changed are merged again."""
+        entries = self._port_entries
+        if changed_records is None or changed_pods is None or not isinstance(records, Mapping):
+            by_key = records if isinstance(records, Mapping) else {r.key: r for r in records}
+            check: set[str] = set(by_key) | set(entries)
+        else:
+            by_key = records
+            check = set(changed_records)
+            for pod_key in changed_pods:
+                check |= self._records_of_pod.get(pod_key, set())
+        dirty: set[int] = set()
+        for key in check:
+            record = by_key.get(key)
+            old = entries.get(key)
+            pod = pods.get((record.namespace, record.pod)) if record is not None else None
+            if old is not None:
+                if record is not None and old[0] is record and old[1] is pod:
+                    continue
+                self._forget_ports(key, old[0])
+            if record is None:
+                if old is not None:
+                    dirty.add(old[0].identity)
                 continue
-            seen[id(record)] = (record, pod, _pod_spec_ports(pod))
-            changed = True
-        self._ports = seen
-        if not changed and len(seen) == len(previous):
+            ports = _pod_spec_ports(pod)
+            entries[key] = (record, pod, ports)
+            self._records_of_pod.setdefault((record.namespace, record.pod), set()).add(key)
+            self._members.setdefault(record.identity, set()).add(key)
+            if old is None or old[0].identity != record.identity or old[2] != ports:
+                dirty.add(record.identity)
+                if old is not None:
+                    dirty.add(old[0].identity)
+        if not dirty:
             return self._named
-        merged: dict[int, dict[str, set[tuple[int, int]]]] = {}
-        for record, _, ports in seen.values():
-            for name, values in ports.items():
-                merged.setdefault(record.identity, {}).setdefault(name, set()).update(values)
-        return {identity: {n: frozenset(p) for n, p in named.items()} for identity, named in merged.items()}
+        named = dict(self._named)
+        for identity in dirty:
+            merged: dict[str, set[tuple[int, int]]] = {}
+            for key in self._members.get(identity, ()):
+                for name, values in entries[key][2].items():
+                    merged.setdefault(name, set()).update(values)
+            if merged:
+                named[identity] = {n: frozenset(p) for n, p in merged.items()}
+            else:
+                named.pop(identity, None)
+        return named
+
+    def _forget_ports(self, key: str, record: EndpointRecord) -> None:
+        del self._port_entries[key]
+        _discard(self._records_of_pod, (record.namespace, record.pod), key)
+        _discard(self._members, record.identity, key)
 
     def _import(self, policies: Mapping[str, ApiObject]) -> bool:
         changed = False
@@ -444,6 +669,14 @@ class PolicyCompiler:
     @staticmethod
     def _signature(endpoint: PolicyEndpoint) -> tuple[object, ...]:
         return (endpoint.identity, endpoint.namespace, endpoint.named_ports_signature)
+
+
+def _discard(index: dict[Any, set[str]], value: Any, key: str) -> None:
+    members = index.get(value)
+    if members is not None:
+        members.discard(key)
+        if not members:
+            del index[value]
 
 
 # --- settings ----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 from membrane.agent.contract import CniRequest
 from membrane.agent.datapath import DatapathModule, policy_datapath
 from membrane.agent.endpoints import EndpointManager, NodeContext, endpoints_module
-from membrane.agent.intent import IdentityRow, IntentTables, PolicyObject, endpoint_labels
+from membrane.agent.intent import IdentityRow, IntentTables, PodWriter, PolicyObject, endpoint_labels
 from membrane.agent.policy import PolicyController, PolicyTables, policy_module
 from membrane.api import k8s
 from membrane.api.cilium import CiliumNode
@@ -81,7 +81,7 @@ class FakeNode:
         self.cluster_name = cluster_name
         self.db = StateDB()
         self.intent = IntentTables.create(self.db)
-        self.pods = self.intent.pods.writer("test")
+        self.pods = PodWriter(self.intent.pods.writer("test"))
         self.namespaces = self.intent.namespaces.writer("test")
         self.nodes = self.intent.nodes.writer("test")
         self.policies = self.intent.policies.writer("test")
@@ -171,7 +171,7 @@ class PolicyHarness:
         self.policies = self.intent.policies.writer("test")
         self.identities = self.intent.identities.writer("test")
         self.endpoints = self.intent.endpoints.writer("test")
-        self.pods = self.intent.pods.writer("test")
+        self.pods = PodWriter(self.intent.pods.writer("test"))
         self.namespaces = self.intent.namespaces.writer("test")
         self.nodes = self.intent.nodes.writer("test")
         self.cluster = self.intent.cluster.writer("test")

@@ -1,7 +1,8 @@
 """nftables objects as data: one table with its chains, sets, maps and their elements.
 
 Primitives: :class:`BaseChain` (type, hook, priority, policy), :class:`Rule`, :class:`Chain`,
-:class:`Set`, :class:`Map`, :class:`Ruleset`, element keys (:data:`Key`, built with :func:`key`) and
+:class:`Set`, :class:`Map` (:class:`SortedElements`), :class:`Ruleset`, element keys (:data:`Key`,
+built with :func:`key`) and
 :class:`TableContents` (chains and elements: what can be compared with a kernel read-back, plus the
 rules, hooks and :class:`Declaration` of sets and maps that drift repair looks at).
 
@@ -16,6 +17,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
 from typing import Literal
 
 Key = tuple[str, ...]
@@ -191,6 +193,14 @@ class Set:
         return replace(self, elements=frozenset())
 
 
+class SortedElements(tuple[tuple[Key, str], ...]):
+    """Map elements that are already valid, unique and in :func:`sort_keys` order (the ipcache
+    renderer's, which holds one element per cluster endpoint): a :class:`Map` takes them as they
+    are instead of checking and sorting them again on every change."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class Map:
     """A named map (``value_type`` "verdict" makes it a verdict map). Elements are (key, value) pairs
@@ -213,6 +223,8 @@ class Map:
         _check_flags(self.name, self.flags)
         if self.value_type not in VALUE_TYPES:
             raise ValueError(f"map {self.name}: unsupported value type {self.value_type!r}")
+        if isinstance(self.elements, SortedElements):
+            return
         mapping: dict[Key, str] = {}
         for element_key, value in self.elements:
             if element_key in mapping:
@@ -225,6 +237,14 @@ class Map:
 
     def mapping(self) -> dict[Key, str]:
         return dict(self.elements)
+
+    def element_mapping(self) -> Mapping[Key, str]:
+        """The elements by key, built once per map (planners compare maps of tens of thousands)."""
+        cached: Mapping[Key, str] | None = self.__dict__.get("_element_mapping")
+        if cached is None:
+            cached = MappingProxyType(dict(self.elements))
+            object.__setattr__(self, "_element_mapping", cached)
+        return cached
 
     def declaration(self) -> Map:
         return replace(self, elements=())

@@ -194,9 +194,9 @@ class TableState:
     sets: Mapping[str, SetState]
 
 
-def _elements(data: Set | Map) -> dict[Key, str | None]:
+def _elements(data: Set | Map) -> Mapping[Key, str | None]:
     if isinstance(data, Map):
-        return dict(data.mapping())
+        return data.element_mapping()
     return dict.fromkeys(data.elements)
 
 
@@ -220,8 +220,16 @@ def _element_ops(
 ) -> tuple[DeleteElements | None, AddElements | None]:
     # A changed value is a delete plus an add: nft refuses to add over an existing key. So is a
     # verdict jumping to a chain that is re-created: the element must let go of the old chain.
-    gone = [k for k, v in before.items() if k not in after or after[k] != v or _jumps_to(v, stale)]
-    new = [k for k, v in after.items() if k not in before or before[k] != v or _jumps_to(v, stale)]
+    if not stale and (before is after or before == after):
+        return None, None
+    if stale:
+        gone = [k for k, v in before.items() if k not in after or after[k] != v or _jumps_to(v, stale)]
+        new = [k for k, v in after.items() if k not in before or before[k] != v or _jumps_to(v, stale)]
+    else:
+        # Set differences run in C: the ipcache holds an element per cluster endpoint and a
+        # change moves a few.
+        gone = [k for k, _ in before.items() - after.items()]
+        new = [k for k, _ in after.items() - before.items()]
     delete = DeleteElements(name, tuple(sort_keys(gone))) if gone else None
     add = AddElements(name, tuple(Element(k, after[k]) for k in sort_keys(new))) if new else None
     return delete, add
