@@ -178,6 +178,29 @@ def test_random_spreads_three_thousand_connections_evenly(cluster: Cluster) -> N
         assert 900 <= count <= 1100, f"{backend}: {count} of 3000 ({dict(seen)})"
 
 
+UDP_ASK = textwrap.dedent("""
+    import socket, sys
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sock.settimeout(1); sock.connect((sys.argv[1], 53))
+    sock.send(b"x")
+    try:
+        sock.recv(64); print("answered")
+    except ConnectionRefusedError:
+        print("refused")
+    except OSError:
+        print("timeout")
+""")
+
+
+def test_a_udp_service_without_backends_answers_port_unreachable(cluster: Cluster) -> None:
+    manifest = service("empty-dns", {"app": "nothing-matches"}).replace(
+        "[{port: 80, targetPort: 7000, protocol: TCP}]", "[{port: 53, protocol: UDP}]")
+    cluster.apply(manifest)
+    ip = cluster.cluster_ip("empty-dns")
+    cluster.wait_programmed(f"{ip}:53/UDP", 0)
+    out = cluster.membrane("pod", "exec", "default/client3", "--", sys.executable, "-c", UDP_ASK, ip).stdout
+    assert out.strip() == "refused"
+
+
 def test_a_service_without_backends_refuses_at_once_and_the_flow_says_why(cluster: Cluster) -> None:
     cluster.apply(service("empty", {"app": "nothing-matches"}))
     ip = cluster.cluster_ip("empty")
@@ -304,3 +327,28 @@ def test_load_balancer_ips_come_from_pools_written_either_way(cluster: Cluster) 
     cluster.lab.exec("client", ["ip", "route", "replace", f"{ip}/32", "via", cluster.lab.node_ip(1)], check=True)
     answers = cluster.ask_from_outside(ip, 80, count=10)["answers"]
     assert isinstance(answers, list) and sum(backends_seen(answers).values()) == 10, answers
+
+
+def test_load_balancer_source_ranges_drop_outside_clients_not_listed(cluster: Cluster) -> None:
+    client = cluster.lab.record.client
+    assert client is not None
+    ranges = "  loadBalancerSourceRanges: [10.9.9.0/24]\n"
+    manifest = service("lb-ranges", {"app": "web"}, kind="LoadBalancer", extra=ranges)
+    manifest = manifest.replace("namespace: default", "namespace: default\n  labels: {pool: cidr}")
+    cluster.apply(manifest)
+
+    def ingress() -> str:
+        status = cluster.get("svc", "lb-ranges").get("status") or {}
+        assert isinstance(status, dict)
+        items = (status.get("loadBalancer") or {}).get("ingress") or []
+        return str(items[0]["ip"]) if items else ""
+
+    ip = wait_until(ingress, timeout=15, what="a LoadBalancer IP")
+    cluster.wait_programmed(f"{ip}:80/TCP", 3)
+    cluster.lab.exec("client", ["ip", "route", "replace", f"{ip}/32", "via", cluster.lab.node_ip(2)], check=True)
+    assert cluster.ask_from_outside(ip, 80)["answers"] == ["timeout"]
+    # Pods are not checked (Cilium's rule): in-cluster clients still get through.
+    assert cluster.ask_from_pod("client2", ip)["answers"] != ["timeout"]
+    cluster.apply(manifest.replace("10.9.9.0/24", f"{client.ip}/32"))
+    wait_until(lambda: cluster.ask_from_outside(ip, 80)["answers"] != ["timeout"], timeout=15,
+               what="the listed client to get through")

@@ -78,6 +78,7 @@ class DropReason(enum.IntEnum):
     STALE_OR_UNROUTABLE_IP = 151
     SERVICE_BACKEND_NOT_FOUND = 158
     NO_MAPPING_FOR_NAT_MASQUERADE = 167
+    DENIED_BY_LB_SRC_RANGE_CHECK = 177
     POLICY_DENY = 181
 
     @property
@@ -94,6 +95,7 @@ _DROP_TEXT = {
     DropReason.STALE_OR_UNROUTABLE_IP: "Stale or unroutable IP",
     DropReason.SERVICE_BACKEND_NOT_FOUND: "Service backend not found",
     DropReason.NO_MAPPING_FOR_NAT_MASQUERADE: "No mapping for NAT masquerade",
+    DropReason.DENIED_BY_LB_SRC_RANGE_CHECK: "Denied by LB src range check",
     DropReason.POLICY_DENY: "Policy denied by denylist",
 }
 
@@ -227,5 +229,9 @@ TRACE_FIRST_REPLY = FlowCode(EventKind.TRACE, CodeVerdict.FORWARDED, TraceReason
 RULE_NO_SERVICE_BACKEND = 30
 DROP_NO_SERVICE_BACKEND = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.SERVICE_BACKEND_NOT_FOUND,
                                    RULE_NO_SERVICE_BACKEND)
+#: A LoadBalancer frontend reached from a source loadBalancerSourceRanges does not allow.
+RULE_LB_SOURCE_RANGE = 31
+DROP_LB_SOURCE_RANGE = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.DENIED_BY_LB_SRC_RANGE_CHECK,
+                                RULE_LB_SOURCE_RANGE)
 DROP_SPOOFED_SOURCE = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.INVALID_SOURCE_IP, RULE_SPOOFED_SOURCE)
 DROP_IPV6 = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.UNSUPPORTED_L3_PROTOCOL, RULE_IPV6)

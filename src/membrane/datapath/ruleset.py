@@ -95,6 +95,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
 from membrane.datapath.flowcodes import (
     DROP_IPV6,
+    DROP_LB_SOURCE_RANGE,
     DROP_NO_SERVICE_BACKEND,
     DROP_SPOOFED_SOURCE,
     TRACE_FIRST_REPLY,
@@ -635,8 +636,10 @@ def policy_enforcement(desired: DesiredDatapath) -> Section:
 
 def load_balancing(desired: DesiredDatapath, services: ServiceDatapath) -> Section:
     """Service frontends, DNAT to backends, refusal without backends (:mod:`membrane.datapath.services`)."""
-    log = desired.flow_log.statement(DROP_NO_SERVICE_BACKEND) if desired.flow_log is not None else ""
-    dispatch, chains, sets, maps = service_section(services, log)
+    flow_log = desired.flow_log
+    refused = flow_log.statement(DROP_NO_SERVICE_BACKEND) if flow_log is not None else ""
+    denied = flow_log.statement(DROP_LB_SOURCE_RANGE) if flow_log is not None else ""
+    dispatch, chains, sets, maps = service_section(services, refused, denied)
     return Section(dispatch=tuple(dispatch), chains=tuple(chains), sets=tuple(sets), maps=tuple(maps))
 
 

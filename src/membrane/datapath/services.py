@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, collapse_addresses
 
 from membrane.core.config import ClusterConfig
 from membrane.datapath.nft.objects import Chain, Key, Map, Rule, Set, key
@@ -154,12 +154,32 @@ def _proto_token(frontend: Frontend) -> str:
     return _PROTO[frontend.address.protocol]
 
 
-def service_section(desired: ServiceDatapath, log_refused: str) -> tuple[
+def _source_check(name: str, frontend: Frontend, log_denied: str, parts: _Parts) -> list[Rule]:
+    """loadBalancerSourceRanges: outside clients (not this node's pods) outside the allow-list,
+    or inside the deny-list, are dropped before any backend is chosen."""
+    ranges = frontend.source_ranges
+    if ranges is None:
+        return []
+    drop = f"counter {log_denied} drop".replace("  ", " ")
+    outside = 'iifname != "lxc*"'
+    if not ranges:
+        return [Rule(f"{outside} {drop}", comment="loadBalancerSourceRanges: no IPv4 client allowed")]
+    set_name = f"{name}_src"
+    parts.sets.append(Set(name=set_name, type=("ipv4_addr",), flags=("interval",),
+                          comment=f"loadBalancerSourceRanges of {frontend.name}",
+                          elements=frozenset(key(n) for n in collapse_addresses(ranges))))
+    if frontend.source_ranges_deny:
+        return [Rule(f"{outside} ip saddr @{set_name} {drop}", comment="loadBalancerSourceRanges (deny-list)")]
+    return [Rule(f"{outside} ip saddr != @{set_name} {drop}", comment="loadBalancerSourceRanges")]
+
+
+def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str = "") -> tuple[
         list[tuple[str, Rule]], list[Chain], list[Set], list[Map]]:
     """(dispatch rules by base chain name, chains, sets, maps) of the service section. The base
     chain names are the caller's (``membrane.datapath.ruleset``): ``nat_prerouting``,
     ``nat_output``, ``refuse_prerouting``, ``refuse_output``, ``nat_postrouting``. ``no_backend`` is the
-    log statement of a refused connection ("" without flow logging)."""
+    log statement of a refused connection, ``log_denied`` of one loadBalancerSourceRanges drops
+    ("" without flow logging)."""
     parts = _Parts()
     services: list[tuple[Key, str]] = []
     nodeports: list[tuple[Key, str]] = []
@@ -177,7 +197,7 @@ def service_section(desired: ServiceDatapath, log_refused: str) -> tuple[
                 refuse.add(key(addr.address, proto, addr.port))
         if not frontend.selected and not frontend.internal:
             continue
-        rules: list[Rule] = []
+        rules: list[Rule] = _source_check(name, frontend, log_denied, parts)
         if frontend.internal:
             inner = f"{name}_in"
             parts.chains.append(Chain(name=inner, comment=f"{frontend.name} from this node's pods: every backend",

@@ -14,7 +14,7 @@ Primitives: :class:`L4Addr`, :class:`Backend`, :class:`Frontend`, :class:`Backen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Literal
 
 FrontendType = Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalIP"]
@@ -80,6 +80,11 @@ class Frontend:
     affinity_timeout: int = 0  # seconds; 0 = no session affinity
     external_local: bool = False  # externalTrafficPolicy Local: the client address is kept
     internal_local: bool = False  # internalTrafficPolicy Local
+    #: loadBalancerSourceRanges of a LoadBalancer frontend: the outside clients allowed (or, with
+    #: ``source_ranges_deny``, refused); this node's pods are never checked. None: no check; an
+    #: allow-list of IPv6 ranges only is () (no IPv4 client allowed: fail closed).
+    source_ranges: tuple[IPv4Network, ...] | None = None
+    source_ranges_deny: bool = False
 
     @property
     def name(self) -> str:

@@ -13,6 +13,9 @@ The rules are Kubernetes' (kube-proxy's ``CategorizeEndpoints``) and Cilium's:
   ``externalTrafficPolicy: Local`` limits the node port, LoadBalancer and external IP frontends to
   this node's backends for clients outside the cluster, while this node's pods still reach every
   backend through them (Cilium's behaviour); with none local, outside clients are refused;
+- ``loadBalancerSourceRanges`` limits the outside clients of the LoadBalancer frontends (a
+  deny-list with ``service.cilium.io/src-ranges-policy: deny``); pods are not checked, as in Cilium;
+- a service labelled ``service.kubernetes.io/service-proxy-name`` belongs to another proxy;
 - the annotation ``service.cilium.io/lb-algorithm`` (``random`` or ``maglev``) overrides the cluster's
   default algorithm; ``sessionAffinity: ClientIP`` keeps a client on its backend for the timeout.
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
 from membrane.api import k8s
 from membrane.loadbalancer.model import (
@@ -42,6 +45,10 @@ from membrane.loadbalancer.model import (
 )
 
 LB_ALGORITHM_ANNOTATION = "service.cilium.io/lb-algorithm"
+#: ``deny`` turns loadBalancerSourceRanges into a deny-list (Cilium's annotation).
+SOURCE_RANGES_POLICY_ANNOTATION = "service.cilium.io/src-ranges-policy"
+#: A service carrying this label is left to the proxy it names (Kubernetes' convention).
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,14 @@ def _ipv4(text: str | None) -> IPv4Address | None:
     return address if isinstance(address, IPv4Address) else None
 
 
+def _ipv4_network(text: str) -> IPv4Network | None:
+    try:
+        network = ip_network(text.strip(), strict=False)
+    except ValueError:
+        return None
+    return network if isinstance(network, IPv4Network) else None
+
+
 def _choose(backends: Sequence[Backend]) -> tuple[Backend, ...]:
     """Active backends; terminating ones only when none is active."""
     active = tuple(b for b in backends if b.state == "active")
@@ -105,6 +120,8 @@ def service_frontends(
     cluster_ip = _ipv4(spec.clusterIP)
     if spec.type == "ExternalName" or spec.is_headless or cluster_ip is None:
         return []
+    if SERVICE_PROXY_NAME_LABEL in service.labels:
+        return []
     ref: ServiceRef = (service.namespace or "default", service.name)
     algorithm = _algorithm(service, settings.algorithm)
     timeout = 0
@@ -116,6 +133,10 @@ def service_frontends(
     external_ips = [a for a in (_ipv4(ip) for ip in spec.externalIPs or ()) if a is not None]
     ingress_ips = [a for a in (_ipv4(ip) for ip in service.ingress_ips) if a is not None] \
         if spec.type == "LoadBalancer" else []
+    ranges = tuple(n for n in (_ipv4_network(c) for c in spec.loadBalancerSourceRanges or ()) if n is not None) \
+        if spec.loadBalancerSourceRanges else None
+    annotations = service.metadata.annotations or {}
+    ranges_deny = annotations.get(SOURCE_RANGES_POLICY_ANNOTATION) == "deny"
     out: list[tuple[FrontendType, Frontend]] = []
     for port in spec.ports or ():
         name = port.name or ""
@@ -145,6 +166,8 @@ def service_frontends(
                 backends=backends, selected=selected, internal=internal if internal != selected else None,
                 algorithm=algorithm, affinity_timeout=timeout, external_local=external_local and kind != "ClusterIP",
                 internal_local=internal_local,
+                source_ranges=ranges if kind == "LoadBalancer" else None,
+                source_ranges_deny=ranges_deny and kind == "LoadBalancer",
             )))
     return out
 
