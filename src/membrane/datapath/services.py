@@ -31,7 +31,7 @@ Primitives: :class:`ServiceDatapath`, :func:`service_section`, :func:`frontend_c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address
@@ -74,15 +74,50 @@ def _maglev_table(backends: tuple[str, ...], size: int, seed: MaglevSeed) -> tup
     return lookup_table(backends, seed=seed, table_size=size)
 
 
+class ServiceRenderer:
+    """Keeps each frontend's rendered chains, sets and maps between passes: they are a pure function
+    of the frontend row (and the Maglev settings), and rows are immutable, so an unchanged frontend
+    (the same object) is not rendered again; neither is an unchanged ``services`` map (sorting its
+    elements costs more than rendering one chain)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, tuple[Frontend, MaglevSettings | None, _Parts, list[Rule]]] = {}
+        self._maps: dict[str, Map] = {}
+
+    def selection(self, frontend: Frontend, maglev: MaglevSettings | None,
+                  render: Callable[[_Parts], list[Rule]]) -> tuple[_Parts, list[Rule]]:
+        cached = self._parts.get(id(frontend))
+        if cached is not None and cached[0] is frontend and cached[1] == maglev:
+            return cached[2], cached[3]
+        parts = _Parts()
+        rules = render(parts)
+        self._parts[id(frontend)] = (frontend, maglev, parts, rules)
+        return parts, rules
+
+    def forget_except(self, frontends: Sequence[Frontend]) -> None:
+        keep = {id(f) for f in frontends}
+        self._parts = {k: v for k, v in self._parts.items() if k in keep}
+
+    def map(self, wanted: Map) -> Map:
+        """``wanted``, or the equal map built last time (the same object: cheap to compare later)."""
+        before = self._maps.get(wanted.name)
+        if before is not None and before == wanted:
+            return before
+        self._maps[wanted.name] = wanted
+        return wanted
+
+
 @dataclass(frozen=True)
 class ServiceDatapath:
-    """What the service section is rendered from."""
+    """What the service section is rendered from. ``renderer`` (not compared) caches what unchanged
+    frontends rendered to in an earlier pass."""
 
     frontends: tuple[Frontend, ...]
     node_address: IPv4Address
     gateway: IPv4Address
     local_pods: frozenset[IPv4Address] = frozenset()
     maglev: MaglevSettings | None = None
+    renderer: ServiceRenderer | None = field(default=None, compare=False)
 
 
 def maglev_settings(config: ClusterConfig) -> MaglevSettings:
@@ -177,26 +212,41 @@ def service_section(desired: ServiceDatapath, log_refused: str) -> tuple[
                 refuse.add(key(addr.address, proto, addr.port))
         if not frontend.selected and not frontend.internal:
             continue
-        rules: list[Rule] = []
-        if frontend.internal:
-            inner = f"{name}_in"
-            parts.chains.append(Chain(name=inner, comment=f"{frontend.name} from this node's pods: every backend",
-                                      rules=tuple(_selection(inner, frontend, frontend.internal, desired.maglev,
-                                                             parts))))
-            rules.append(Rule(f'iifname "lxc*" goto {inner}', comment="this node's pods"))
-        rules += _selection(name, frontend, frontend.selected, desired.maglev, parts)
-        parts.chains.append(Chain(name=name, comment=f"{frontend.type} {addr} of {frontend.name}",
-                                  rules=tuple(rules)))
+
+        def render(own: _Parts, frontend: Frontend = frontend, name: str = name) -> list[Rule]:
+            rules: list[Rule] = []
+            if frontend.internal:
+                inner = f"{name}_in"
+                own.chains.append(Chain(name=inner, comment=f"{frontend.name} from this node's pods: every backend",
+                                        rules=tuple(_selection(inner, frontend, frontend.internal, desired.maglev,
+                                                               own))))
+                rules.append(Rule(f'iifname "lxc*" goto {inner}', comment="this node's pods"))
+            rules += _selection(name, frontend, frontend.selected, desired.maglev, own)
+            own.chains.append(Chain(name=name, comment=f"{frontend.type} {frontend.address} of {frontend.name}",
+                                    rules=tuple(rules)))
+            return rules
+
+        if desired.renderer is not None:
+            own, _ = desired.renderer.selection(frontend, desired.maglev, render)
+        else:
+            own = _Parts()
+            render(own)
+        parts.chains += own.chains
+        parts.sets += own.sets
+        parts.maps += own.maps
         if is_nodeport:
             nodeports.append((key(proto, addr.port), f"goto {name}"))
         else:
             services.append((key(addr.address, proto, addr.port), f"goto {name}"))
-    parts.maps += [
+    if desired.renderer is not None:
+        desired.renderer.forget_except(desired.frontends)
+    keep = desired.renderer.map if desired.renderer is not None else (lambda m: m)
+    parts.maps += [keep(m) for m in (
         Map(name=SERVICES, type=("ipv4_addr", "inet_proto", "inet_service"), value_type="verdict",
             comment="frontends: address . protocol . port -> the service's chain", elements=tuple(services)),
         Map(name=NODEPORTS, type=("inet_proto", "inet_service"), value_type="verdict",
             comment="node ports (on every address of this node) -> the service's chain", elements=tuple(nodeports)),
-    ]
+    )]
     parts.sets += [
         Set(name=SVC_REFUSE, type=("ipv4_addr", "inet_proto", "inet_service"),
             comment="frontends without a backend for this client: refused at once", elements=frozenset(refuse)),
