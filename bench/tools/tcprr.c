@@ -11,7 +11,9 @@
  *
  * The request byte tells the server which: 'r' keeps the connection, 'c' closes it after the
  * answer. The server serves one connection at a time (one client per measurement).
- * Output: {"mode": "rr", "transactions": N, "seconds": S, "tps": N/S}
+ * Output: {"mode": "rr", "transactions": N, "seconds": S, "tps": N/S, "p50_us": .., "p99_us": ..}
+ * (p50/p99: latency of one transaction, connection setup and close included in crr, from a
+ * histogram of 1 us buckets; anything slower than HIST_US counts as HIST_US).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -25,6 +27,25 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#define HIST_US 100000
+static long hist[HIST_US + 1];
+
+static void record(double seconds) {
+    long us = (long)(seconds * 1e6);
+    hist[us < 0 ? 0 : (us > HIST_US ? HIST_US : us)]++;
+}
+
+/* Nearest-rank percentile of the recorded transactions, in microseconds. */
+static long percentile_us(long total, double q) {
+    long rank = (long)(q / 100.0 * (double)total + 0.999999), seen = 0;
+    if (rank < 1) rank = 1;
+    for (long us = 0; us <= HIST_US; us++) {
+        seen += hist[us];
+        if (seen >= rank) return us;
+    }
+    return HIST_US;
+}
 
 static double now(void) {
     struct timespec ts;
@@ -123,7 +144,9 @@ static int client(const char *ip, int port, const char *mode, double seconds) {
             if (read_byte(fd, &c) != 0) die("waiting for the server's close");
             close(fd);
             transactions++;
-            t = now();
+            double done = now();
+            record(done - t);
+            t = done;
         }
     } else {
         int fd = connect_to(&sa);
@@ -131,13 +154,16 @@ static int client(const char *ip, int port, const char *mode, double seconds) {
             if (write_byte(fd, 'r') < 0) die("write");
             if (read_byte(fd, &c) != 1) die("read");
             transactions++;
-            t = now();
+            double done = now();
+            record(done - t);
+            t = done;
         }
         close(fd);
     }
     double elapsed = t - start;
-    printf("{\"mode\": \"%s\", \"transactions\": %ld, \"seconds\": %.6f, \"tps\": %.1f}\n", mode, transactions,
-           elapsed, (double)transactions / elapsed);
+    printf("{\"mode\": \"%s\", \"transactions\": %ld, \"seconds\": %.6f, \"tps\": %.1f, \"p50_us\": %ld, "
+           "\"p99_us\": %ld}\n", mode, transactions, elapsed, (double)transactions / elapsed,
+           percentile_us(transactions, 50), percentile_us(transactions, 99));
     return 0;
 }
 

@@ -76,24 +76,33 @@ def test_frontends_lead_to_their_chain_and_frontends_without_backends_are_refuse
 
 
 def test_random_selection_picks_among_the_selected_backends_only() -> None:
-    (rule,) = ruleset(*FRONTENDS).get_chain("svc_1").rules
-    # The terminating backend B3 is listed by the frontend but takes no new connection.
-    assert rule.text == ("meta l4proto tcp dnat ip to numgen random mod 2 map "
-                         "{ 0 : 10.244.0.5 . 8080, 1 : 10.244.1.5 . 8080 }")
+    rules = [r.text for r in ruleset(*FRONTENDS).get_chain("svc_1").rules]
+    # The terminating backend B3 is listed by the frontend but takes no new connection; the first
+    # rule takes half the connections, the second the rest.
+    assert rules == ["numgen random mod 2 0 meta l4proto tcp dnat ip to 10.244.0.5:8080",
+                     "meta l4proto tcp dnat ip to 10.244.1.5:8080"]
+
+
+def test_a_random_choice_among_many_backends_is_one_map_lookup() -> None:
+    many = tuple(Backend(A(f"10.244.9.{i}"), 80, "node2") for i in range(1, 41))
+    rules = ruleset(frontend(1, "10.96.0.10", backends=many, selected=many))
+    (rule,) = rules.get_chain("svc_1").rules
+    assert rule.text == "meta l4proto tcp dnat ip to numgen random mod 40 map @svc_1_be"
+    assert len(rules.get_map("svc_1_be").elements) == 40
 
 
 def test_external_traffic_policy_local_sends_this_nodes_pods_to_every_backend() -> None:
     rules = ruleset(*FRONTENDS)
     outer = [r.text for r in rules.get_chain("svc_2").rules]
     assert outer == ['iifname "lxc*" goto svc_2_in', "meta l4proto tcp dnat ip to 10.244.0.5:8080"]
-    assert "numgen random mod 2" in rules.get_chain("svc_2_in").rules[0].text
+    assert rules.get_chain("svc_2_in").rules[0].text.startswith("numgen random mod 2 0 ")
 
 
 def test_session_affinity_remembers_each_client_in_a_set_the_kernel_fills() -> None:
     rules = ruleset(*FRONTENDS)
     texts = [r.text for r in rules.get_chain("svc_3").rules]
     assert texts[0].startswith("ip saddr @svc_3_a") and " goto svc_3_b" in texts[0]
-    assert texts[-1].startswith("numgen random mod 2 vmap")
+    assert texts[-2].startswith("numgen random mod 2 0 goto svc_3_b") and texts[-1].startswith("goto svc_3_b")
     affinity = [s for s in rules.sets if s.name.startswith("svc_3_a")]
     assert len(affinity) == 2 and all(s.flags == ("dynamic", "timeout") and not s.elements for s in affinity)
     backend_chain = rules.get_chain(texts[0].split("goto ")[1])

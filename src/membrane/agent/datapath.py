@@ -48,7 +48,7 @@ from membrane.datapath.ruleset import (
     PolicyDatapath,
     build_ruleset,
 )
-from membrane.datapath.services import ServiceDatapath, maglev_settings
+from membrane.datapath.services import ServiceDatapath, ServiceRenderer, maglev_settings
 from membrane.loadbalancer.model import Frontend
 
 NftKind = str  # "chain" | "set" | "map"
@@ -136,6 +136,7 @@ class DatapathController:
         self.flow_log = flow_log
         self._writer = nft.writer("datapath controller")
         self._renderer = PolicyRenderer()
+        self._service_renderer = ServiceRenderer()  # unchanged frontends are not rendered again
         #: (nft table revision, local_endpoints revision, store revisions) of each computation.
         self.computed: list[tuple[int, int, tuple[tuple[str, int], ...]]] = []
         #: Set after the next computation.
@@ -154,7 +155,8 @@ class DatapathController:
         settings = self.cluster.snapshot().get("cluster") if self.cluster is not None else None
         return ServiceDatapath(frontends, self.services.node_address, self.services.gateway,
                                frozenset(e.ipv4 for e in endpoints),
-                               maglev_settings(settings.config if settings is not None else ClusterConfig()))
+                               maglev_settings(settings.config if settings is not None else ClusterConfig()),
+                               self._service_renderer)
 
     def compute(self) -> bool:
         """Write the desired nft objects; False when it waited for the policy controller instead."""

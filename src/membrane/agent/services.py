@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
@@ -29,8 +30,8 @@ from membrane.api.podrow import PodRow
 from membrane.core.modules import Controller, Module
 from membrane.core.statedb import StateDB, Table
 from membrane.loadbalancer.endpointslices import derive_endpoint_slices, slice_backends
-from membrane.loadbalancer.model import BackendCandidate, Frontend, ServiceRef
-from membrane.loadbalancer.services import FrontendIds, LoadBalancerSettings, compute_frontends
+from membrane.loadbalancer.model import BackendCandidate, Frontend, FrontendType, L4Addr, ServiceRef
+from membrane.loadbalancer.services import FrontendIds, LoadBalancerSettings, service_frontends
 
 #: A burst of pod changes (a rollout) lands in one computation.
 DEBOUNCE = 0.02
@@ -48,7 +49,13 @@ def _candidates(service: k8s.Service, slices: Iterable[k8s.EndpointSlice]) -> li
 
 
 class ServicesController:
-    """Computes the ``frontends`` table (pure: reads tables, writes one)."""
+    """Computes the ``frontends`` table (pure: reads tables, writes one).
+
+    Incremental: a service's frontends are recomputed only when what they are derived from changed
+    (the Service object itself; for a selector service its namespace's pods and their ready
+    addresses, for the others the slices naming it). Rows are immutable and replaced on change,
+    so "changed" is an identity test, and an unchanged service's frontends are the very objects
+    of the previous pass (the datapath controller's per-frontend cache relies on that)."""
 
     def __init__(self, intent: IntentTables, frontends: Table[Frontend], node: str) -> None:
         self.intent = intent
@@ -56,6 +63,10 @@ class ServicesController:
         self.node = node
         self._writer = frontends.writer("services controller")
         self._ids = FrontendIds()
+        # ref -> (inputs, frontends of that service, unnumbered)
+        self._per_service: dict[ServiceRef, tuple[tuple[object, ...], list[tuple[FrontendType, Frontend]]]] = {}
+        self._settings: LoadBalancerSettings | None = None
+        self._numbered: dict[int, tuple[Frontend, Frontend]] = {}  # id(unnumbered) -> (it, numbered row)
 
     def _ready_addresses(self) -> dict[tuple[str, str], str]:
         """(namespace, pod) → address of its ready endpoint."""
@@ -63,35 +74,80 @@ class ServicesController:
 
     def compute(self) -> None:
         intent = self.intent
-        services = [s for s in intent.services.snapshot() if s.spec.type != "ExternalName"]
+        settings_row = intent.settings()
+        algorithm = settings_row.config.loadBalancerAlgorithm if settings_row is not None else "random"
+        settings = LoadBalancerSettings(self.node, algorithm)
+        if settings != self._settings:
+            self._per_service.clear()
+            self._settings = settings
+        services = sorted((s for s in intent.services.snapshot() if s.spec.type != "ExternalName"),
+                          key=lambda s: (s.namespace or "default", s.name))
         user_slices: dict[ServiceRef, list[k8s.EndpointSlice]] = defaultdict(list)
         for eps in intent.endpointslices.snapshot():
             owner = (eps.metadata.labels or {}).get(k8s.SERVICE_NAME_LABEL)
             if owner:
                 user_slices[(eps.namespace or "default", owner)].append(eps)
-        candidates: dict[ServiceRef, Sequence[BackendCandidate]] = {}
-        selector_services = [s for s in services if s.spec.selector]
-        if selector_services:
+        pods_by_namespace: dict[str, tuple[PodRow, ...]] = {}
+        addresses_by_namespace: dict[str, tuple[str | None, ...]] = {}
+        ready: dict[tuple[str, str], str] = {}
+        if any(s.spec.selector for s in services):
             ready = self._ready_addresses()
-            by_namespace: dict[str, list[PodRow]] = defaultdict(list)
+            grouped: dict[str, list[PodRow]] = defaultdict(list)
             for pod in intent.pods.snapshot():
-                by_namespace[pod.namespace].append(pod)
+                grouped[pod.namespace].append(pod)
+            for namespace, pods in grouped.items():
+                pods_by_namespace[namespace] = tuple(pods)
+                addresses_by_namespace[namespace] = tuple(ready.get((namespace, p.name)) for p in pods)
 
-            def address_of(pod: PodRow) -> str | None:
-                return ready.get((pod.namespace, pod.name))
+        def address_of(pod: PodRow) -> str | None:
+            return ready.get((pod.namespace, pod.name))
 
-            for service in selector_services:
-                namespace = service.namespace or "default"
-                slices = derive_endpoint_slices(service, by_namespace.get(namespace, ()), address_of)
-                candidates[(namespace, service.name)] = _candidates(service, slices)
+        previous, self._per_service = self._per_service, {}
+        claimed: dict[L4Addr, tuple[FrontendType, Frontend]] = {}
         for service in services:
-            ref = (service.namespace or "default", service.name)
-            if not service.spec.selector:
-                candidates[ref] = _candidates(service, user_slices.get(ref, ()))
-        settings = intent.settings()
-        algorithm = settings.config.loadBalancerAlgorithm if settings is not None else "random"
-        rows = compute_frontends(services, candidates, LoadBalancerSettings(self.node, algorithm), self._ids)
-        self._writer.replace_all(rows)
+            namespace = service.namespace or "default"
+            ref = (namespace, service.name)
+            own = tuple(sorted(user_slices.get(ref, ()), key=lambda e: e.name))
+            if service.spec.selector:
+                inputs: tuple[object, ...] = (service, pods_by_namespace.get(namespace, ()),
+                                              addresses_by_namespace.get(namespace, ()))
+            else:
+                inputs = (service, own)
+            cached = previous.get(ref)
+            if cached is not None and cached[0] == inputs:
+                result = cached[1]
+            else:
+                slices = derive_endpoint_slices(service, pods_by_namespace.get(namespace, ()), address_of) \
+                    if service.spec.selector else own
+                result = service_frontends(service, _candidates(service, slices), settings)
+            self._per_service[ref] = (inputs, result)
+            for kind, frontend in result:
+                claimed.setdefault(frontend.address, (kind, frontend))
+        numbers = self._ids.assign((addr, kind) for addr, (kind, _) in claimed.items())
+        numbered: dict[int, tuple[Frontend, Frontend]] = {}
+        rows: list[Frontend] = []
+        for addr, (kind, frontend) in claimed.items():
+            number = numbers[(addr, kind)]
+            memo = self._numbered.get(id(frontend))
+            # The same unnumbered object with the same id: the same row as before.
+            row = memo[1] if memo is not None and memo[0] is frontend and memo[1].id == number \
+                else replace(frontend, id=number)
+            numbered[id(frontend)] = (frontend, row)
+            rows.append(row)
+        self._numbered = numbered
+        self._write(rows)
+
+    def _write(self, rows: Sequence[Frontend]) -> None:
+        """Upsert the rows that are not the very objects the table holds; delete the rest."""
+        current = self.frontends.snapshot()
+        wanted = {row.address: row for row in rows}
+        with self._writer.txn() as txn:
+            for address, row in wanted.items():
+                if current.get(address) is not row:
+                    txn.upsert(row)
+            for key in current.primary_keys():
+                if key not in wanted:
+                    txn.delete(key)
 
 
 def services_module(db: StateDB, intent: IntentTables, node: str) -> tuple[Module, Table[Frontend]]:

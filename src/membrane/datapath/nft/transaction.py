@@ -29,7 +29,7 @@ nf_tables commits it whole or not at all); and the planners :func:`full_sync`, :
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from membrane.datapath.nft.objects import (
@@ -211,8 +211,9 @@ def state_of(applied: Ruleset, desired: Ruleset) -> TableState:
     return TableState(chains, sets)
 
 
-def _jumps_to(value: str | None, chains: Iterable[str]) -> bool:
-    return value is not None and bool(referenced_chains(value) & set(chains))
+def _jumps_to(value: str | None, chains: frozenset[str]) -> bool:
+    # Most passes re-create no chain: then no verdict of any map needs parsing.
+    return bool(chains) and value is not None and bool(referenced_chains(value) & chains)
 
 
 def _element_ops(
@@ -269,7 +270,8 @@ def plan_changes(current: TableState, desired: Ruleset) -> Transaction | None:
     referrers = [
         c
         for c in desired.chains
-        if c.name in current.chains
+        if (recreated_chain_names or recreated_data_names)  # else no rule needs parsing
+        and c.name in current.chains
         and c.name not in touched
         and any(
             referenced_chains(r.text) & recreated_chain_names or referenced_sets(r.text) & recreated_data_names
