@@ -138,7 +138,7 @@ def test_maglev_maps_hold_every_slot_and_the_rule_hashes_the_flow() -> None:
 def test_source_ranges_drop_outside_clients_not_listed() -> None:
     rules = ruleset(*FRONTENDS)
     first = rules.get_chain("svc_6").rules[0].text
-    assert first.startswith('iifname != "lxc*" ip saddr != @svc_6_src counter log prefix "mb:d:D:177:31"')
+    assert first.startswith('iifname != "lxc*" ip saddr != @svc_6_src counter log prefix "mb:d:D:177:32"')
     assert rules.get_set("svc_6_src").elements == {("192.168.0.0/24",)}
     deny = ruleset(replace(FRONTENDS[5], source_ranges_deny=True)).get_chain("svc_6").rules[0].text
     assert deny.startswith('iifname != "lxc*" ip saddr @svc_6_src ')

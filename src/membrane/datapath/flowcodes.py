@@ -230,7 +230,7 @@ RULE_NO_SERVICE_BACKEND = 30
 DROP_NO_SERVICE_BACKEND = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.SERVICE_BACKEND_NOT_FOUND,
                                    RULE_NO_SERVICE_BACKEND)
 #: A LoadBalancer frontend reached from a source loadBalancerSourceRanges does not allow.
-RULE_LB_SOURCE_RANGE = 31
+RULE_LB_SOURCE_RANGE = 32
 DROP_LB_SOURCE_RANGE = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.DENIED_BY_LB_SRC_RANGE_CHECK,
                                 RULE_LB_SOURCE_RANGE)
 DROP_SPOOFED_SOURCE = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.INVALID_SOURCE_IP, RULE_SPOOFED_SOURCE)
