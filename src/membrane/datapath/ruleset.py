@@ -99,6 +99,7 @@ from membrane.datapath.flowcodes import (
     DROP_SPOOFED_SOURCE,
     TRACE_FIRST_REPLY,
     TRACE_NEW,
+    TRACE_SERVICE_TRANSLATION,
     TRACE_TCP_ORIGINAL,
     TRACE_TCP_REPLY,
     CodeVerdict,  # policy enforcement
@@ -636,7 +637,8 @@ def policy_enforcement(desired: DesiredDatapath) -> Section:
 def load_balancing(desired: DesiredDatapath, services: ServiceDatapath) -> Section:
     """Service frontends, DNAT to backends, refusal without backends (:mod:`membrane.datapath.services`)."""
     log = desired.flow_log.statement(DROP_NO_SERVICE_BACKEND) if desired.flow_log is not None else ""
-    dispatch, chains, sets, maps = service_section(services, log)
+    translation = desired.flow_log.statement(TRACE_SERVICE_TRANSLATION) if desired.flow_log is not None else ""
+    dispatch, chains, sets, maps = service_section(services, log, translation)
     return Section(dispatch=tuple(dispatch), chains=tuple(chains), sets=tuple(sets), maps=tuple(maps))
 
 

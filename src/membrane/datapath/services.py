@@ -7,6 +7,7 @@ frontend's chain, and the chain holds a fixed number of rules however many servi
         ip daddr . l4proto . th dport vmap @services        → goto svc_<id>   (ClusterIP, LB, external IPs)
         fib daddr type local l4proto . th dport vmap @nodeports → goto svc_<id>   (node ports)
     svc_<id>
+        [log prefix "mb:x:T:0:31"]              flow logging: the frontend, before DNAT (first packet only)
         [iifname "lxc*" goto svc_<id>_in]       externalTrafficPolicy Local: this node's pods use every backend
         [ip saddr @svc_<id>_a<backend> goto svc_<id>_b<backend>  ...]   session affinity: back to the same backend
         dnat ip to numgen random mod N map { i : backend_i }                      random (the default)
@@ -154,12 +155,14 @@ def _proto_token(frontend: Frontend) -> str:
     return _PROTO[frontend.address.protocol]
 
 
-def service_section(desired: ServiceDatapath, log_refused: str) -> tuple[
+def service_section(desired: ServiceDatapath, log_refused: str, log_translation: str = "") -> tuple[
         list[tuple[str, Rule]], list[Chain], list[Set], list[Map]]:
     """(dispatch rules by base chain name, chains, sets, maps) of the service section. The base
     chain names are the caller's (``membrane.datapath.ruleset``): ``nat_prerouting``,
     ``nat_output``, ``refuse_prerouting``, ``refuse_output``, ``nat_postrouting``. ``no_backend`` is the
-    log statement of a refused connection ("" without flow logging)."""
+    log statement of a refused connection ("" without flow logging); ``log_translation`` the one
+    that reports a connection's frontend before DNAT (NFLOG cannot carry conntrack's original
+    tuple here, so the observer pairs this event with the translated packet's)."""
     parts = _Parts()
     services: list[tuple[Key, str]] = []
     nodeports: list[tuple[Key, str]] = []
@@ -177,7 +180,7 @@ def service_section(desired: ServiceDatapath, log_refused: str) -> tuple[
                 refuse.add(key(addr.address, proto, addr.port))
         if not frontend.selected and not frontend.internal:
             continue
-        rules: list[Rule] = []
+        rules: list[Rule] = [Rule(log_translation, comment="the frontend, before DNAT")] if log_translation else []
         if frontend.internal:
             inner = f"{name}_in"
             parts.chains.append(Chain(name=inner, comment=f"{frontend.name} from this node's pods: every backend",
