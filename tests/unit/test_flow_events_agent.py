@@ -15,11 +15,12 @@ from membrane.agent.observer import AgentObserver, ObserverSettings
 from membrane.api.cilium import CiliumNode
 from membrane.api.endpoint import EndpointRecord
 from membrane.core.lifecycle import Lifecycle
-from membrane.core.statedb import StateDB
-from membrane.datapath.flowcodes import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_TCP_REPLY
+from membrane.core.statedb import StateDB, Table
+from membrane.datapath.flowcodes import DROP_SPOOFED_SOURCE, TRACE_NEW, TRACE_SERVICE_TRANSLATION, TRACE_TCP_REPLY
 from membrane.datapath.ruleset import FlowLog
+from membrane.loadbalancer.model import Backend, Frontend, L4Addr
 from membrane.observe.client import ObserverClient
-from membrane.observe.model import PERF_EVENT_RING_BUFFER, GetFlowsRequest
+from membrane.observe.model import PERF_EVENT_RING_BUFFER, FlowFilter, GetFlowsRequest
 from membrane.observe.nflog import (
     HOOK_FORWARD,
     HOOK_PREROUTING,
@@ -161,3 +162,36 @@ def test_the_enrichment_index_follows_changes_like_a_full_rebuild() -> None:
         assert dict(got.by_ip) == dict(want.by_ip) and dict(got.local_by_ifindex) == dict(want.local_by_ifindex)
     assert "10.0.2.5" not in got.by_ip and got.by_ip["172.31.0.9"].node == "n2"
     assert got.local_by_ifindex[7].ip == "10.0.1.6"
+
+
+async def test_flows_through_a_frontend_name_the_service_over_the_api(tmp_path: Path) -> None:
+    db = StateDB()
+    intent = IntentTables.create(db)
+    intent.endpoints.writer("test").upsert(endpoint("aaa", "client", "10.244.1.10", 1001, 7))
+    frontends: Table[Frontend] = db.table("frontends", primary=lambda f: f.address)
+    source = FakeFlowEventSource()
+    settings = ObserverSettings(listen=None, unix_socket=tmp_path / "observer.sock", metrics_listen=None)
+    agent_observer = AgentObserver(settings, node_name=NODE, endpoints=intent.endpoints, nodes=intent.nodes,
+                                   source=source, tunnel_ifindex=lambda: 0, frontends=frontends)
+    lifecycle = Lifecycle()
+    await agent_observer.start(lifecycle)
+    try:
+        backend = Backend(IPv4Address("10.244.1.11"), 80, NODE)
+        # The frontends change while the observer runs: it follows them.
+        frontends.writer("test").upsert(Frontend(1, ("default", "web"), "http", "ClusterIP",
+                                                 L4Addr(IPv4Address("10.96.0.10"), "TCP", 80), (backend,), (backend,)))
+        await async_wait_until(lambda: bool(agent_observer.services.index), what="the frontend in the observer")
+        source.push([record(TRACE_SERVICE_TRANSLATION.prefix(), "10.244.1.10", "10.96.0.10", TCP_SYN, 7, 0, 0,
+                            hook=HOOK_PREROUTING),
+                     record(TRACE_NEW.prefix(), "10.244.1.10", "10.244.1.11", TCP_SYN, 7, 9, 1),
+                     record(TRACE_NEW.prefix(), "10.244.1.10", "10.244.1.12", TCP_SYN, 7, 11, 2)])
+        await async_wait_until(lambda: len(agent_observer.ring) == 3, what="three flows in the ring")
+        assert settings.unix_socket is not None
+        async with ObserverClient(str(settings.unix_socket)) as client:
+            request = GetFlowsRequest(number=10, whitelist=[FlowFilter(destination_service=["default/web"])])
+            flows = [r.flow async for r in client.get_flows(request)]
+        assert [(f.IP.destination, f.destination_service.name) for f in flows] == [
+            ("10.96.0.10", "web"), ("10.244.1.11", "web")]
+    finally:
+        await agent_observer.close()
+        await lifecycle.stop()

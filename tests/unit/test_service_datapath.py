@@ -54,6 +54,11 @@ def ruleset(*frontends: Frontend) -> Ruleset:
     return build_ruleset(DesiredDatapath(endpoints, flow_log=FlowLog(), services=services))
 
 
+def texts(rules: Ruleset, chain: str) -> list[str]:
+    """A chain's rules without the translation event (logged first, for the flows)."""
+    return [r.text for r in rules.get_chain(chain).rules if not r.text.startswith("log prefix")]
+
+
 def test_the_service_section_renders_as_the_golden_file() -> None:
     text = render_table(ruleset(*(f for f in FRONTENDS if f.algorithm != "maglev")))
     path = GOLDEN / "services.nft"
@@ -76,7 +81,7 @@ def test_frontends_lead_to_their_chain_and_frontends_without_backends_are_refuse
 
 
 def test_random_selection_picks_among_the_selected_backends_only() -> None:
-    rules = [r.text for r in ruleset(*FRONTENDS).get_chain("svc_1").rules]
+    rules = texts(ruleset(*FRONTENDS), "svc_1")
     # The terminating backend B3 is listed by the frontend but takes no new connection; the first
     # rule takes half the connections, the second the rest.
     assert rules == ["numgen random mod 2 0 meta l4proto tcp dnat ip to 10.244.0.5:8080",
@@ -86,26 +91,25 @@ def test_random_selection_picks_among_the_selected_backends_only() -> None:
 def test_a_random_choice_among_many_backends_is_one_map_lookup() -> None:
     many = tuple(Backend(A(f"10.244.9.{i}"), 80, "node2") for i in range(1, 41))
     rules = ruleset(frontend(1, "10.96.0.10", backends=many, selected=many))
-    (rule,) = rules.get_chain("svc_1").rules
-    assert rule.text == "meta l4proto tcp dnat ip to numgen random mod 40 map @svc_1_be"
+    assert texts(rules, "svc_1") == ["meta l4proto tcp dnat ip to numgen random mod 40 map @svc_1_be"]
     assert len(rules.get_map("svc_1_be").elements) == 40
 
 
 def test_external_traffic_policy_local_sends_this_nodes_pods_to_every_backend() -> None:
     rules = ruleset(*FRONTENDS)
-    outer = [r.text for r in rules.get_chain("svc_2").rules]
+    outer = texts(rules, "svc_2")
     assert outer == ['iifname "lxc*" goto svc_2_in', "meta l4proto tcp dnat ip to 10.244.0.5:8080"]
     assert rules.get_chain("svc_2_in").rules[0].text.startswith("numgen random mod 2 0 ")
 
 
 def test_session_affinity_remembers_each_client_in_a_set_the_kernel_fills() -> None:
     rules = ruleset(*FRONTENDS)
-    texts = [r.text for r in rules.get_chain("svc_3").rules]
-    assert texts[0].startswith("ip saddr @svc_3_a") and " goto svc_3_b" in texts[0]
-    assert texts[-2].startswith("numgen random mod 2 0 goto svc_3_b") and texts[-1].startswith("goto svc_3_b")
+    found = texts(rules, "svc_3")
+    assert found[0].startswith("ip saddr @svc_3_a") and " goto svc_3_b" in found[0]
+    assert found[-2].startswith("numgen random mod 2 0 goto svc_3_b") and found[-1].startswith("goto svc_3_b")
     affinity = [s for s in rules.sets if s.name.startswith("svc_3_a")]
     assert len(affinity) == 2 and all(s.flags == ("dynamic", "timeout") and not s.elements for s in affinity)
-    backend_chain = rules.get_chain(texts[0].split("goto ")[1])
+    backend_chain = rules.get_chain(found[0].split("goto ")[1])
     assert backend_chain.rules[0].text.endswith("{ ip saddr timeout 600s }")
 
 
@@ -126,9 +130,9 @@ def test_maglev_maps_hold_every_slot_and_the_rule_hashes_the_flow() -> None:
     assert table.typeof == "numgen random mod 251 : ip daddr . tcp dport"
     mapping = table.mapping()
     assert len(mapping) == 251 and set(mapping.values()) == {"10.244.0.5 . 8080", "10.244.1.5 . 8080"}
-    (rule,) = rules.get_chain("svc_5").rules
+    (rule,) = texts(rules, "svc_5")
     seed = MAGLEV.seed.jhash_seed
-    assert rule.text == (f"dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 251 seed {seed:#x} "
+    assert rule == (f"dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 251 seed {seed:#x} "
                          "map @svc_5_mg")
     # The slot a connection hashes to names its backend, on every node alike.
     slot = maglev_slot("10.244.3.9", 40000, "10.96.0.13", 80, table_size=251, seed=seed)

@@ -7,6 +7,7 @@
                                                  MetricsServer 127.0.0.1:9965   <run-dir>/observer.sock
     intent tables: endpoints, nodes ──► EnrichmentState (updated from the rows that changed)
     PolicyController ──PolicyAttribution──► enrich(policy=…): *_allowed_by / *_denied_by
+    frontends table ──FrontendIndex──► ServiceFlows: source_service / destination_service
     FlowPublisher ──► FlowExporter (hubble.exportFilePath, rotated JSON lines) when configured
 
 The reader binds its NFLOG group before the datapath installs the log rules, so the first
@@ -49,6 +50,7 @@ from membrane.datapath.ruleset import FlowLog
 from membrane.identity.labels import parse_labels
 from membrane.identity.reserved import WORLD
 from membrane.ipam.pool import router_ip
+from membrane.loadbalancer.model import Frontend
 from membrane.observe.config import export_filters
 from membrane.observe.enrich import (
     EndpointInfo,
@@ -67,6 +69,7 @@ from membrane.observe.nflog import FlowEventSource, NflogReader, NflogRecord
 from membrane.observe.observer import FlowPublisher, NamespaceTracker
 from membrane.observe.ring import DEFAULT_CAPACITY, Ring
 from membrane.observe.server import ObserverServer
+from membrane.observe.services import FrontendIndex, ServiceFlows
 from membrane.policy import EndpointPolicy
 from membrane.policy.compiler import policy_endpoint
 from membrane.policy.mapstate import Verdict
@@ -383,8 +386,12 @@ class AgentObserver:
     def __init__(self, settings: ObserverSettings, *, node_name: str, endpoints: Table[EndpointRecord],
                  nodes: Table[CiliumNode], cluster_name: str = "default", source: FlowEventSource | None = None,
                  tunnel_ifindex: Callable[[], int] = _tunnel_ifindex, policy: PolicyLookup | None = None,
-                 cluster: Table[ClusterSettings] | None = None) -> None:
+                 cluster: Table[ClusterSettings] | None = None, frontends: Table[Frontend] | None = None) -> None:
         self.settings = settings
+        self._frontend_table = frontends
+        self._frontends_revision = -1
+        #: Which connections went through a service frontend (names flows' services).
+        self.services = ServiceFlows()
         self._cluster_table = cluster
         #: The store revision of the cluster settings this observer applied (0: none yet).
         self.applied_revision = 0
@@ -520,6 +527,7 @@ class AgentObserver:
             self.publisher.publish_lost(PERF_EVENT_RING_BUFFER, lost - self._lost_reported)
             self._lost_reported = lost
         state, publish, ids, policy = self.state, self.publisher.publish, self._ids, self.policy
+        services = self.services if self.services.index or len(self.services) else None
         for record in records:
             try:
                 flow = enrich(record, state, flow_id=ids.next(), policy=policy)
@@ -529,12 +537,16 @@ class AgentObserver:
                     log.warning("flow event not understood (is the datapath newer than this agent?): %s", exc)
                 continue
             if flow is not None:
+                if services is not None:
+                    services.annotate(record, flow)
                 publish(flow)
 
     async def _follow_state(self) -> None:
         took = 0.0
         while True:
             watches = [self._endpoint_table.snapshot().changed, self._node_table.snapshot().changed]
+            if self._frontend_table is not None:
+                watches.append(self._frontend_table.snapshot().changed)
             await wait_any(watches)
             # Rebuilding costs time proportional to the cluster: changes arriving meanwhile are
             # taken together, so it never takes more than half of the event loop.
@@ -554,9 +566,14 @@ class AgentObserver:
 
     def rebuild_state(self) -> None:
         """A new enrichment state from the intent (only the records and nodes that changed are
-        looked at again)."""
+        looked at again), and the frontends index when the frontends changed."""
         self.state = self._index.state(self._endpoint_table.snapshot(), self._node_table.snapshot(),
                                        self._tunnel_ifindex())
+        if self._frontend_table is not None:
+            frontends = self._frontend_table.snapshot()
+            if frontends.revision != self._frontends_revision:
+                self.services.index = FrontendIndex.build(frontends)
+                self._frontends_revision = frontends.revision
 
     def status(self) -> dict[str, Any]:
         """The ``Hubble:`` part of the agent status."""

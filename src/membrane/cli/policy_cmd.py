@@ -7,14 +7,16 @@ the agents have synced that revision.
 
 Primitives: :class:`StorePolicyView` and :func:`load_policy_view` (the inputs read from the store,
 compiled), :func:`imported_rules` (the rules as ``policy get`` prints them),
-:func:`format_selectors`, :func:`trace_text`, :func:`enforcement_columns` (``endpoint list``).
+:func:`format_selectors`, :func:`trace_text`, :func:`enforcement_columns` (``endpoint list``),
+:func:`load_service` and :func:`service_trace_text` (``--to service:NS/NAME``: one trace per
+backend, the backends derived from the store as the agents derive them).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -30,6 +32,7 @@ from membrane.cli.printers import format_table
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import InvalidInput, StoreError
 from membrane.identity.labels import Label, parse_labels
+from membrane.loadbalancer.endpointslices import derive_endpoint_slices, slice_backends
 from membrane.policy import (
     CIDRSelector,
     DirectionPolicy,
@@ -38,10 +41,12 @@ from membrane.policy import (
     PolicyRule,
     Selector,
     flatten_ipcache,
+    format_service_trace,
     format_trace,
     parse_port,
     resolve_peer,
     trace,
+    trace_service,
 )
 from membrane.policy.compiler import PolicyCompiler, enforcement_config, ipcache_entries, policy_endpoint
 from membrane.policy.rules import RuleOrigin
@@ -264,6 +269,73 @@ def trace_text(view: StorePolicyView, source: str, destination: str, port: str) 
     return format_trace(trace(src, dst, protocol, number))
 
 
+SERVICE_PREFIX = "service:"
+
+
+def _service_ref(text: str) -> tuple[str, str]:
+    ref = text.removeprefix(SERVICE_PREFIX)
+    namespace, _, name = ref.rpartition("/")
+    if not name:
+        raise InvalidInput([f"{text!r}: expected service:NS/NAME"])
+    return namespace or "default", name
+
+
+async def load_service(store: Store, text: str) -> tuple[k8s.Service, list[k8s.EndpointSlice]]:
+    """The Service ``service:NS/NAME`` names and the EndpointSlices users applied for it."""
+    namespace, name = _service_ref(text)
+    kv = await store.get(keys.object_key("services", namespace, name))
+    service = next((obj for _, obj in _decoded([kv] if kv is not None else [])), None)
+    if not isinstance(service, k8s.Service):
+        raise InvalidInput([f"no service {namespace}/{name} (membrane get services -n {namespace})"])
+    kvs, _ = await store.list(keys.objects_prefix("endpointslices", namespace))
+    slices = [obj for _, obj in _decoded(kvs) if isinstance(obj, k8s.EndpointSlice) and obj.service_name == name]
+    return service, slices
+
+
+def service_trace_text(view: StorePolicyView, source: str, service: k8s.Service,
+                       user_slices: Iterable[k8s.EndpointSlice], port: str) -> str:
+    """``membrane policy trace --to service:NS/NAME``: a trace to every backend of the service port
+    (``port`` is the service's port), on the backend's target port. A selector service's backends
+    are its ready pods, as the agents derive its slices; a service without a selector has the
+    slices users applied. Terminating backends are left out unless nothing else is left (a load
+    balancer sends them new connections only then)."""
+    protocol, number = parse_port(port)
+    ref = f"{service.namespace or 'default'}/{service.name}"
+    service_port = next((p for p in service.spec.ports or () if p.port == number and p.protocol == protocol), None)
+    if service_port is None:
+        known = ", ".join(f"{p.port}/{p.protocol}" for p in service.spec.ports or ()) or "none"
+        raise InvalidInput([f"service {ref} has no port {number}/{protocol} (its ports: {known})"])
+    policies = view.endpoint_policies()
+    if "/" in source and not source.replace("/", "").replace(".", "").isdigit() and source not in policies:
+        raise InvalidInput([f"no ready endpoint {source} (membrane endpoint list)"])
+    ready = {(r.namespace, r.pod): str(r.ipv4) for r in view.records if r.state == "ready"}
+    if service.spec.selector:
+        slices = derive_endpoint_slices(service, view.pods.values(),
+                                        lambda pod: ready.get((pod.namespace or "default", pod.name)))
+    else:
+        slices = list(user_slices)
+    found = slice_backends(slices, service_port.name)
+    active = [b for b in found if b.state == "active"] or found
+    addresses: dict[IPv4Address, str] = {r.ipv4: f"{r.namespace}/{r.pod}" for r in view.records if r.state == "ready"}
+    source_record = view.record(source)
+    source_node = source_record.node if source_record is not None else None
+    backends = []
+    for backend in active:
+        pod = addresses.get(IPv4Address(backend.address))
+        record = view.record(pod) if pod else None
+        # As for a trace to a pod: the ipcache of the node the ingress decision is made on.
+        intervals = view.intervals(record.node if record is not None else source_node)
+        peer = resolve_peer(backend.address, policies, intervals, addresses)
+        if pod and peer.endpoint is not None:
+            peer = replace(peer, name=pod)
+        backends.append((peer, backend.address, backend.port))
+    src = resolve_peer(source, policies, view.intervals(source_node), addresses)
+    cluster_ip = service.spec.clusterIP
+    frontend = f"{cluster_ip}:{number}/{protocol}" if cluster_ip and cluster_ip != "None" else "headless"
+    result = trace_service(ref, frontend, src, backends, protocol, number, terminating=len(found) - len(active))
+    return format_service_trace(result)
+
+
 # --- endpoint list -------------------------------------------------------------------------------------
 
 
@@ -318,8 +390,10 @@ async def policy_selectors(cli: CliContext) -> None:
 
 @policy_group.command("trace")
 @click.option("--from", "source", required=True, metavar="NS/POD|CIDR|ENTITY")
-@click.option("--to", "destination", required=True, metavar="NS/POD|CIDR|ENTITY")
-@click.option("--port", required=True, metavar="PORT/PROTO", help="e.g. 80/TCP, 53/UDP, 8/ICMP (an ICMP type).")
+@click.option("--to", "destination", required=True, metavar="NS/POD|CIDR|ENTITY|service:NS/NAME",
+              help="service:NS/NAME traces each backend of the service (policy applies after translation).")
+@click.option("--port", required=True, metavar="PORT/PROTO",
+              help="e.g. 80/TCP, 53/UDP, 8/ICMP (an ICMP type); for a service, the service's port.")
 @pass_cli
 @run_async
 async def policy_trace(cli: CliContext, source: str, destination: str, port: str) -> None:
@@ -327,9 +401,13 @@ async def policy_trace(cli: CliContext, source: str, destination: str, port: str
     store = await cli.open_store()
     try:
         view = await load_policy_view(store)
+        service = await load_service(store, destination) if destination.startswith(SERVICE_PREFIX) else None
     finally:
         await store.close()
-    click.echo(trace_text(view, source, destination, port), nl=False)
+    if service is not None:
+        click.echo(service_trace_text(view, source, service[0], service[1], port), nl=False)
+    else:
+        click.echo(trace_text(view, source, destination, port), nl=False)
 
 
 COMMANDS = [policy_group]

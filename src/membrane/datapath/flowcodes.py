@@ -11,8 +11,9 @@ every event) and versioned by its leading tag::
 
     mb:<event>:<verdict>:<reason>:<rule>[:<direction>]   e.g.  mb:t:F:n:1   mb:d:D:133:22:e
 
-    event    t trace · d drop · p policy verdict (reserved)
-    verdict  F forwarded · D dropped · A audit · R redirected (the flow's Verdict)
+    event    t trace · d drop · p policy verdict (reserved) · x service translation (a
+             connection's first packet in a frontend's chain, before DNAT: reason 0)
+    verdict  F forwarded · D dropped · A audit · R redirected · T traced (the flow's Verdict)
     reason   trace: n new connection · e established (original direction) · r reply
              drop:  the Cilium drop reason code (132 invalid source IP, 133 policy denied, …)
     rule     which rule logged it: static ids < 1024 are named in :data:`RULES`; sections that
@@ -42,6 +43,7 @@ class EventKind(enum.Enum):
     TRACE = "t"
     DROP = "d"
     POLICY_VERDICT = "p"
+    TRANSLATION = "x"
 
 
 class CodeVerdict(enum.Enum):
@@ -51,6 +53,7 @@ class CodeVerdict(enum.Enum):
     DROPPED = "D"
     AUDIT = "A"
     REDIRECTED = "R"
+    TRACED = "T"
 
 
 class TraceReason(enum.Enum):
@@ -235,3 +238,10 @@ DROP_LB_SOURCE_RANGE = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.
                                 RULE_LB_SOURCE_RANGE)
 DROP_SPOOFED_SOURCE = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.INVALID_SOURCE_IP, RULE_SPOOFED_SOURCE)
 DROP_IPV6 = FlowCode(EventKind.DROP, CodeVerdict.DROPPED, DropReason.UNSUPPORTED_L3_PROTOCOL, RULE_IPV6)
+
+# -- service translation ------------------------------------------------------------------------------
+#: A connection's first packet in a frontend's chain, before DNAT (NAT chains see nothing else): the
+#: observer takes the frontend from it and pairs it with the translated packet's next event.
+RULE_SERVICE_TRANSLATION = 31
+RULES[RULE_SERVICE_TRANSLATION] = "svc_<id>: a service connection's first packet, before DNAT"
+TRACE_SERVICE_TRANSLATION = FlowCode(EventKind.TRANSLATION, CodeVerdict.TRACED, 0, RULE_SERVICE_TRANSLATION)

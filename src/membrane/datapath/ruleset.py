@@ -100,6 +100,7 @@ from membrane.datapath.flowcodes import (
     DROP_SPOOFED_SOURCE,
     TRACE_FIRST_REPLY,
     TRACE_NEW,
+    TRACE_SERVICE_TRANSLATION,
     TRACE_TCP_ORIGINAL,
     TRACE_TCP_REPLY,
     CodeVerdict,  # policy enforcement
@@ -639,7 +640,8 @@ def load_balancing(desired: DesiredDatapath, services: ServiceDatapath) -> Secti
     flow_log = desired.flow_log
     refused = flow_log.statement(DROP_NO_SERVICE_BACKEND) if flow_log is not None else ""
     denied = flow_log.statement(DROP_LB_SOURCE_RANGE) if flow_log is not None else ""
-    dispatch, chains, sets, maps = service_section(services, refused, denied)
+    translation = flow_log.statement(TRACE_SERVICE_TRANSLATION) if flow_log is not None else ""
+    dispatch, chains, sets, maps = service_section(services, refused, denied, translation)
     return Section(dispatch=tuple(dispatch), chains=tuple(chains), sets=tuple(sets), maps=tuple(maps))
 
 

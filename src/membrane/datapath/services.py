@@ -7,6 +7,7 @@ frontend's chain, and the chain holds a fixed number of rules however many servi
         ip daddr . l4proto . th dport vmap @services        → goto svc_<id>   (ClusterIP, LB, external IPs)
         fib daddr type local l4proto . th dport vmap @nodeports → goto svc_<id>   (node ports)
     svc_<id>
+        [log prefix "mb:x:T:0:31"]              flow logging: the frontend, before DNAT (first packet only)
         [iifname "lxc*" goto svc_<id>_in]       externalTrafficPolicy Local: this node's pods use every backend
         [ip saddr @svc_<id>_a<backend> goto svc_<id>_b<backend>  ...]   session affinity: back to the same backend
         numgen random mod N 0 dnat ip to backend_0 ... dnat ip to backend_N-1      random (the default; a map above 16)
@@ -231,13 +232,16 @@ def _source_check(name: str, frontend: Frontend, log_denied: str, parts: _Parts)
     return [Rule(f"{outside} ip saddr != @{set_name} {drop}", comment="loadBalancerSourceRanges")]
 
 
-def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str = "") -> tuple[
+def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str = "",
+                    log_translation: str = "") -> tuple[
         list[tuple[str, Rule]], list[Chain], list[Set], list[Map]]:
     """(dispatch rules by base chain name, chains, sets, maps) of the service section. The base
     chain names are the caller's (``membrane.datapath.ruleset``): ``nat_prerouting``,
     ``nat_output``, ``refuse_prerouting``, ``refuse_output``, ``nat_postrouting``. ``no_backend`` is the
-    log statement of a refused connection, ``log_denied`` of one loadBalancerSourceRanges drops
-    ("" without flow logging)."""
+    log statement of a refused connection, ``log_denied`` of one loadBalancerSourceRanges drops,
+    ``log_translation`` of the event that reports a connection's frontend before DNAT (NFLOG cannot
+    carry conntrack's original tuple here, so the observer pairs this event with the translated
+    packet's); "" without flow logging."""
     parts = _Parts()
     services: list[tuple[Key, str]] = []
     nodeports: list[tuple[Key, str]] = []
@@ -258,6 +262,8 @@ def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str 
 
         def render(own: _Parts, frontend: Frontend = frontend, name: str = name) -> list[Rule]:
             rules: list[Rule] = _source_check(name, frontend, log_denied, own)
+            if log_translation:
+                rules.append(Rule(log_translation, comment="the frontend, before DNAT"))
             if frontend.internal:
                 inner = f"{name}_in"
                 own.chains.append(Chain(name=inner, comment=f"{frontend.name} from this node's pods: every backend",
@@ -270,7 +276,7 @@ def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str 
             return rules
 
         if desired.renderer is not None:
-            own, _ = desired.renderer.selection(frontend, (desired.maglev, log_denied), render)
+            own, _ = desired.renderer.selection(frontend, (desired.maglev, log_denied, log_translation), render)
         else:
             own = _Parts()
             render(own)

@@ -17,6 +17,8 @@ belongs to one local endpoint; EGRESS when that endpoint sent the packet, flippe
     trace     forward → the tunnel             to-overlay       source
     trace     forward → anything else          to-stack         source
     trace     input (to this node)             to-host          source
+    translation  a frontend's NAT chain        pre-xlate-fwd    none (Hubble's socket LB event:
+                                                                 the frontend, before DNAT)
     drop      any hook                         (drop reason)    the side the rule names (``:e`` or
     verdict   any hook                         policy-verdict   ``:i``), else the pod whose veth
                                                                 the packet came in through
@@ -75,6 +77,7 @@ from membrane.observe.model import (
     mark_drop,
     mark_policy_verdict,
     mark_trace,
+    mark_translation,
     set_reply,
 )
 from membrane.observe.nflog import (
@@ -237,6 +240,7 @@ _VERDICTS = {
     CodeVerdict.DROPPED: DROPPED,
     CodeVerdict.AUDIT: AUDIT,
     CodeVerdict.REDIRECTED: REDIRECTED,
+    CodeVerdict.TRACED: flow_pb2.TRACED,
 }
 _TRACE_REASONS = {
     TraceReason.NEW: flow_pb2.NEW,
@@ -313,6 +317,10 @@ def _static_part(record: NflogRecord, code: FlowCode, state: EnrichmentState, so
             if local_in is None:
                 event_is_source = None  # neither side is ours: no direction to speak of
         mark_trace(flow, point, verdict=_VERDICTS[code.verdict], reason=_TRACE_REASONS[cast(TraceReason, code.reason)])
+    elif code.kind is EventKind.TRANSLATION:
+        # Hubble's socket translation event: no direction, no reply flag, no interface.
+        mark_translation(flow)
+        event_is_source, interface, is_reply = None, None, None
     else:
         # Drops and policy verdicts happen at one endpoint: the side the rule names, else the pod
         # the packet came from through its veth, else the one it was going to.
@@ -392,6 +400,14 @@ def _attribute(flow: Flow, record: NflogRecord, code: FlowCode, lookup: PolicyLo
         target.extend(_policy_message(ref) for ref in decision.policies)
 
 
+def _as_translation(flow: Flow) -> None:
+    """What Hubble's socket translation events carry of L4: ports, no flags; summary the protocol."""
+    which = flow.l4.WhichOneof("protocol")
+    if which == "TCP":
+        flow.l4.TCP.ClearField("flags")
+    flow.Summary = which if which in ("TCP", "UDP") else "Unknown"
+
+
 def enrich(record: NflogRecord, state: EnrichmentState, *, flow_id: str = "",
            code: FlowCode | None = None, policy: PolicyLookup | None = None) -> Flow | None:
     """The flow for ``record``; None when the record is not one of ours (a foreign prefix) or
@@ -440,6 +456,8 @@ def enrich(record: NflogRecord, state: EnrichmentState, *, flow_id: str = "",
         if len(_SUMMARIES) < 4096:
             _SUMMARIES[summary_key] = summary
     flow.Summary = summary
+    if code.kind is EventKind.TRANSLATION:
+        _as_translation(flow)
     if policy is not None and (local_in is not None or local_out is not None):
         _attribute(flow, record, code, policy, source, destination, local_in, local_out)
     return flow

@@ -10,7 +10,8 @@ constructors and the helpers here:
 Primitives: the message classes and enum values re-exported from ``pb``; the monitor message types
 (``MSG_*``) and name tables (trace observation points, drop reasons, policy match types, reserved
 identities, DNS types and response codes); :func:`timestamp_ns`, :func:`flow_time_ns`,
-:func:`set_time`, :func:`mark_trace`, :func:`mark_drop`, :func:`mark_policy_verdict`, :func:`mark_l7`,
+:func:`set_time`, :func:`mark_trace`, :func:`mark_drop`, :func:`mark_translation`,
+:func:`mark_policy_verdict`, :func:`mark_l7`,
 :func:`set_reply`, :func:`l34_summary`, :func:`http_summary`, :func:`dns_summary`, :func:`fill_summary`,
 :func:`flow_protocol`, :func:`flow_response`.
 """
@@ -270,6 +271,19 @@ def mark_drop(flow: flow_pb2.Flow, reason: int) -> flow_pb2.Flow:
     flow.drop_reason = reason
     flow.drop_reason_desc = drop_reason_enum(reason)
     flow.Type = L3_L4
+    return flow
+
+
+def mark_translation(flow: flow_pb2.Flow, point: flow_pb2.SocketTranslationPoint = (
+        flow_pb2.SOCK_XLATE_POINT_PRE_DIRECTION_FWD)) -> flow_pb2.Flow:
+    """A service translation event as Hubble's socket LB reports one (``pre-xlate-fwd``: the
+    destination is the service frontend; ``post-xlate-fwd``: the backend it was translated to)."""
+    flow.event_type.type = MSG_TRACE_SOCK
+    flow.event_type.sub_type = point
+    flow.sock_xlate_point = point
+    pre = point in (flow_pb2.SOCK_XLATE_POINT_PRE_DIRECTION_FWD, flow_pb2.SOCK_XLATE_POINT_PRE_DIRECTION_REV)
+    flow.verdict = TRACED if pre else TRANSLATED
+    flow.Type = flow_pb2.SOCK
     return flow
 
 

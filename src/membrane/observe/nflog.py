@@ -19,8 +19,10 @@ Loss. When the reader's receive buffer is full the kernel drops a whole batch. W
 ``NFULNL_CFG_F_SEQ`` every message is numbered, so the decoder counts exactly how many were lost
 from the gaps; the socket also sets ``NETLINK_NO_ENOBUFS`` (so an overflow does not fail the next
 read) and a large ``SO_RCVBUFFORCE``. Conntrack data cannot ride along on this kernel
-(``NFULNL_CFG_F_CONNTRACK`` needs CONFIG_NETFILTER_NETLINK_GLUE_CT: EOPNOTSUPP), which is why the
-datapath encodes direction and reason in the prefix (see :mod:`membrane.datapath.flowcodes`).
+(``NFULNL_CFG_F_CONNTRACK`` needs CONFIG_NETFILTER_NETLINK_GLUE_CT: the bind is refused with
+EOPNOTSUPP, pinned by the contract suite), which is why the datapath encodes direction and reason
+in the prefix (see :mod:`membrane.datapath.flowcodes`) and a service connection's frontend comes
+from a log in the service chain, before DNAT (see :mod:`membrane.observe.services`).
 
 Primitives: :class:`Packet` and :func:`decode_packet` (IPv4/IPv6 header → 5-tuple, TCP flags,
 ICMP type), :class:`NflogRecord`, :class:`NflogDecoder` (datagrams → records, loss accounting),
@@ -74,6 +76,7 @@ NFULA_GID = 14
 NFULA_HWTYPE = 15
 NFULA_HWHEADER = 16
 NFULA_HWLEN = 17
+NFULA_CT = 18  # the conntrack entry (NFULNL_CFG_F_CONNTRACK)
 NLM_F_CAPPED = 0x100
 
 NFULA_CFG_CMD = 1
@@ -86,6 +89,7 @@ NFULNL_CFG_CMD_BIND = 1
 NFULNL_CFG_CMD_UNBIND = 2
 NFULNL_COPY_PACKET = 2
 NFULNL_CFG_F_SEQ = 0x1
+NFULNL_CFG_F_CONNTRACK = 0x4  # needs CONFIG_NETFILTER_NETLINK_GLUE_CT (EOPNOTSUPP without)
 
 NFULNL_NLBUFSIZ_MAX = 131072  # the kernel refuses larger batch buffers (ERANGE)
 
@@ -401,6 +405,9 @@ class NflogSettings:
     nlbufsiz: int = 32768
     rcvbuf: int = 16 << 20
     max_datagrams_per_wakeup: int = 256
+    # NFULNL_CFG_F_*: sequence numbers (loss accounting). Conntrack attributes cannot be asked for
+    # where the kernel lacks the glue: the whole bind is refused (see the contract suite).
+    flags: int = NFULNL_CFG_F_SEQ
 
 
 def config_request(group: int, settings: NflogSettings, seq: int, *, command: int = NFULNL_CFG_CMD_BIND) -> bytes:
@@ -415,7 +422,7 @@ def config_request(group: int, settings: NflogSettings, seq: int, *, command: in
             + _attr(NFULA_CFG_NLBUFSIZ, _BE32.pack(settings.nlbufsiz))
             + _attr(NFULA_CFG_TIMEOUT, _BE32.pack(settings.timeout_cs))
             + _attr(NFULA_CFG_QTHRESH, _BE32.pack(settings.qthreshold))
-            + _attr(NFULA_CFG_FLAGS, _BE16.pack(NFULNL_CFG_F_SEQ))
+            + _attr(NFULA_CFG_FLAGS, _BE16.pack(settings.flags))
         )
     body = nfgen + attrs
     return _NLMSGHDR.pack(16 + len(body), NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
@@ -755,6 +762,10 @@ class FakeNflog:
         state = self._groups.get(group)
         if state is not None and state.owner is not sock:
             return errno.EPERM
+        # Checked before the command, so a refused bind leaves the group unbound (atomic). This
+        # nfnetlink_log has no conntrack glue, as kernels built without NETLINK_GLUE_CT.
+        if NFULA_CFG_FLAGS in attrs and _BE16.unpack(attrs[NFULA_CFG_FLAGS][:2])[0] & NFULNL_CFG_F_CONNTRACK:
+            return errno.EOPNOTSUPP
         if NFULA_CFG_CMD in attrs:
             command = attrs[NFULA_CFG_CMD][0]
             if command == NFULNL_CFG_CMD_BIND:

@@ -59,7 +59,17 @@ from membrane.policy.selectors import (
     cidr_identity_labels,
     reserved_identity_labels,
 )
-from membrane.policy.trace import PolicyTrace, TracePeer, format_trace, parse_port, resolve_peer, trace
+from membrane.policy.trace import (
+    PolicyTrace,
+    ServiceTrace,
+    TracePeer,
+    format_service_trace,
+    format_trace,
+    parse_port,
+    resolve_peer,
+    trace,
+    trace_service,
+)
 
 __all__ = [
     "PROTOCOLS",
@@ -85,6 +95,7 @@ __all__ = [
     "Selector",
     "SelectorCache",
     "ServiceInfo",
+    "ServiceTrace",
     "TracePeer",
     "Verdict",
     "allocate_cidr_identities",
@@ -95,6 +106,7 @@ __all__ = [
     "flatten_address_entries",
     "flatten_entries",
     "flatten_ipcache",
+    "format_service_trace",
     "format_trace",
     "identity_table",
     "lookup_identity",
@@ -106,5 +118,6 @@ __all__ = [
     "reserved_identity_labels",
     "resolve_peer",
     "trace",
+    "trace_service",
     "with_cidr_identities",
 ]

@@ -13,8 +13,15 @@ name (``world``, ``host``, ``remote-node``, ...). A peer with an address (a pod,
 CIDR's first address) is also checked against the NetworkPolicy ``ipBlock`` entries, which match
 addresses, not identities; the deciding rule then names the ipBlock (``spec.egress[0].to[1].ipBlock``).
 
+A Service as the destination (``--to service:NS/NAME``) is traced once per backend: policy is
+enforced on the backend, after the service address is translated, as in Cilium (a policy never
+sees a ClusterIP; it selects the backend pod, on its target port). Each backend gets its verdict
+line and the same rule attribution (:class:`ServiceTrace`, :func:`trace_service`,
+:func:`format_service_trace`); which backends a service has is the caller's to say.
+
 Primitives: :class:`TracePeer`, :func:`resolve_peer`, :class:`DirectionTrace`,
-:class:`PolicyTrace`, :func:`trace_direction`, :func:`trace`, :func:`format_trace`.
+:class:`PolicyTrace`, :func:`trace_direction`, :func:`trace`, :func:`format_trace`,
+:class:`BackendTrace`, :class:`ServiceTrace`, :func:`trace_service`, :func:`format_service_trace`.
 """
 
 from __future__ import annotations
@@ -231,3 +238,81 @@ def format_trace(result: PolicyTrace) -> str:
         f"Final verdict: {_OUTCOME_TEXT[result.outcome]}",
     ]
     return "\n".join(lines) + "\n"
+
+
+# --- a service as the destination ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendTrace:
+    """One backend of the traced service: the peer (a pod, or an address that is none) on its target port."""
+
+    peer: TracePeer
+    address: str
+    port: int
+    result: PolicyTrace
+
+
+@dataclass(frozen=True)
+class ServiceTrace:
+    """``--to service:NS/NAME``: the service port asked about and one trace per backend."""
+
+    service: str  # NS/NAME
+    frontend: str  # the ClusterIP and port the clients use (or the service name when headless)
+    source: TracePeer
+    protocol: str
+    port: int
+    backends: tuple[BackendTrace, ...]
+    terminating: int = 0  # backends that finish their connections but take no new ones
+
+    @property
+    def outcome(self) -> Outcome:
+        outcomes = {b.result.outcome for b in self.backends}
+        if not outcomes or "denied" in outcomes:
+            return "denied"
+        return "audited" if "audited" in outcomes else "allowed"
+
+
+def trace_service(service: str, frontend: str, source: TracePeer, backends: Sequence[tuple[TracePeer, str, int]],
+                  protocol: str, port: int, *, terminating: int = 0) -> ServiceTrace:
+    """A trace from ``source`` to each backend ``(peer, address, target port)`` of a service port."""
+    traced = tuple(BackendTrace(peer, address, target, trace(source, peer, protocol, target))
+                   for peer, address, target in backends)
+    return ServiceTrace(service, frontend, source, protocol, port, traced, terminating)
+
+
+def format_service_trace(result: ServiceTrace) -> str:
+    """The text ``membrane policy trace --to service:NS/NAME`` prints: one verdict line per backend."""
+    src = result.source
+    count = len(result.backends)
+    lines = [
+        f"Tracing {src.name} -> service {result.service} ({result.frontend}) on {result.port}/{result.protocol}: "
+        f"{count} backend{'' if count == 1 else 's'}",
+        "  Policy is enforced on the backend, after the service address is translated (as in Cilium):",
+        "  each backend is traced as the destination, on its target port.",
+        f"  source:      {src.name}, identity {_identity(src.identity)}",
+    ]
+    if result.terminating:
+        lines.append(f"  {result.terminating} terminating backend(s) left out: they take no new connections")
+    for backend in result.backends:
+        peer, item = backend.peer, backend.result
+        lines += [
+            "",
+            f"{peer.name} ({backend.address}:{backend.port}/{result.protocol}, identity {_identity(peer.identity)}): "
+            f"{_OUTCOME_TEXT[item.outcome]}",
+            *(f"  {line}" for line in _direction_lines(item.egress, src)),
+            *(f"  {line}" for line in _direction_lines(item.ingress, peer)),
+        ]
+    lines.append("")
+    if not result.backends:
+        lines.append(f"Final verdict: DENIED (no backend: the connection is refused, {_NO_BACKEND})")
+    else:
+        denied = [b.peer.name for b in result.backends if not b.result.allowed]
+        if not denied or len(denied) == count:
+            lines.append(f"Final verdict: {_OUTCOME_TEXT[result.outcome]} (every backend)")
+        else:
+            lines.append(f"Final verdict: DENIED to {len(denied)} of {count} backends ({', '.join(denied)})")
+    return "\n".join(lines) + "\n"
+
+
+_NO_BACKEND = "Service backend not found"

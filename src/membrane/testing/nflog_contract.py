@@ -45,8 +45,11 @@ from membrane.observe.nflog import (
     IPPROTO_UDP,
     LOOPBACK_HARDWARE,
     NETLINK_NETFILTER,
+    NFULA_CT,
     NFULA_PAYLOAD,
     NFULA_TIMESTAMP,
+    NFULNL_CFG_F_CONNTRACK,
+    NFULNL_CFG_F_SEQ,
     FakeNflog,
     NetlinkNflogSocket,
     NflogDecoder,
@@ -288,6 +291,24 @@ class NflogContract:
         finally:
             first.close()
             second.close()
+
+    async def test_conntrack_attributes_are_refused_and_leave_the_group_unbound(self, nflog: NflogBackend) -> None:
+        # Kernels without CONFIG_NETFILTER_NETLINK_GLUE_CT cannot attach NFULA_CT to a logged packet:
+        # the whole request fails, the group stays free, and a bind without the flag works.
+        sock = nflog.socket()
+        try:
+            request, answer = await bind(sock, NflogSettings(qthreshold=1, timeout_cs=1,
+                                                             flags=NFULNL_CFG_F_SEQ | NFULNL_CFG_F_CONNTRACK))
+            assert answer == encode_ack(request, errno.EOPNOTSUPP, _portid(answer))
+            assert NflogDecoder().feed(answer, 0).acks == [(1, errno.EOPNOTSUPP)]
+            request = config_request(GROUP, SINGLE, 2)
+            sock.send(request)
+            assert await receive(sock) == encode_ack(request, 0, _portid(answer))
+            nflog.send_udp(OUTPUT_PORT)
+            [message] = messages(await receive(sock))
+            assert NFULA_CT not in [kind for kind, _ in attributes(message)]
+        finally:
+            sock.close()
 
     # -- one packet, byte for byte
 
