@@ -355,8 +355,8 @@ def test_load_balancer_source_ranges_drop_outside_clients_not_listed(cluster: Cl
 
 
 def test_observe_service_shows_a_cluster_ip_connection_with_the_service_name(cluster: Cluster) -> None:
-    cluster.apply(service("web", {"app": "web"}))
-    ip = cluster.cluster_ip("web")
+    cluster.apply(service("observed", {"app": "web"}))
+    ip = cluster.cluster_ip("observed")
     cluster.wait_programmed(f"{ip}:80/TCP", 3)
     answers = cluster.ask_from_pod("client3", ip, count=5)["answers"]
     assert isinstance(answers, list) and len(backends_seen(answers)) >= 1, answers
@@ -368,23 +368,23 @@ def test_observe_service_shows_a_cluster_ip_connection_with_the_service_name(clu
 
     # The translation events (Hubble's pre-xlate-fwd) carry the frontend address and the service.
     translations = wait_until(
-        lambda: [f for f in flows("--service", "default/web", "--type", "trace-sock")
+        lambda: [f for f in flows("--service", "default/observed", "--type", "trace-sock")
                  if f["IP"]["destination"] == ip] or None,  # type: ignore[index]
         timeout=15, what="the pre-xlate-fwd flows of client3's connections")
     assert translations is not None and len(translations) >= 5
     for flow in translations:
-        assert flow["destination_service"] == {"name": "web", "namespace": "default"}
+        assert flow["destination_service"] == {"name": "observed", "namespace": "default"}
         assert flow["l4"]["TCP"]["destination_port"] == 80  # type: ignore[index]
         assert flow["sock_xlate_point"] == "SOCK_XLATE_POINT_PRE_DIRECTION_FWD" and flow["verdict"] == "TRACED"
     # After DNAT the packets reach a backend pod and still name the service.
-    to_backends = flows("--to-service", "default/web", "--type", "trace")
+    to_backends = flows("--to-service", "default/observed", "--type", "trace")
     assert {f["IP"]["destination"] for f in to_backends} <= set(cluster.pod_ips.values())  # type: ignore[index]
-    assert to_backends and all(f["destination_service"]["name"] == "web" for f in to_backends)  # type: ignore[index]
-    compact = cluster.membrane("observe", "--to-service", "default/web", "--from-pod", "default/client3",
+    assert to_backends and all(f["destination_service"]["name"] == "observed" for f in to_backends)  # type: ignore[index]
+    compact = cluster.membrane("observe", "--to-service", "default/observed", "--from-pod", "default/client3",
                                "--type", "trace-sock", "--last", "5").stdout
-    assert "-> default/web:80 (world) pre-xlate-fwd TRACED (TCP)" in compact.replace("<>", "->"), compact
+    assert "-> default/observed:80 (world) pre-xlate-fwd TRACED (TCP)" in compact.replace("<>", "->"), compact
     # Policy trace to the service: a verdict per backend, policy applied after translation.
-    trace = cluster.membrane("policy", "trace", "--from", "default/client3", "--to", "service:default/web",
+    trace = cluster.membrane("policy", "trace", "--from", "default/client3", "--to", "service:default/observed",
                              "--port", "80/TCP").stdout
     assert [line.split(" (")[0] for line in trace.splitlines() if line.startswith("default/web")] == [
         f"default/web{k}" for k in sorted(NODES, key=lambda k: tuple(int(p) for p in cluster.pod_ips[k].split(".")))]
