@@ -289,6 +289,104 @@ def test_a_deleted_backend_gets_no_new_connections(cluster: Cluster) -> None:
     assert time.monotonic() - started < 10
 
 
+# A backend that keeps serving through its grace period (SIGTERM is ignored, SIGKILL ends it):
+# port 7000 as SERVER; port 7002 sends its own address, then echoes.
+LINGERING_SERVER = textwrap.dedent("""
+    import signal, socket, threading
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def echo(conn):
+        with conn:
+            conn.sendall(conn.getsockname()[0].encode().ljust(16))
+            while data := conn.recv(64):
+                conn.sendall(data)
+    def echo_server():
+        srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", 7002)); srv.listen(16)
+        while True:
+            threading.Thread(target=echo, args=(srv.accept()[0],), daemon=True).start()
+    threading.Thread(target=echo_server, daemon=True).start()
+""") + SERVER
+
+# argv: address port backend: connects through the service until it lands on `backend`, says
+# "held", waits 8 s (the test deletes the backend meanwhile), then checks the connection still works.
+HOLD = textwrap.dedent("""
+    import socket, sys, time
+    for _ in range(60):
+        sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+        if sock.recv(16).decode().strip() == sys.argv[3]:
+            break
+        sock.close()
+    print("held", flush=True)
+    time.sleep(8)
+    sock.sendall(b"still there?")
+    print("open" if sock.recv(64) == b"still there?" else "broken", flush=True)
+""")
+
+
+def test_a_terminating_backend_gets_no_new_connections_while_its_open_ones_finish(cluster: Cluster) -> None:
+    for name, node in (("linger-a", "node1"), ("linger-b", "node2")):
+        cluster.membrane("pod", "run", name, "--node", node, "-l", "app=linger", "--",
+                         sys.executable, "-c", LINGERING_SERVER)
+    cluster.apply(service("linger", {"app": "linger"}))
+    cluster.apply(service("linger-echo", {"app": "linger"}).replace("targetPort: 7000", "targetPort: 7002"))
+    ip, echo_ip = cluster.cluster_ip("linger"), cluster.cluster_ip("linger-echo")
+    cluster.wait_programmed(f"{ip}:80/TCP", 2)
+    cluster.wait_programmed(f"{echo_ip}:80/TCP", 2)
+    status = cluster.get("pod", "linger-a")["status"]
+    assert isinstance(status, dict)
+    going = str(status["podIP"])
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "membrane", "--lab", cluster.lab.name, "pod", "exec", "default/client3", "--",
+         sys.executable, "-c", HOLD, echo_ip, "80", going], stdout=subprocess.PIPE, text=True, env=cluster.env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        cluster.membrane("pod", "delete", "default/linger-a", "--grace-period", "60", "--no-wait")
+        wait_until(lambda: "Terminating" in cluster.membrane("get", "pods", "linger-a").stdout, timeout=15,
+                   what="linger-a Terminating")
+        cluster.wait_programmed(f"{ip}:80/TCP", 1)
+        listed = json.loads(cluster.membrane("service", "list", "--node", "node3", "-o", "json").stdout)
+        (entry,) = [e for e in listed if e["frontend"] == f"{ip}:80/TCP"]
+        states = {b["address"].split(":")[0]: (b["state"], b["selected"]) for b in entry["backends"]}
+        assert states[going] == ("terminating", False), states
+        # New connections all go to the other backend...
+        answers = cluster.ask_from_pod("client3", ip, count=30)["answers"]
+        assert isinstance(answers, list) and len(answers) == 30, answers
+        assert going not in backends_seen(answers) and sum(backends_seen(answers).values()) == 30, answers
+        # ...while the connection opened before the deletion keeps working.
+        out, _ = holder.communicate(timeout=30)
+        assert out.strip() == "open", out
+    finally:
+        holder.kill()
+        holder.wait(timeout=5)
+        cluster.membrane("pod", "delete", "default/linger-a", "--force", check=False)
+
+
+def test_a_service_without_selector_uses_the_endpoint_slices_applied_for_it(cluster: Cluster) -> None:
+    manifest = service("manual", {}).replace("  selector: {}\n", "")
+    cluster.apply(manifest)
+    ip = cluster.cluster_ip("manual")
+    cluster.wait_programmed(f"{ip}:80/TCP", 0)
+    cluster.apply(textwrap.dedent(f"""
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: manual-1
+          namespace: default
+          labels: {{kubernetes.io/service-name: manual}}
+        addressType: IPv4
+        ports: [{{port: 7000, protocol: TCP}}]
+        endpoints:
+        - addresses: ["{cluster.pod_ips[3]}"]
+          conditions: {{ready: true}}
+        """))
+    cluster.wait_programmed(f"{ip}:80/TCP", 1)
+    answers = cluster.ask_from_pod("client1", ip, count=5)["answers"]
+    assert isinstance(answers, list) and backends_seen(answers) == {cluster.pod_ips[3]: 5}, answers
+    # The derived slices of selector services are listed too, next to the applied one.
+    slices = cluster.membrane("get", "endpointslices").stdout
+    assert "manual-1" in slices and "web-" in slices, slices
+
+
 def test_load_balancer_ips_come_from_pools_written_either_way(cluster: Cluster) -> None:
     cluster.apply(textwrap.dedent("""
         apiVersion: cilium.io/v2

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address
 from typing import Any
 
 from membrane.agent.intent import IntentTables
@@ -30,7 +30,7 @@ from membrane.api.podrow import PodRow
 from membrane.core.modules import Controller, Module
 from membrane.core.statedb import StateDB, Table
 from membrane.loadbalancer.endpointslices import derive_endpoint_slices, slice_backends
-from membrane.loadbalancer.model import BackendCandidate, Frontend, FrontendType, L4Addr, ServiceRef
+from membrane.loadbalancer.model import BackendCandidate, Frontend, FrontendType, L4Addr, ServiceRef, parse_address
 from membrane.loadbalancer.services import FrontendIds, LoadBalancerSettings, service_frontends
 
 #: A burst of pod changes (a rollout) lands in one computation.
@@ -41,7 +41,7 @@ def _candidates(service: k8s.Service, slices: Iterable[k8s.EndpointSlice]) -> li
     out: list[BackendCandidate] = []
     for port in service.spec.ports or ():
         for backend in slice_backends(slices, port.name):
-            address = ip_address(backend.address)
+            address = parse_address(backend.address)
             if isinstance(address, IPv4Address):
                 out.append(BackendCandidate(address, backend.port, port.protocol, port.name or "", backend.node,
                                             backend.state))

@@ -41,7 +41,7 @@ from membrane.core.config import ClusterConfig
 from membrane.datapath.nft.objects import Chain, Key, Map, Rule, Set, key
 from membrane.loadbalancer.jhash import nft_jhash_expr
 from membrane.loadbalancer.maglev import MaglevSeed, lookup_table
-from membrane.loadbalancer.model import ANY_ADDRESS, Backend, Frontend
+from membrane.loadbalancer.model import ANY_ADDRESS, Backend, Frontend, dnat_target
 
 SERVICES = "services"
 NODEPORTS = "nodeports"
@@ -129,7 +129,7 @@ def maglev_settings(config: ClusterConfig) -> MaglevSettings:
 
 
 def _dnat_one(proto: str, backend: Backend) -> str:
-    return f"meta l4proto {proto} dnat ip to {backend.address}:{backend.port}"
+    return f"meta l4proto {proto} dnat ip to {dnat_target(backend.address, backend.port)}"
 
 
 #: Up to this many backends a random choice is a cascade of rules; above it, one lookup in a map.

@@ -29,13 +29,13 @@ Primitives: :func:`derive_endpoint_slices`, :func:`slice_backends`, :class:`Slic
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
 from membrane.api import k8s
 from membrane.api.meta import ObjectMeta
 from membrane.api.podrow import PodRow
+from membrane.loadbalancer.model import parse_address
 
 #: The EndpointSlice controller's ``--max-endpoints-per-slice`` default.
 MAX_ENDPOINTS_PER_SLICE = 100
@@ -93,7 +93,7 @@ def _endpoint_ports(service: k8s.Service, pod: PodRow) -> PortSet:
 
 
 def _address_type(address: str) -> k8s.AddressType:
-    return "IPv6" if ipaddress.ip_address(address).version == 6 else "IPv4"
+    return "IPv6" if parse_address(address).version == 6 else "IPv4"
 
 
 def _in_endpoints(pod: PodRow, namespace: str, selector: dict[str, str]) -> bool:
@@ -220,7 +220,7 @@ def slice_backends(slices: Iterable[k8s.EndpointSlice], port_name: str | None) -
 
 
 def _address_order(key: tuple[str, int]) -> tuple[int, int, int]:
-    ip = ipaddress.ip_address(key[0])
+    ip = parse_address(key[0])
     return ip.version, int(ip), key[1]
 
 

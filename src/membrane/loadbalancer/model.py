@@ -14,7 +14,8 @@ Primitives: :class:`L4Addr`, :class:`Backend`, :class:`Frontend`, :class:`Backen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from functools import lru_cache
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Literal
 
 FrontendType = Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalIP"]
@@ -24,6 +25,19 @@ BackendState = Literal["active", "terminating"]
 Algorithm = Literal["random", "maglev"]
 Protocol = Literal["TCP", "UDP", "SCTP"]
 ServiceRef = tuple[str, str]  # (namespace, name)
+
+@lru_cache(maxsize=1 << 17)
+def parse_address(text: str) -> IPv4Address | IPv6Address:
+    """``ipaddress.ip_address``, remembered: every backend address of every service is parsed on
+    each pass, and parsing costs more than the rest of the pass together (measured at 10,000 services)."""
+    return ip_address(text)
+
+
+@lru_cache(maxsize=1 << 17)
+def dnat_target(address: IPv4Address, port: int) -> str:
+    """``address:port`` as a DNAT target (rendering it is most of a service chain's cost)."""
+    return f"{address}:{port}"
+
 
 #: A node port frontend answers on every address of the node: its address is this one.
 ANY_ADDRESS = IPv4Address(0)

@@ -140,10 +140,11 @@ def service_frontends(
     out: list[tuple[FrontendType, Frontend]] = []
     for port in spec.ports or ():
         name = port.name or ""
-        backends = tuple(sorted(
-            {Backend(c.address, c.port, c.node, c.state) for c in candidates
-             if c.port_name == name and c.protocol == port.protocol}
-        ))
+        # One backend per address and port (the first candidate wins), in address order.
+        unique = {(c.address, c.port): c for c in reversed(candidates)
+                  if c.port_name == name and c.protocol == port.protocol}
+        backends = tuple(Backend(c.address, c.port, c.node, c.state)
+                         for _, c in sorted(unique.items(), key=lambda item: (int(item[0][0]), item[0][1])))
         local = tuple(b for b in backends if b.node == settings.node)
         cluster_choice = _choose(backends)
         local_choice = _choose(local)
