@@ -397,11 +397,14 @@ class EndpointManager:
     async def _remove(self, record: EndpointRecord) -> None:
         entry = self._records.get(record.container_id)
         mod_revision = entry[1] if entry else 0
+        unprogrammed = 0  # the local_endpoints revision the kernel must hold before the address goes
         if entry is not None:
             disconnecting = record.replace(state="disconnecting")
             with contextlib.suppress(MembraneError):
                 await self._write(disconnecting)
                 mod_revision = self._records[record.container_id][1]
+                # No longer ready: the datapath drops its entries from here on, while the veth goes.
+                unprogrammed = self.local.revision
         self._wiring_writer.delete(record.container_id)
         try:
             await self.reconciler.wait_deleted(record.container_id, timeout=60)
@@ -410,7 +413,9 @@ class EndpointManager:
             raise DatapathError(f"unwiring {record.namespace}/{record.pod} failed: {exc}") from None
         self._records.pop(record.container_id, None)
         self._publish()
-        await self._programmed()
+        # Forgetting a record that is no longer ready changes nothing the datapath renders: waiting
+        # for the revision that took it out of the ruleset is enough.
+        await self._wait_programmed(unprogrammed or self.local.revision)
         await self._release(record, mod_revision)
 
     async def _forget(self, record: EndpointRecord) -> None:

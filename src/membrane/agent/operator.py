@@ -23,11 +23,13 @@ terminating pod stays in its slices (``terminating: true``) until its node remov
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from membrane.agent.intent import IntentTables
 from membrane.agent.lbipam import LoadBalancerIPAM
@@ -37,7 +39,7 @@ from membrane.api.meta import ApiObject
 from membrane.api.podrow import PodRow
 from membrane.core.config import ClusterConfig
 from membrane.core.errors import CompareFailed, MembraneError
-from membrane.core.statedb import wait_any
+from membrane.core.statedb import Snapshot, wait_any
 from membrane.loadbalancer.endpointslices import derive_endpoint_slices
 from membrane.store import keys
 from membrane.store.base import Compare, Delete, Put, Store
@@ -48,6 +50,10 @@ from membrane.store.objects import ObjectClient
 log = logging.getLogger(__name__)
 
 OPERATOR_ROLE = "operator"
+#: How long the operator lets changes gather before its next pass.
+PASS_DEBOUNCE = 0.05
+#: Every task runs at least this often, whether or not its inputs changed.
+FULL_PASS_INTERVAL = 30.0
 
 
 def choose_node(ready_nodes: list[str], pods_per_node: dict[str, int]) -> str | None:
@@ -76,6 +82,7 @@ class Operator:
         self._identities = identities
         self._gc_interval = gc_interval
         self._last_gc = time.monotonic()
+        self._last_full = 0.0
         self.is_leader = False
         self.lbipam = LoadBalancerIPAM(ObjectClient(store))
 
@@ -99,26 +106,50 @@ class Operator:
         Each task is sized by what changed, never by the cluster: nodes and pods come from the
         intent tables, and only identity collection lists the store, once per ``gc_interval``.
         """
+        seen: dict[str, int] = {}
         while True:
-            watches = [self._intent.nodes.snapshot().changed, self._intent.pods.snapshot().changed,
-                       self._intent.endpoints.snapshot().changed, self._intent.services.snapshot().changed,
-                       self._intent.endpointslices.snapshot().changed]
+            intent = self._intent
+            snapshots: dict[str, Snapshot[Any]] = {
+                "nodes": intent.nodes.snapshot(), "pods": intent.pods.snapshot(),
+                "endpoints": intent.endpoints.snapshot(), "services": intent.services.snapshot(),
+                "endpointslices": intent.endpointslices.snapshot()}
+            changed = {name for name, snap in snapshots.items() if seen.get(name) != snap.revision}
+            seen = {name: snap.revision for name, snap in snapshots.items()}
+            was_leader = self.is_leader
             if await self.try_acquire():
-                await self.allocate_node_cidrs()
-                await self.forget_removed_nodes()
-                await self.schedule_pending_pods()
-                await self.assign_load_balancer_ips()
-                await self.remove_pods_of_removed_nodes()
-                try:
-                    await self.publish_endpoint_slices()
-                except MembraneError as exc:
-                    log.warning("cannot publish endpoint slices: %s", exc)
-                if time.monotonic() - self._last_gc > self._gc_interval:
-                    self._last_gc = time.monotonic()
-                    removed = await self._identities.collect_unreferenced()
-                    if removed:
-                        log.info("collected unused identities %s", removed)
-            await wait_any(watches, timeout=1.0)
+                # A new holder knows nothing of what the last one did: everything, once; and
+                # everything every FULL_PASS_INTERVAL, which retries what failed.
+                full = not was_leader or time.monotonic() - self._last_full > FULL_PASS_INTERVAL
+                if full:
+                    self._last_full = time.monotonic()
+                await self._pass(None if full else changed)
+            await wait_any([snap.changed for snap in snapshots.values()], timeout=1.0)
+            # A burst of changes (a rollout, a node joining) makes one pass, and the node's own
+            # hot paths (CNI, routes) are not queued behind cluster-wide work.
+            await asyncio.sleep(PASS_DEBOUNCE)
+
+    async def _pass(self, changed: set[str] | None) -> None:
+        """The tasks whose inputs changed (``None``: every task). LB-IPAM runs on every pass: its
+        pools are not in the intent tables (it skips itself while the store did not change)."""
+        periodic = changed is None
+        changed = changed or set()
+        if periodic or "nodes" in changed:
+            await self.allocate_node_cidrs()
+            await self.forget_removed_nodes()
+            await self.remove_pods_of_removed_nodes()
+        if periodic or changed & {"nodes", "pods"}:
+            await self.schedule_pending_pods()
+        await self.assign_load_balancer_ips()
+        if periodic or changed & {"pods", "endpoints", "services", "endpointslices"}:
+            try:
+                await self.publish_endpoint_slices()
+            except MembraneError as exc:
+                log.warning("cannot publish endpoint slices: %s", exc)
+        if time.monotonic() - self._last_gc > self._gc_interval:
+            self._last_gc = time.monotonic()
+            removed = await self._identities.collect_unreferenced()
+            if removed:
+                log.info("collected unused identities %s", removed)
 
     async def allocate_node_cidrs(self) -> None:
         """Every node object without a pod CIDR gets one (claimed by compare-and-swap)."""

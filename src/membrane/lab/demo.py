@@ -24,6 +24,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+from membrane.api import k8s
 from membrane.api.manifest import parse_manifest_text
 from membrane.cli.pods import wait_for_pod
 from membrane.core.errors import MembraneError
@@ -57,8 +58,11 @@ async def run_demo(lab: Lab, scenario: str, say: Callable[[str], None]) -> None:
     store = await open_store(lab.store_url)
     try:
         client = ObjectClient(store)
+        cluster_ip = ""
         for result in await client.apply(objects):
             say(f"{result.ref} {result.action}")
+            if isinstance(result.object, k8s.Service):
+                cluster_ip = result.object.spec.clusterIP or ""
         pods = {obj.name: obj for obj in objects if obj.kind == "Pod"}
         statuses = {}
         for pod_name in pods:
@@ -67,8 +71,11 @@ async def run_demo(lab: Lab, scenario: str, say: Callable[[str], None]) -> None:
         for pod_name, status in statuses.items():
             say(f"  {pod_name:<12} {status.get('phase'):<8} {status.get('podIP', '-'):<15} "
                 f"on {(status.get('sandbox') or {}).get('node', '?')}")
-        server_ip = statuses["deathstar"]["podIP"]
+        # The ships call the Death Star through its Service, as in Cilium's guide (by its cluster IP:
+        # membrane has no DNS yet); every node load-balances it.
+        server_ip = cluster_ip or statuses["deathstar"]["podIP"]
         server_node = (statuses["deathstar"].get("sandbox") or {}).get("node", "node1")
+        say(f"  service deathstar: ClusterIP {server_ip} -> deathstar")
         await _wait_for_listener(statuses["tiefighter"]["sandbox"]["netns"], server_ip)
 
         async def ask(client_pod: str, method: str, path: str, meaning: str) -> None:
@@ -108,7 +115,9 @@ async def run_demo(lab: Lab, scenario: str, say: Callable[[str], None]) -> None:
             f"{prefix} flows nodes",
             f"{prefix} get pods -o wide",
             f"{prefix} get cnp rule1 -n default -o yaml",
-            f"{prefix} policy trace --from default/xwing --to default/deathstar --port 80/TCP",
+            f"{prefix} policy trace --from default/xwing --to service:default/deathstar --port 80/TCP",
+            f"{prefix} service list --node {lab.record.nodes[-1].name}",
+            f"{prefix} observe --to-service default/deathstar",
             f"{prefix} endpoint list",
             f"{prefix} identity list",
             f"{prefix} lab exec {server_node} -- nft list table inet membrane",
