@@ -109,3 +109,26 @@ def test_status_verbose_lists_every_reconciler_with_its_failures():
     assert lines["routing/routing"].split()[2:6] == ["1/2", "never", "1", "4"]
     assert "7 runs, no error" in lines["policy/policy"]
     assert "Controllers and reconcilers" not in format_status(VIEW, "sqlite:///s.db", agent, "", False, now=1000.0)
+
+
+def test_service_list_shows_each_frontend_with_its_backends_and_their_state() -> None:
+    from membrane.cli.inspect import format_service_list
+
+    active = {"address": "10.244.0.2:8080", "node": "node1", "state": "active", "selected": True}
+    going = {"address": "10.244.1.2:8080", "node": "node2", "state": "terminating", "selected": False}
+    remote = {"address": "10.244.1.2:8080", "node": "node2", "state": "active", "selected": False,
+              "internalOnly": True}
+    text = format_service_list([
+        {"id": 1, "frontend": "10.96.0.2:80/TCP", "type": "ClusterIP", "service": "default/web",
+         "backends": [active, going]},
+        {"id": 2, "frontend": "0.0.0.0:30000/TCP", "type": "NodePort", "service": "default/web",
+         "backends": [remote]},
+        {"id": 3, "frontend": "10.96.0.3:53/UDP", "type": "ClusterIP", "service": "default/dns", "backends": []},
+    ])
+    lines = [line.split() for line in text.splitlines()]
+    assert lines[0] == ["ID", "FRONTEND", "SERVICE", "TYPE", "SERVICE", "BACKEND"]
+    assert lines[1] == ["1", "10.96.0.2:80/TCP", "ClusterIP", "default/web", "1", "=>", "10.244.0.2:8080/TCP",
+                        "(active)"]
+    assert lines[2] == ["2", "=>", "10.244.1.2:8080/TCP", "(terminating)"]
+    assert text.splitlines()[3].endswith("1 => 10.244.1.2:8080/TCP (active, this node's pods only)")
+    assert lines[4][-1] == "(none)"
