@@ -312,9 +312,12 @@ def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str 
                                      Rule("reject with icmp type port-unreachable"))))
     lookup = f"ip daddr . meta l4proto . th dport vmap @{SERVICES}"
     nodeport = f"fib daddr type local meta l4proto . th dport vmap @{NODEPORTS}"
+    # Filter chains see every packet: only a connection's first one is looked at, and the set
+    # lookup comes before the (costlier) FIB lookup.
     refuse_rules = (
+        Rule("ct state != new return", comment="only a connection's first packet can be refused"),
         Rule(f"ip daddr . meta l4proto . th dport @{SVC_REFUSE} goto {SVC_NO_BACKEND}", comment="no backend"),
-        Rule(f"fib daddr type local meta l4proto . th dport @{NODEPORT_REFUSE} goto {SVC_NO_BACKEND}",
+        Rule(f"meta l4proto . th dport @{NODEPORT_REFUSE} fib daddr type local goto {SVC_NO_BACKEND}",
              comment="node port without a backend"),
     )
     dispatch: list[tuple[str, Rule]] = [
