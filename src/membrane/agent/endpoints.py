@@ -149,6 +149,8 @@ class EndpointManager:
         self._labels = labels
         self._wait_programmed = wait_programmed
         self._records: dict[str, tuple[EndpointRecord, int]] = {}  # container id -> (record, mod_revision)
+        #: container id -> mod_revision of the address key this agent wrote for it (released without a read).
+        self._address_revisions: dict[str, int] = {}
         self._alloc_lock = asyncio.Lock()  # this agent is the only writer of its node's addresses
         self._container_locks: dict[str, asyncio.Lock] = {}
         self._last_ip: ipaddress.IPv4Address | None = None
@@ -343,6 +345,7 @@ class EndpointManager:
                 )
                 if result.succeeded:
                     self._records[record.container_id] = (record, result.revision)
+                    self._address_revisions[record.container_id] = result.revision
                     self._last_ip = ip
                     return record
                 # Someone else holds that address (or the identity was just collected): look again.
@@ -425,6 +428,13 @@ class EndpointManager:
 
     async def _release(self, record: EndpointRecord, mod_revision: int) -> None:
         ip_key = keys.pod_ip_key(record.ipv4)
+        written = self._address_revisions.pop(record.container_id, 0)
+        if written:
+            # The address key as this agent wrote it: one transaction, no read first.
+            compares = [Compare(record.key, mod_revision), Compare(ip_key, written)]
+            if (await self._store.txn(compares, [Delete(record.key), Delete(ip_key)])).succeeded:
+                self._container_locks.pop(record.container_id, None)
+                return
         ip_kv = await self._store.get(ip_key)
         ops: list[Put | Delete] = [Delete(record.key)]
         compares = [Compare(record.key, mod_revision)]
