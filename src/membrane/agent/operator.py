@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 OPERATOR_ROLE = "operator"
 #: How long the operator lets changes gather before its next pass.
 PASS_DEBOUNCE = 0.05
+#: How long a holder trusts that it still holds the role (the loop's own period).
+ROLE_CHECK_INTERVAL = 1.0
+#: LB-IPAM's pools are not an intent table: it looks at the store at least this often.
+LBIPAM_INTERVAL = 1.0
 #: Every task runs at least this often, whether or not its inputs changed.
 FULL_PASS_INTERVAL = 30.0
 
@@ -83,10 +87,14 @@ class Operator:
         self._gc_interval = gc_interval
         self._last_gc = time.monotonic()
         self._last_full = 0.0
+        self._role_checked = 0.0
+        self._lbipam_ran = 0.0
         self.is_leader = False
         self.lbipam = LoadBalancerIPAM(ObjectClient(store))
 
     async def try_acquire(self) -> bool:
+        """Hold or take the role (asks the store)."""
+        self._role_checked = time.monotonic()
         key = keys.role_key(OPERATOR_ROLE)
         lease = self._lease()
         if not lease:
@@ -116,7 +124,10 @@ class Operator:
             changed = {name for name, snap in snapshots.items() if seen.get(name) != snap.revision}
             seen = {name: snap.revision for name, snap in snapshots.items()}
             was_leader = self.is_leader
-            if await self.try_acquire():
+            # A holder asks the store again only once per ROLE_CHECK_INTERVAL: passes triggered by
+            # changes (every endpoint change on a busy node) cost no store round trip.
+            recent = was_leader and time.monotonic() - self._role_checked < ROLE_CHECK_INTERVAL
+            if recent or await self.try_acquire():
                 # A new holder knows nothing of what the last one did: everything, once; and
                 # everything every FULL_PASS_INTERVAL, which retries what failed.
                 full = not was_leader or time.monotonic() - self._last_full > FULL_PASS_INTERVAL
@@ -129,8 +140,8 @@ class Operator:
             await asyncio.sleep(PASS_DEBOUNCE)
 
     async def _pass(self, changed: set[str] | None) -> None:
-        """The tasks whose inputs changed (``None``: every task). LB-IPAM runs on every pass: its
-        pools are not in the intent tables (it skips itself while the store did not change)."""
+        """The tasks whose inputs changed (``None``: every task). LB-IPAM also runs once a second:
+        its pools are not in the intent tables (it skips itself while the store did not change)."""
         periodic = changed is None
         changed = changed or set()
         if periodic or "nodes" in changed:
@@ -139,7 +150,9 @@ class Operator:
             await self.remove_pods_of_removed_nodes()
         if periodic or changed & {"nodes", "pods"}:
             await self.schedule_pending_pods()
-        await self.assign_load_balancer_ips()
+        if periodic or "services" in changed or time.monotonic() - self._lbipam_ran >= LBIPAM_INTERVAL:
+            self._lbipam_ran = time.monotonic()
+            await self.assign_load_balancer_ips()
         if periodic or changed & {"pods", "endpoints", "services", "endpointslices"}:
             try:
                 await self.publish_endpoint_slices()
