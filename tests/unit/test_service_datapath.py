@@ -174,3 +174,12 @@ def _declaration(data: Set | Map) -> object:
 
 def _keys(data: Set | Map) -> list[tuple[str, ...]]:
     return [k for k, _ in data.elements] if isinstance(data, Map) else list(data.elements)
+
+
+def test_hooks_are_entered_only_when_they_have_work() -> None:
+    names = {c.name for c in ruleset().chains}
+    assert not names & {"nat_prerouting", "nat_output", "refuse_prerouting", "refuse_output", "nat_postrouting"}
+    served = {c.name for c in ruleset(FRONTENDS[0]).chains}
+    assert {"nat_prerouting", "nat_output", "nat_postrouting"} <= served
+    assert not served & {"refuse_prerouting", "refuse_output"}  # every frontend has a backend
+    assert {"refuse_prerouting", "refuse_output"} <= {c.name for c in ruleset(*FRONTENDS).chains}

@@ -320,17 +320,24 @@ def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str 
         Rule(f"meta l4proto . th dport @{NODEPORT_REFUSE} fib daddr type local goto {SVC_NO_BACKEND}",
              comment="node port without a backend"),
     )
-    dispatch: list[tuple[str, Rule]] = [
-        ("nat_prerouting", Rule(lookup, comment="service frontends")),
-        ("nat_prerouting", Rule(nodeport, comment="node ports")),
-        ("nat_output", Rule(lookup, comment="service frontends, from this node")),
-        ("nat_output", Rule(nodeport, comment="node ports, from this node")),
-        *(("refuse_prerouting", r) for r in refuse_rules),
-        *(("refuse_output", r) for r in refuse_rules),
-        ("nat_postrouting", Rule(f"ct status dnat ip saddr . ip daddr @{SVC_HAIRPIN} snat ip to {desired.gateway}",
-                                 comment="hairpin: the reply must come back through this node")),
-        ("nat_postrouting", Rule(f'ct status dnat iifname != "lxc*" oifname != "lxc*" '
-                                 f"snat ip to {desired.node_address}",
-                                 comment="outside client, remote backend: replies return through this node")),
-    ]
+    # A base chain costs every packet at its hook something: each hook is only entered when it has
+    # work (no service: no service hook at all; refusal chains only while a frontend has no backend).
+    dispatch: list[tuple[str, Rule]] = []
+    if services:
+        dispatch += [("nat_prerouting", Rule(lookup, comment="service frontends")),
+                     ("nat_output", Rule(lookup, comment="service frontends, from this node"))]
+    if nodeports:
+        dispatch += [("nat_prerouting", Rule(nodeport, comment="node ports")),
+                     ("nat_output", Rule(nodeport, comment="node ports, from this node"))]
+    if refuse or nodeport_refuse:
+        dispatch += [*(("refuse_prerouting", r) for r in refuse_rules),
+                     *(("refuse_output", r) for r in refuse_rules)]
+    if services or nodeports:
+        dispatch += [
+            ("nat_postrouting", Rule(f"ct status dnat ip saddr . ip daddr @{SVC_HAIRPIN} snat ip to {desired.gateway}",
+                                     comment="hairpin: the reply must come back through this node")),
+            ("nat_postrouting", Rule(f'ct status dnat iifname != "lxc*" oifname != "lxc*" '
+                                     f"snat ip to {desired.node_address}",
+                                     comment="outside client, remote backend: replies return through this node")),
+        ]
     return dispatch, parts.chains, parts.sets, parts.maps
