@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
 from membrane.api import k8s
+from membrane.core.ids import stable_ids
 from membrane.loadbalancer.model import (
     ANY_ADDRESS,
     Algorithm,
@@ -64,19 +65,8 @@ class FrontendIds:
         self._ids: dict[tuple[L4Addr, FrontendType], int] = {}
 
     def assign(self, keys: Iterable[tuple[L4Addr, FrontendType]]) -> dict[tuple[L4Addr, FrontendType], int]:
-        wanted = sorted(set(keys))
-        kept = {k: self._ids[k] for k in wanted if k in self._ids}
-        used = set(kept.values())
-        next_id = 1
-        for k in wanted:
-            if k in kept:
-                continue
-            while next_id in used:
-                next_id += 1
-            kept[k] = next_id
-            used.add(next_id)
-        self._ids = kept
-        return kept
+        self._ids = stable_ids(sorted(set(keys)), self._ids, first=1)
+        return self._ids
 
 
 def _ipv4(text: str | None) -> IPv4Address | None:

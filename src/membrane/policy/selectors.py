@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Literal, TypeVar
 
+from membrane.core.ids import stable_ids
 from membrane.identity.labels import Label
 from membrane.identity.reserved import MIN_LOCAL_IDENTITY, RESERVED, WORLD
 
@@ -254,19 +255,8 @@ def allocate_cidr_identities(
     ``0.0.0.0/0`` is the world identity and gets none. New prefixes take the lowest free numbers
     from 16777217 on, in prefix order, so the result is deterministic.
     """
-    previous = previous or {}
     wanted = sorted({p for p in prefixes if p.prefixlen > 0})
-    result = {p: previous[p] for p in wanted if p in previous}
-    used = set(result.values())
-    candidate = MIN_LOCAL_IDENTITY
-    for prefix in wanted:
-        if prefix in result:
-            continue
-        while candidate in used:
-            candidate += 1
-        result[prefix] = candidate
-        used.add(candidate)
-    return result
+    return stable_ids(wanted, previous or {}, first=MIN_LOCAL_IDENTITY)
 
 
 def _identity_prefix(identity: int, labels: Iterable[Label]) -> IPv4Network | None:
