@@ -15,7 +15,6 @@ import string
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,21 +39,20 @@ SERVER = textwrap.dedent("""
             conn.sendall(f"{conn.getsockname()[0]} {peer[0]}".encode())
 """)
 
-# argv: address port count -> JSON list of the answers ("refused" / "timeout" for failures) and
-# the slowest failure in seconds.
+# argv: address port count -> JSON list of the answers: "refused" when a reset (or port
+# unreachable) came back, "timeout" when nothing did within 3 s (a silent drop).
 ASK = textwrap.dedent("""
-    import json, socket, sys, time
-    answers, slowest = [], 0.0
+    import json, socket, sys
+    answers = []
     for _ in range(int(sys.argv[3])):
-        started = time.monotonic()
         try:
             with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as sock:
                 answers.append(sock.recv(64).decode())
         except ConnectionRefusedError:
-            answers.append("refused"); slowest = max(slowest, time.monotonic() - started)
+            answers.append("refused")
         except OSError:
-            answers.append("timeout"); slowest = max(slowest, time.monotonic() - started)
-    print(json.dumps({"answers": answers, "slowest": slowest}))
+            answers.append("timeout")
+    print(json.dumps({"answers": answers}))
 """)
 
 
@@ -205,10 +203,8 @@ def test_a_service_without_backends_refuses_at_once_and_the_flow_says_why(cluste
     cluster.apply(service("empty", {"app": "nothing-matches"}))
     ip = cluster.cluster_ip("empty")
     cluster.wait_programmed(f"{ip}:80/TCP", 0)
-    result = cluster.ask_from_pod("client2", ip, count=3)
-    assert result["answers"] == ["refused"] * 3
-    slowest = result["slowest"]
-    assert isinstance(slowest, float) and slowest < 1.0
+    # Refused, not timed out: the client learns at once, from a reset.
+    assert cluster.ask_from_pod("client2", ip, count=3)["answers"] == ["refused"] * 3
     flows = cluster.membrane("observe", "--type", "drop", "--last", "50", "-o", "json").stdout
     reasons = [json.loads(line)["flow"].get("drop_reason_desc") for line in flows.splitlines() if line.strip()]
     assert "SERVICE_BACKEND_NOT_FOUND" in reasons, flows
@@ -284,9 +280,7 @@ def test_a_deleted_backend_gets_no_new_connections(cluster: Cluster) -> None:
     assert cluster.ask_from_pod("client1", ip)["answers"] != ["refused"]
     cluster.membrane("pod", "delete", "default/web-extra", "--grace-period", "0")
     cluster.wait_programmed(f"{ip}:80/TCP", 0)
-    started = time.monotonic()
     assert cluster.ask_from_pod("client1", ip)["answers"] == ["refused"]
-    assert time.monotonic() - started < 10
 
 
 # A backend that keeps serving through its grace period (SIGTERM is ignored, SIGKILL ends it):

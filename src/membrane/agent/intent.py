@@ -111,6 +111,11 @@ class IntentTables:
         return self.cluster.snapshot().get("cluster")
 
 
+def ready_addresses(tables: IntentTables) -> dict[tuple[str, str], str]:
+    """(namespace, pod) -> the address of its ready endpoint: the pods services may send to."""
+    return {(r.namespace, r.pod): str(r.ipv4) for r in tables.endpoints.snapshot() if r.state == "ready"}
+
+
 def endpoint_labels(tables: IntentTables, namespace: str, pod: str, cluster_name: str) -> frozenset[Label]:
     """The identity-relevant labels of a pod: its labels, its namespace's, its service account."""
     pod_obj = tables.pods.snapshot().get((namespace, pod))

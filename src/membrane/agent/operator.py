@@ -31,10 +31,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from membrane.agent.intent import IntentTables
+from membrane.agent.intent import IntentTables, ready_addresses
 from membrane.agent.lbipam import LoadBalancerIPAM
 from membrane.api import k8s
-from membrane.api.endpoint import EndpointRecord
 from membrane.api.meta import ApiObject
 from membrane.api.podrow import PodRow
 from membrane.core.config import ClusterConfig
@@ -268,19 +267,10 @@ class Operator:
             if await client.finish_deletion("Pod", pod.namespace, pod.name, pod.uid):
                 log.info("removed terminating pod %s/%s of removed node %s", pod.namespace, pod.name, node)
 
-    def _pod_addresses(self) -> dict[tuple[str, str], str]:
-        """(namespace, pod) -> address, for pods whose endpoint is ready."""
-        found: dict[tuple[str, str], str] = {}
-        record: EndpointRecord
-        for record in self._intent.endpoints.snapshot():
-            if record.state == "ready":
-                found[(record.namespace, record.pod)] = str(record.ipv4)
-        return found
-
     async def publish_endpoint_slices(self) -> tuple[int, int]:
         """Write the derived EndpointSlices that changed and delete the ones no longer derived.
         Returns (written, deleted); a pass over an unchanged cluster writes nothing."""
-        addresses = self._pod_addresses()
+        addresses = ready_addresses(self._intent)
         pods = list(self._intent.pods.snapshot())
 
         def ready(pod: PodRow) -> str | None:

@@ -24,7 +24,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address
 from typing import Any
 
-from membrane.agent.intent import IntentTables
+from membrane.agent.intent import IntentTables, ready_addresses
 from membrane.api import k8s
 from membrane.api.podrow import PodRow
 from membrane.core.modules import Controller, Module
@@ -68,10 +68,6 @@ class ServicesController:
         self._settings: LoadBalancerSettings | None = None
         self._numbered: dict[int, tuple[Frontend, Frontend]] = {}  # id(unnumbered) -> (it, numbered row)
 
-    def _ready_addresses(self) -> dict[tuple[str, str], str]:
-        """(namespace, pod) → address of its ready endpoint."""
-        return {(r.namespace, r.pod): str(r.ipv4) for r in self.intent.endpoints.snapshot() if r.state == "ready"}
-
     def compute(self) -> None:
         intent = self.intent
         settings_row = intent.settings()
@@ -91,7 +87,7 @@ class ServicesController:
         addresses_by_namespace: dict[str, tuple[str | None, ...]] = {}
         ready: dict[tuple[str, str], str] = {}
         if any(s.spec.selector for s in services):
-            ready = self._ready_addresses()
+            ready = ready_addresses(intent)
             grouped: dict[str, list[PodRow]] = defaultdict(list)
             for pod in intent.pods.snapshot():
                 grouped[pod.namespace].append(pod)

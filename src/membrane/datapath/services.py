@@ -209,10 +209,6 @@ def _selection(name: str, frontend: Frontend, backends: Sequence[Backend], magle
     return rules
 
 
-def _proto_token(frontend: Frontend) -> str:
-    return _PROTO[frontend.address.protocol]
-
-
 def _source_check(name: str, frontend: Frontend, log_denied: str, parts: _Parts) -> list[Rule]:
     """loadBalancerSourceRanges: outside clients (not this node's pods) outside the allow-list,
     or inside the deny-list, are dropped before any backend is chosen."""
@@ -249,7 +245,7 @@ def service_section(desired: ServiceDatapath, log_refused: str, log_denied: str 
     nodeport_refuse: set[Key] = set()
     for frontend in desired.frontends:
         name = frontend_chain_name(frontend)
-        proto = _proto_token(frontend)
+        proto = _PROTO[frontend.address.protocol]
         addr = frontend.address
         is_nodeport = addr.address == ANY_ADDRESS
         if not frontend.selected:

@@ -27,10 +27,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, TypeVar
 
 from membrane.api import cilium, k8s
 from membrane.api.endpoint import EndpointRecord
@@ -240,6 +240,50 @@ def ipcache_entries(
     return with_cidr_identities(build_ipcache(endpoints, addresses, local_node), cidr_identities)
 
 
+#: The (address, identity) claims one source (an endpoint record, a node) makes on /32s.
+Points = tuple[tuple[int, int], ...]
+T = TypeVar("T")
+
+
+def _sync_claims(cache: dict[str, tuple[T, Points]], claims_at: dict[int, dict[str, int]],
+                 current: Mapping[str, T], changed: Iterable[str] | None,
+                 points_of: Callable[[str, T], Points], touched: set[int]) -> None:
+    """Bring ``cache`` (key -> (source, its points)) and ``claims_at`` (address -> key -> identity)
+    up to ``current`` for the keys in ``changed`` (None: every key), adding each address whose
+    claims changed to ``touched``. An unchanged source (the same object) costs a lookup."""
+
+    def drop(key: str) -> None:
+        cached = cache.pop(key, None)
+        for address, _ in cached[1] if cached is not None else ():
+            claims = claims_at.get(address, {})
+            claims.pop(key, None)
+            if not claims:
+                claims_at.pop(address, None)
+            touched.add(address)
+
+    if changed is None:
+        for key in [k for k in cache if k not in current]:
+            drop(key)
+        changed = current.keys()
+    for key in changed:
+        source = current.get(key)
+        if source is None:
+            drop(key)
+            continue
+        cached = cache.get(key)
+        if cached is not None and cached[0] is source:
+            continue
+        points = points_of(key, source)
+        if cached is not None and cached[1] == points:
+            cache[key] = (source, points)
+            continue
+        drop(key)
+        cache[key] = (source, points)
+        for address, identity in points:
+            claims_at.setdefault(address, {})[key] = identity
+            touched.add(address)
+
+
 class IpcacheBuilder:
     """This node's ipcache intervals, kept up to date incrementally.
 
@@ -259,7 +303,7 @@ class IpcacheBuilder:
     def __init__(self, local_node: str | None) -> None:
         self.local_node = local_node
         # record key -> (record, its point (address, identity) or None)
-        self._records: dict[str, tuple[EndpointRecord, tuple[int, int] | None]] = {}
+        self._records: dict[str, tuple[EndpointRecord, Points]] = {}
         # node name -> (node object, its points); the objects are kept alive for identity comparisons
         self._nodes: dict[str, tuple[cilium.CiliumNode, tuple[tuple[int, int], ...]]] = {}
         # address -> claims in arrival order: endpoints (the first wins), nodes (the last wins)
@@ -318,75 +362,19 @@ class IpcacheBuilder:
 
     def _update_records(self, records: Mapping[str, EndpointRecord], changed: Iterable[str] | None,
                         touched: set[int]) -> None:
-        if changed is None:
-            for key in [k for k in self._records if k not in records]:
-                self._drop_record(key, touched)
-            changed = records.keys()
-        for key in changed:
-            record = records.get(key)
-            if record is None:
-                self._drop_record(key, touched)
-                continue
-            cached = self._records.get(key)
-            if cached is not None and cached[0] is record:
-                continue
-            point = (int(record.ipv4), record.identity) if record.state in IPCACHE_STATES else None
-            if cached is not None and cached[1] == point:
-                self._records[key] = (record, point)
-                continue
-            self._drop_record(key, touched)
-            self._records[key] = (record, point)
-            if point is not None:
-                self._endpoint_at.setdefault(point[0], {})[key] = point[1]
-                touched.add(point[0])
+        def points(_key: str, record: EndpointRecord) -> Points:
+            return ((int(record.ipv4), record.identity),) if record.state in IPCACHE_STATES else ()
 
-    def _drop_record(self, key: str, touched: set[int]) -> None:
-        cached = self._records.pop(key, None)
-        if cached is None or cached[1] is None:
-            return
-        address = cached[1][0]
-        claims = self._endpoint_at.get(address, {})
-        claims.pop(key, None)
-        if not claims:
-            self._endpoint_at.pop(address, None)
-        touched.add(address)
+        _sync_claims(self._records, self._endpoint_at, records, changed, points, touched)
 
     def _update_nodes(self, nodes: Mapping[str, cilium.CiliumNode], changed: Iterable[str] | None,
                       touched: set[int]) -> None:
-        if changed is None:
-            for name in [n for n in self._nodes if n not in nodes]:
-                self._drop_node(name, touched)
-            changed = nodes.keys()
-        for name in changed:
-            node = nodes.get(name)
-            if node is None:
-                self._drop_node(name, touched)
-                continue
-            cached = self._nodes.get(name)
-            if cached is not None and cached[0] is node:
-                continue
+        def points(name: str, node: cilium.CiliumNode) -> Points:
             identity = HOST.id if name == self.local_node else REMOTE_NODE.id
-            points = tuple((int(ip), identity) for address in node_addresses([node])
-                           for ip in (address.node_ip, address.router_ip) if ip is not None)
-            if cached is not None and cached[1] == points:
-                self._nodes[name] = (node, points)
-                continue
-            self._drop_node(name, touched)
-            self._nodes[name] = (node, points)
-            for address, ident in points:
-                self._node_at.setdefault(address, {})[name] = ident
-                touched.add(address)
+            return tuple((int(ip), identity) for address in node_addresses([node])
+                         for ip in (address.node_ip, address.router_ip) if ip is not None)
 
-    def _drop_node(self, name: str, touched: set[int]) -> None:
-        cached = self._nodes.pop(name, None)
-        if cached is None:
-            return
-        for address, _ in cached[1]:
-            claims = self._node_at.get(address, {})
-            claims.pop(name, None)
-            if not claims:
-                self._node_at.pop(address, None)
-            touched.add(address)
+        _sync_claims(self._nodes, self._node_at, nodes, changed, points, touched)
 
     def _resolve(self, address: int) -> int | None:
         """The identity of a /32: an endpoint's, else a node's, else a /32 policy prefix's."""
